@@ -1,0 +1,92 @@
+"""The stage contract, shared by every ``python -m stages.<name>``.
+
+A stage module defines its flags on ``stage_parser`` and a ``run``; ``main`` loads the
+validated configuration, opens the stage's MLflow run, calls ``run``, writes
+``result.json`` into the ``--output`` location and maps the outcome to an exit code:
+0 success, 2 bad input or usage (one line naming the file and the problem), 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from stages.config import ConfigError, PipelineConfig, load_pipeline_config
+from stages.manifest import RESULT_FILE, StageOutput, StageResult, versions
+from stages.storage import Storage, open_storage
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+log = logging.getLogger("stages")
+
+
+class BadInputError(ValueError):
+    """Input the stage cannot accept; the message names the file and the problem."""
+
+
+Runner = Callable[[argparse.Namespace, PipelineConfig, Storage], StageOutput]
+
+
+def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every stage takes."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=description)
+    parser.add_argument(
+        "--config", type=Path, action="append",
+        help="pipeline YAML; repeat to add overlays, merged in order (default: configs/pipeline.yaml)",
+    )  # fmt: skip
+    parser.add_argument("--output", required=True, help="output location: a folder or s3://bucket/prefix")
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def main(stage: str, parser: argparse.ArgumentParser, run: Runner, argv: list[str] | None = None) -> int:
+    """Parse flags, run the stage under MLflow, write ``result.json``; returns the exit code."""
+    from stages import tracking
+    from stages.doctypes import LabelError
+    from stages.storage import StorageError
+
+    args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_pipeline_config(args.config)
+        output = open_storage(args.output, config.storage.s3)
+    except (ConfigError, StorageError) as exc:
+        print(f"{stage}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    params = {"stage": vars(args), "config": config.model_dump(mode="json")}
+    with tracking.stage_run(config.tracking, stage, params) as run_id:
+        started, clock = datetime.now(UTC), time.perf_counter()
+        error, code = None, EXIT_OK
+        try:
+            produced = run(args, config, output)
+        except (BadInputError, ConfigError, LabelError) as exc:
+            error, code, produced = _one_line(exc), EXIT_BAD_INPUT, StageOutput()
+        except Exception as exc:
+            log.exception("stage %s failed", stage)
+            error, code, produced = f"{type(exc).__name__}: {_one_line(exc)}", EXIT_FAILED, StageOutput()
+        result = StageResult(
+            **produced.model_dump(),
+            stage=stage,
+            status="succeeded" if code == EXIT_OK else "failed",
+            exit_code=code,
+            error=error,
+            started_at=started,
+            finished_at=datetime.now(UTC),
+            duration_s=round(time.perf_counter() - clock, 3),
+            versions=versions(),
+            mlflow_run_id=run_id,
+        )
+        output.write_bytes(RESULT_FILE, result.model_dump_json(indent=2).encode("utf-8"))
+        tracking.log_result(result)
+    log.info("%s %s in %.1fs; manifest %s", stage, result.status, result.duration_s, output.uri_of(RESULT_FILE))
+    if error:
+        print(f"{stage}: error: {error}", file=sys.stderr)  # the last line says why
+    return code

@@ -1,0 +1,292 @@
+"""Typed pipeline configuration: YAML files validated by pydantic.
+
+``load_pipeline_config`` reads ``configs/pipeline.yaml`` and any overlays (small files
+that override keys, merged in order) and returns a ``PipelineConfig``. Every error names
+the file that set the offending key, the key and the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG = Path("configs/pipeline.yaml")
+
+
+class ConfigError(ValueError):
+    """A configuration file cannot be read or does not validate."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys instead of keeping the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Parse one YAML file into a mapping, with errors that name the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _leaves(value: Any, path: tuple) -> list[tuple]:
+    """Key paths of the scalars (and empty mappings) inside ``value``."""
+    if isinstance(value, dict) and value:
+        return [leaf for key, item in value.items() for leaf in _leaves(item, (*path, key))]
+    return [path]
+
+
+def _merge(base: dict, override: dict, source: Path, origin: dict, prefix: tuple = ()) -> dict:
+    """Deep-merge ``override`` into ``base``; record in ``origin`` which file set each key."""
+    merged = dict(base)
+    for key, value in override.items():
+        path = (*prefix, key)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value, source, origin, path)
+        else:
+            merged[key] = value
+            for leaf in _leaves(value, path):
+                origin.pop(leaf, None)  # re-insert: the latest file to touch a key comes last
+                origin[leaf] = source
+    return merged
+
+
+def _format_validation_error(exc: ValidationError, origin: dict[tuple, Path], default: Path) -> str:
+    """One line per problem: ``file: dotted.key: message``."""
+    lines = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        source = _source_of(loc, origin, default)
+        key = ".".join(str(part) for part in loc) or "(top level)"
+        lines.append(f"{source}: {key}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def _source_of(loc: tuple, origin: dict[tuple, Path], default: Path) -> Path:
+    """The file that set ``loc`` (or a parent of it, or else a key below it)."""
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in origin:
+            return origin[loc[:n]]
+    below = [source for key, source in origin.items() if key[: len(loc)] == loc]
+    return below[-1] if below else default
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def load_model(model: type[Model], paths: list[Path]) -> Model:
+    """Merge the YAML files in order and validate the result as ``model``."""
+    if not paths:
+        raise ConfigError("no configuration file given")
+    origin: dict[tuple, Path] = {}
+    data: dict[str, Any] = {}
+    for path in paths:
+        data = _merge(data, read_yaml(Path(path)), Path(path), origin)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin, Path(paths[0]))) from None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class S3Config(_Strict):
+    """How to reach the S3 API; credentials come from the environment, never from here."""
+
+    endpoint_url: str | None = Field(None, description="MinIO, moto or another S3-compatible endpoint")
+    region: str = "us-east-1"
+    max_attempts: int = Field(5, ge=1, le=20, description="attempts per S3 call, the first included")
+
+
+class StorageConfig(_Strict):
+    """Where batches land, datasets and run outputs live: local paths or s3:// URIs."""
+
+    landing_uri: str
+    datasets_uri: str
+    runs_uri: str
+    s3: S3Config = S3Config()
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str = Field(description="MLflow tracking URI: sqlite:///..., http(s)://...")
+    experiment: str = "doc-extraction"
+    artifact_location: str | None = Field(
+        None, description="artifact root for a new experiment (local path or s3:// URI)"
+    )
+
+
+class ModelConfig(_Strict):
+    """The base model to finetune: a local folder, a mounted volume or an s3:// URI."""
+
+    base: str
+    adapter: Literal["native", "remote_code"] = Field(
+        "native", description="native: transformers 5.x classes; remote_code: trust_remote_code"
+    )
+    llm_type: Literal["qwen2", "llama3", "minicpm"] | None = Field(
+        None, description="the remote-code recipe's LLM_TYPE; required for remote_code"
+    )
+
+    @model_validator(mode="after")
+    def _llm_type_matches_adapter(self) -> ModelConfig:
+        if self.adapter == "remote_code" and self.llm_type is None:
+            raise ValueError("llm_type is required when adapter is remote_code")
+        if self.adapter == "native" and self.llm_type is not None:
+            raise ValueError("llm_type applies only to adapter remote_code")
+        return self
+
+
+class TrainingConfig(_Strict):
+    """Full-finetune hyperparameters; defaults mirror the practitioner recipe."""
+
+    learning_rate: float = Field(1e-6, gt=0)
+    lr_scheduler_type: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_ratio: Probability = 0.01
+    weight_decay: float = Field(0.1, ge=0)
+    adam_beta2: float = Field(0.95, gt=0, lt=1)
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    max_slice_nums: int = Field(9, ge=1, le=9, description="above 9 crashes MiniCPM-V 2.6 code")
+    model_max_length: int = Field(2048, ge=64)
+    per_device_train_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: int = Field(10000, ge=1)
+    eval_steps: int = Field(1000, ge=1)
+    save_steps: int = Field(2000, ge=1)
+    save_total_limit: int = Field(5, ge=1)
+    tune_vision: bool = True
+    tune_llm: bool = True
+    deepspeed: Literal["zero2", "zero2_offload", "zero3"] | None = Field(
+        "zero2_offload", description="a config in configs/deepspeed/, or null for none"
+    )
+
+    @model_validator(mode="after")
+    def _something_to_tune(self) -> TrainingConfig:
+        if not (self.tune_vision or self.tune_llm):
+            raise ValueError("tune_vision and tune_llm are both false: nothing would be trained")
+        return self
+
+
+class Thresholds(_Strict):
+    field_accuracy: Probability
+    document_accuracy: Probability
+    json_validity: Probability
+
+
+class EvaluationConfig(_Strict):
+    """Accuracy gates: defaults for every type, overrides per document type."""
+
+    thresholds: Thresholds = Thresholds(field_accuracy=0.98, document_accuracy=0.92, json_validity=0.99)
+    per_doc_type: dict[str, Thresholds] = {}
+    regression_tolerance: Probability = Field(
+        0.005, description="how far below the champion a challenger may fall and still pass"
+    )
+
+    def thresholds_for(self, doc_type: str) -> Thresholds:
+        return self.per_doc_type.get(doc_type, self.thresholds)
+
+
+class DegradationConfig(_Strict):
+    """How synthetic documents are photographed badly: each effect's chance and strength."""
+
+    rotate: Probability = 0.5
+    max_rotation_deg: float = Field(6.0, ge=0, le=45)
+    perspective: Probability = 0.3
+    perspective_strength: float = Field(0.06, ge=0, le=0.2, description="corner shift / side")
+    blur: Probability = 0.3
+    max_blur_radius: float = Field(1.2, ge=0, le=5)
+    noise: Probability = 0.3
+    noise_sigma: float = Field(8.0, ge=0, le=64)
+    jpeg_quality: tuple[int, int] = Field((35, 92), description="JPEG quality drawn from this range")
+
+    @field_validator("jpeg_quality")
+    @classmethod
+    def _quality_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1] <= 95:
+            raise ValueError("need 1 <= low <= high <= 95")
+        return value
+
+
+class SyntheticConfig(_Strict):
+    """The synthetic document generator used by the demo and the tests."""
+
+    count: int = Field(24, ge=1, le=100_000)
+    seed: int = 0
+    dense: Probability = Field(0.3, description="share of documents in a dense layout")
+    degradation: DegradationConfig = DegradationConfig()
+
+
+class PipelineConfig(_Strict):
+    doctypes_dir: Path = Path("configs/doctypes")
+    doc_types: list[str] = Field(min_length=1, description="document types this pipeline trains on")
+    storage: StorageConfig
+    tracking: TrackingConfig
+    model: ModelConfig
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("doc_types")
+    @classmethod
+    def _doc_types_known(cls, names: list[str], info: ValidationInfo) -> list[str]:
+        _check_known_doc_types(names, info)
+        return names
+
+    @field_validator("evaluation")
+    @classmethod
+    def _thresholds_for_known_types(cls, evaluation: EvaluationConfig, info: ValidationInfo) -> EvaluationConfig:
+        _check_known_doc_types(list(evaluation.per_doc_type), info)
+        return evaluation
+
+
+def _check_known_doc_types(names: list[str], info: ValidationInfo) -> None:
+    from stages.doctypes import load_registry
+
+    doctypes_dir = info.data.get("doctypes_dir")
+    if doctypes_dir is None:
+        return  # doctypes_dir itself failed validation and is reported on its own
+    known = load_registry(doctypes_dir)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"unknown document type(s) {unknown}; {doctypes_dir} has {sorted(known)}")
+
+
+def load_pipeline_config(paths: list[Path] | None = None) -> PipelineConfig:
+    """Load ``configs/pipeline.yaml`` (or the given files, merged in order)."""
+    return load_model(PipelineConfig, list(paths or [DEFAULT_CONFIG]))

@@ -1,0 +1,68 @@
+"""The landing format: how a labelled batch arrives.
+
+A batch is a folder (local path or ``s3://bucket/prefix``) holding images, a
+``labels.jsonl`` with one ``{"image", "doc_type", "fields"}`` object per line, and a
+completion marker ``_COMPLETE`` written last. Until the marker exists the batch is
+still being written and nothing may read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from stages.storage import Storage, StorageError
+
+LABELS_FILE = "labels.jsonl"
+COMPLETE_MARKER = "_COMPLETE"
+
+
+class LabelRecord(BaseModel):
+    """One labelled document: an image path relative to the batch and its field values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str
+    doc_type: str
+    fields: dict[str, Any]
+
+
+class BatchMarker(BaseModel):
+    """Content of the completion marker: what the batch holds and who wrote it."""
+
+    records: int
+    labels_sha256: str
+    created_at: datetime
+    producer: str
+
+
+def write_batch(store: Storage, documents: Iterable[tuple[LabelRecord, bytes]], producer: str) -> BatchMarker:
+    """Write images, then ``labels.jsonl``, then the marker. A completed batch is never overwritten."""
+    if store.exists(COMPLETE_MARKER):
+        raise StorageError(f"{store.uri_of(COMPLETE_MARKER)}: batch is already complete; batches are immutable")
+    lines = []
+    for record, image_bytes in documents:
+        store.write_bytes(record.image, image_bytes)
+        lines.append(json.dumps(record.model_dump(), ensure_ascii=False))
+    labels = ("\n".join(lines) + "\n").encode("utf-8")
+    store.write_bytes(LABELS_FILE, labels)
+    marker = BatchMarker(
+        records=len(lines),
+        labels_sha256=hashlib.sha256(labels).hexdigest(),
+        created_at=datetime.now(UTC),
+        producer=producer,
+    )
+    store.write_bytes(COMPLETE_MARKER, marker.model_dump_json(indent=2).encode("utf-8"))
+    return marker
+
+
+def read_marker(store: Storage) -> BatchMarker | None:
+    """The batch's marker, or None while the batch is incomplete."""
+    if not store.exists(COMPLETE_MARKER):
+        return None
+    return BatchMarker.model_validate_json(store.read_bytes(COMPLETE_MARKER))

@@ -1,0 +1,198 @@
+"""One storage interface for local folders and ``s3://bucket/prefix`` locations.
+
+``open_storage(uri)`` returns a store rooted at ``uri``; keys are ``/``-separated paths
+relative to that root. Writes are atomic (a local temp file renamed into place; an S3
+PUT is atomic by nature). S3 calls retry with backoff through botocore's standard retry
+mode; the endpoint is configurable for MinIO or moto, credentials come from the
+environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+from urllib.parse import urlparse
+
+from stages.config import S3Config
+
+_CHUNK = 1 << 20
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the URI."""
+
+
+def _check_key(key: str) -> str:
+    parts = PurePosixPath(key).parts
+    if not key or key.startswith("/") or ".." in parts:
+        raise StorageError(f"invalid key {key!r}: keys are relative paths without '..'")
+    return str(PurePosixPath(*parts))
+
+
+class Storage(Protocol):
+    uri: str
+
+    def uri_of(self, key: str) -> str: ...
+    def child(self, key: str) -> Storage: ...
+    def read_bytes(self, key: str) -> bytes: ...
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = "") -> Iterator[str]: ...
+    def sha256(self, key: str) -> str: ...
+
+
+class LocalStorage:
+    """A local folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.uri = str(self.root)
+
+    def uri_of(self, key: str) -> str:
+        return str(self.root / _check_key(key))
+
+    def child(self, key: str) -> LocalStorage:
+        return LocalStorage(self.root / _check_key(key))
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return (self.root / _check_key(key)).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"{self.uri_of(key)}: cannot read: {exc.strerror or exc}") from exc
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        target = self.root / _check_key(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, key: str) -> bool:
+        return (self.root / _check_key(key)).is_file()
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = self.root / _check_key(prefix) if prefix else self.root
+        if not base.is_dir():
+            return
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.endswith(".tmp"):
+                yield path.relative_to(self.root).as_posix()
+
+    def sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        try:
+            with open(self.root / _check_key(key), "rb") as handle:
+                while chunk := handle.read(_CHUNK):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise StorageError(f"{self.uri_of(key)}: cannot read: {exc.strerror or exc}") from exc
+        return digest.hexdigest()
+
+
+def s3_client(settings: S3Config):
+    """A boto3 S3 client with standard-mode retries (exponential backoff with jitter)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        region_name=settings.region,
+        config=Config(retries={"mode": "standard", "total_max_attempts": settings.max_attempts}),
+    )
+
+
+class S3Storage:
+    """A prefix in an S3 bucket (AWS, MinIO, or moto)."""
+
+    def __init__(self, bucket: str, prefix: str, client):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = client
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+
+    def _key(self, key: str) -> str:
+        key = _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def uri_of(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def child(self, key: str) -> S3Storage:
+        return S3Storage(self.bucket, self._key(key), self.client)
+
+    def _call(self, uri: str, action: str, method, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return method(Bucket=self.bucket, **kwargs)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            detail = f"{error.get('Code')} {error.get('Message', '')}".rstrip()
+            raise StorageError(f"{uri}: cannot {action}: {detail}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"{uri}: cannot {action}: {exc}") from exc
+
+    def read_bytes(self, key: str) -> bytes:
+        uri = self.uri_of(key)
+        response = self._call(uri, "read", self.client.get_object, Key=self._key(key))
+        return response["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._call(self.uri_of(key), "write", self.client.put_object, Key=self._key(key), Body=data)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"{self.uri_of(key)}: cannot check: {exc}") from exc
+        return True
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        root = f"{self.prefix}/" if self.prefix else ""
+        start = f"{self._key(prefix)}/" if prefix else root
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start)
+        try:
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield item["Key"][len(root) :]
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"{self.uri}: cannot list: {exc}") from exc
+
+    def sha256(self, key: str) -> str:
+        uri = self.uri_of(key)
+        body = self._call(uri, "read", self.client.get_object, Key=self._key(key))["Body"]
+        digest = hashlib.sha256()
+        for chunk in body.iter_chunks(_CHUNK):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+
+def open_storage(uri: str | Path, s3: S3Config | None = None, client=None) -> Storage:
+    """The store rooted at a local path or an ``s3://bucket/prefix`` URI."""
+    text = str(uri)
+    parsed = urlparse(text)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"{text}: an s3:// URI needs a bucket")
+        return S3Storage(parsed.netloc, parsed.path, client or s3_client(s3 or S3Config()))
+    if parsed.scheme in ("", "file"):
+        return LocalStorage(parsed.path if parsed.scheme == "file" else text)
+    raise StorageError(f"{text}: unsupported scheme {parsed.scheme!r} (use a local path or s3://)")

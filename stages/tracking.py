@@ -1,0 +1,125 @@
+"""MLflow plumbing: one parent run per pipeline run, one child run per stage.
+
+The pipeline's first step starts the parent run and leaves it running; every stage
+process gets its id in ``MLFLOW_RUN_ID`` (and the tracking URI in its config) and logs
+into a child run named after the stage. Parameters are the validated configuration,
+with anything that looks like a secret left out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from stages.config import TrackingConfig
+from stages.manifest import RESULT_FILE, StageResult, git_commit
+
+PARENT_RUN_ENV = "MLFLOW_RUN_ID"
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private)", re.I)
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _without_userinfo(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme and "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return value
+
+
+def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Flattened parameters with secret-looking keys dropped and URL credentials removed."""
+    return {key: _without_userinfo(str(value)) for key, value in flatten(params).items() if not _SECRET_KEY.search(key)}
+
+
+def experiment_id(config: TrackingConfig) -> str:
+    """The experiment's id, created (with its artifact location) on first use."""
+    import mlflow
+
+    mlflow.set_tracking_uri(config.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(config.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = config.artifact_location
+    if location and "://" not in location:
+        Path(location).mkdir(parents=True, exist_ok=True)
+        location = Path(location).resolve().as_uri()
+    return mlflow.create_experiment(config.experiment, artifact_location=location)
+
+
+def _prepare_local_store(config: TrackingConfig) -> None:
+    """A sqlite store's folder must exist before MLflow opens the database."""
+    if config.tracking_uri.startswith("sqlite:///"):
+        Path(config.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def start_pipeline_run(config: TrackingConfig, name: str, params: Mapping[str, Any]) -> str:
+    """Start the pipeline's parent run and leave it running; returns its id."""
+    import mlflow
+
+    _prepare_local_store(config)
+    client = mlflow.MlflowClient(config.tracking_uri)
+    run = client.create_run(
+        experiment_id(config),
+        run_name=name,
+        tags={"pipeline.role": "parent", "mlflow.source.git.commit": git_commit()},
+    )
+    for key, value in safe_params(params).items():
+        client.log_param(run.info.run_id, key, value)
+    return run.info.run_id
+
+
+def end_pipeline_run(config: TrackingConfig, run_id: str, succeeded: bool) -> None:
+    import mlflow
+
+    mlflow.MlflowClient(config.tracking_uri).set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+
+
+@contextmanager
+def stage_run(config: TrackingConfig, stage: str, params: Mapping[str, Any]) -> Iterator[str]:
+    """A run for one stage, child of ``$MLFLOW_RUN_ID`` when set; yields its id.
+
+    MLflow would *resume* the run named in ``MLFLOW_RUN_ID``; we take it out of the
+    environment and nest under it instead.
+    """
+    import mlflow
+
+    _prepare_local_store(config)
+    parent = os.environ.pop(PARENT_RUN_ENV, None)
+    experiment = experiment_id(config)
+    if parent:
+        experiment = mlflow.MlflowClient().get_run(parent).info.experiment_id
+    tags = {"pipeline.stage": stage, "mlflow.source.git.commit": git_commit()}
+    with mlflow.start_run(experiment_id=experiment, run_name=stage, parent_run_id=parent, tags=tags) as run:
+        mlflow.log_params(safe_params(params))
+        yield run.info.run_id
+
+
+def log_result(result: StageResult) -> None:
+    """Counts and metrics of the active stage run, and the manifest under ``<stage>/``.
+
+    A failed result also ends the run as FAILED.
+    """
+    import mlflow
+
+    mlflow.log_metrics({**{f"count.{k}": v for k, v in result.counts.items()}, **result.metrics,
+                        "duration_s": result.duration_s})  # fmt: skip
+    mlflow.log_dict(result.model_dump(mode="json"), f"{result.stage}/{RESULT_FILE}")
+    if result.status == "failed":
+        mlflow.set_tag("pipeline.error", (result.error or "")[:5000])
+        mlflow.end_run("FAILED")  # the stage handled its error; the run still failed

@@ -1,0 +1,123 @@
+"""Shared fixtures: repository paths, a real S3 API server on loopback, per-test config overlays."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from stages.config import S3Config
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = ROOT / "configs" / "pipeline.yaml"
+EMBEDDED = ROOT / "configs" / "overlays" / "embedded.yaml"
+SROIE = ROOT.parent / "shared" / "data" / "sroie-sample"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """moto in server mode, as its own process on loopback: a real S3 API over HTTP."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"moto_server did not start on {endpoint}")
+            time.sleep(0.1)
+    yield endpoint
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def fake_aws_credentials(monkeypatch):
+    """Credentials for the loopback S3 server; never real ones."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+
+
+@pytest.fixture
+def s3_config(s3_endpoint) -> S3Config:
+    return S3Config(endpoint_url=s3_endpoint, max_attempts=2)
+
+
+@pytest.fixture
+def bucket(s3_config) -> str:
+    """A fresh, empty bucket on the loopback S3 server."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_config.endpoint_url, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def overlay(tmp_path) -> list[Path]:
+    """Config files for the embedded default, redirected into this test's temporary folder."""
+    path = tmp_path / "test-overlay.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "doctypes_dir": str(ROOT / "configs" / "doctypes"),
+                "storage": {
+                    "landing_uri": str(tmp_path / "landing"),
+                    "datasets_uri": str(tmp_path / "datasets"),
+                    "runs_uri": str(tmp_path / "runs"),
+                },
+                "tracking": {
+                    "tracking_uri": f"sqlite:///{tmp_path}/mlflow/mlflow.db",
+                    "artifact_location": str(tmp_path / "mlflow" / "artifacts"),
+                },
+            }
+        )
+    )
+    return [PIPELINE, EMBEDDED, path]
+
+
+def run_module(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the repository root, as a launcher would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def config_flags(paths: list[Path]) -> list[str]:
+    return [flag for path in paths for flag in ("--config", str(path))]
+
+
+@pytest.fixture
+def doctypes_copy(tmp_path) -> Path:
+    """A writable copy of the shipped document types, for tests that break one."""
+    target = tmp_path / "doctypes"
+    shutil.copytree(ROOT / "configs" / "doctypes", target)
+    return target

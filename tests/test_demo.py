@@ -1,0 +1,61 @@
+"""The README's demo, end to end: a synthetic batch lands and MLflow shows the pipeline's runs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from stages.landing import read_marker
+from stages.storage import open_storage
+from tests.conftest import config_flags, run_module
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_generates_a_batch_and_leaves_mlflow_runs(overlay, tmp_path):
+    done = run_module("stages.demo", *config_flags(overlay), "--count", "8")
+    assert done.returncode == 0, done.stderr
+
+    batch_uri = re.search(r"Labelled batch:\s+(\S+)", done.stdout).group(1)
+    assert batch_uri.startswith(str(tmp_path / "landing" / "batch-"))
+    assert read_marker(open_storage(batch_uri)).records == 8
+
+    run_id = re.search(r"MLflow run:\s+(\w+)", done.stdout).group(1)
+    uri = f"sqlite:///{tmp_path}/mlflow/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("demo-")
+    (child,) = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    assert child.info.run_name == "synthetic" and child.info.status == "FINISHED"
+
+    # The command the demo prints for listing runs works and shows both.
+    listing = subprocess.run(
+        [str(Path(sys.executable).with_name("mlflow")), "runs", "list", "--experiment-id", parent.info.experiment_id],
+        env={"MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert run_id in listing.stdout and child.info.run_id in listing.stdout
+    assert f"--experiment-id {parent.info.experiment_id}" in done.stdout
+
+
+def test_demo_fails_when_a_stage_fails(overlay, tmp_path):
+    done = run_module("stages.demo", *config_flags(overlay), "--count", "2", env={"SYNTH_FONT": "/nonexistent.ttc"})
+    assert done.returncode == 1
+    assert "demo: stage synthetic failed with exit code 1" in done.stderr
+    run_id = re.search(r"MLflow run:\s+(\w+)", done.stdout).group(1)
+    assert mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow/mlflow.db").get_run(run_id).info.status == "FAILED"
+
+
+def test_demo_bad_config_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("doc_types: []\n")
+    done = run_module("stages.demo", "--config", str(bad))
+    assert done.returncode == 2 and f"{bad}: doc_types:" in done.stderr

@@ -1,0 +1,89 @@
+"""MLflow plumbing against a real store: parent and child runs, parameters without secrets."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from stages import tracking
+from stages.config import TrackingConfig
+from stages.manifest import StageResult
+from tests.conftest import config_flags, run_module
+
+
+@pytest.fixture
+def tracking_config(tmp_path) -> TrackingConfig:
+    return TrackingConfig(
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        experiment="test-exp",
+        artifact_location=str(tmp_path / "artifacts"),
+    )
+
+
+def test_safe_params_drop_secrets_and_url_credentials():
+    params = tracking.safe_params(
+        {
+            "storage": {"s3": {"endpoint_url": "https://user:hunter2@minio:9000", "aws_secret_access_key": "x"}},
+            "db_password": "x",
+            "api_token": "x",
+            "training": {"learning_rate": 1e-6},
+        }
+    )
+    assert params == {"storage.s3.endpoint_url": "https://minio:9000", "training.learning_rate": "1e-06"}
+
+
+def test_stage_run_nests_under_the_pipeline_run(tracking_config, monkeypatch):
+    parent = tracking.start_pipeline_run(tracking_config, "pipeline-1", {"model": {"base": "/models/x"}})
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
+    with tracking.stage_run(tracking_config, "ingest", {"batch": "s3://b/p", "password": "x"}) as child:
+        assert mlflow.active_run().info.run_id == child != parent
+    tracking.end_pipeline_run(tracking_config, parent, succeeded=True)
+
+    client = mlflow.MlflowClient(tracking_config.tracking_uri)
+    child_run, parent_run = client.get_run(child), client.get_run(parent)
+    assert child_run.data.tags["mlflow.parentRunId"] == parent
+    assert child_run.data.tags["pipeline.stage"] == "ingest"
+    assert child_run.data.params == {"batch": "s3://b/p"}
+    assert parent_run.data.params == {"model.base": "/models/x"}
+    assert parent_run.info.status == "FINISHED" and child_run.info.status == "FINISHED"
+    assert child_run.info.artifact_uri.startswith(Path(tracking_config.artifact_location).resolve().as_uri())
+
+
+def test_parent_stays_running_until_ended(tracking_config):
+    parent = tracking.start_pipeline_run(tracking_config, "p", {})
+    client = mlflow.MlflowClient(tracking_config.tracking_uri)
+    assert client.get_run(parent).info.status == "RUNNING"
+    tracking.end_pipeline_run(tracking_config, parent, succeeded=False)
+    assert client.get_run(parent).info.status == "FAILED"
+
+
+def test_failed_result_marks_the_run_failed(tracking_config):
+    from datetime import datetime
+
+    now = datetime.now(UTC)
+    with tracking.stage_run(tracking_config, "export", {}) as run_id:
+        tracking.log_result(StageResult(stage="export", status="failed", exit_code=1, error="boom",
+                                        started_at=now, finished_at=now, duration_s=0.0))  # fmt: skip
+    run = mlflow.MlflowClient(tracking_config.tracking_uri).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["pipeline.error"] == "boom"
+
+
+@pytest.mark.integration
+def test_stage_process_continues_the_pipeline_run(overlay, tmp_path):
+    """A stage launched with MLFLOW_RUN_ID logs a child of that run, as the DAG's launchers do."""
+    from stages.config import load_pipeline_config
+
+    config = load_pipeline_config(overlay)
+    parent = tracking.start_pipeline_run(config.tracking, "pipeline", {})
+    done = run_module("stages.synthetic", *config_flags(overlay), "--output", str(tmp_path / "b"), "--count", "2",
+                      env={tracking.PARENT_RUN_ENV: parent})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    client = mlflow.MlflowClient(config.tracking.tracking_uri)
+    children = client.search_runs(
+        [client.get_run(parent).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
+    )
+    assert [run.info.run_name for run in children] == ["synthetic"]
+    assert client.get_run(parent).info.status == "RUNNING"  # the stage did not end the pipeline's run
