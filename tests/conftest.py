@@ -20,7 +20,8 @@ from stages.config import S3Config
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "configs" / "pipeline.yaml"
 EMBEDDED = ROOT / "configs" / "overlays" / "embedded.yaml"
-SROIE = ROOT.parent / "shared" / "data" / "sroie-sample"
+SHARED = Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared"))  # CI clones with shared/ beside the repo
+SROIE = SHARED / "data" / "sroie-sample"
 
 
 def free_port() -> int:
