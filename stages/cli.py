@@ -46,10 +46,13 @@ def _one_line(error: BaseException) -> str:
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {_one_line(error)}"
+
+
 def main(stage: str, parser: argparse.ArgumentParser, run: Runner, argv: list[str] | None = None) -> int:
     """Parse flags, run the stage under MLflow, write ``result.json``; returns the exit code."""
     from stages import tracking
-    from stages.doctypes import LabelError
     from stages.storage import StorageError
 
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags
@@ -62,31 +65,45 @@ def main(stage: str, parser: argparse.ArgumentParser, run: Runner, argv: list[st
         return EXIT_BAD_INPUT
 
     params = {"stage": vars(args), "config": config.model_dump(mode="json")}
-    with tracking.stage_run(config.tracking, stage, params) as run_id:
-        started, clock = datetime.now(UTC), time.perf_counter()
-        error, code = None, EXIT_OK
-        try:
-            produced = run(args, config, output)
-        except (BadInputError, ConfigError, LabelError) as exc:
-            error, code, produced = _one_line(exc), EXIT_BAD_INPUT, StageOutput()
-        except Exception as exc:
-            log.exception("stage %s failed", stage)
-            error, code, produced = f"{type(exc).__name__}: {_one_line(exc)}", EXIT_FAILED, StageOutput()
-        result = StageResult(
-            **produced.model_dump(),
-            stage=stage,
-            status="succeeded" if code == EXIT_OK else "failed",
-            exit_code=code,
-            error=error,
-            started_at=started,
-            finished_at=datetime.now(UTC),
-            duration_s=round(time.perf_counter() - clock, 3),
-            versions=versions(),
-            mlflow_run_id=run_id,
-        )
-        output.write_bytes(RESULT_FILE, result.model_dump_json(indent=2).encode("utf-8"))
-        tracking.log_result(result)
+    try:
+        with tracking.stage_run(config.tracking, stage, params) as run_id:
+            result = _execute(stage, run, args, config, output, run_id)
+            output.write_bytes(RESULT_FILE, result.model_dump_json(indent=2).encode("utf-8"))
+            tracking.log_result(result)
+    except Exception as exc:  # tracking or the output location failed, around the stage
+        log.exception("stage %s: tracking or output failed", stage)
+        print(f"{stage}: error: {_describe(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     log.info("%s %s in %.1fs; manifest %s", stage, result.status, result.duration_s, output.uri_of(RESULT_FILE))
-    if error:
-        print(f"{stage}: error: {error}", file=sys.stderr)  # the last line says why
-    return code
+    if result.error:
+        print(f"{stage}: error: {result.error}", file=sys.stderr)  # the last line says why
+    return result.exit_code
+
+
+def _execute(
+    stage: str, run: Runner, args: argparse.Namespace, config: PipelineConfig, output: Storage, run_id: str
+) -> StageResult:
+    """Call the stage's ``run`` and describe the outcome, whatever it was."""
+    from stages.doctypes import LabelError
+
+    started, clock = datetime.now(UTC), time.perf_counter()
+    error, code, produced = None, EXIT_OK, StageOutput()
+    try:
+        produced = run(args, config, output)
+    except (BadInputError, ConfigError, LabelError) as exc:
+        error, code = _one_line(exc), EXIT_BAD_INPUT
+    except Exception as exc:
+        log.exception("stage %s failed", stage)
+        error, code = _describe(exc), EXIT_FAILED
+    return StageResult(
+        **produced.model_dump(),
+        stage=stage,
+        status="succeeded" if code == EXIT_OK else "failed",
+        exit_code=code,
+        error=error,
+        started_at=started,
+        finished_at=datetime.now(UTC),
+        duration_s=round(time.perf_counter() - clock, 3),
+        versions=versions(),
+        mlflow_run_id=run_id,
+    )

@@ -57,8 +57,7 @@ def experiment_id(config: TrackingConfig) -> str:
         return experiment.experiment_id
     location = config.artifact_location
     if location and "://" not in location:
-        Path(location).mkdir(parents=True, exist_ok=True)
-        location = Path(location).resolve().as_uri()
+        location = Path(location).resolve().as_uri()  # MLflow creates the folder on first write
     return mlflow.create_experiment(config.experiment, artifact_location=location)
 
 

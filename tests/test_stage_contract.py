@@ -97,3 +97,12 @@ def test_failure_exits_1_with_reason(overlay, tmp_path):
 def test_usage_error_exits_2():
     done = run_module("stages.synthetic", "--count", "3")
     assert done.returncode == 2 and "--output" in done.stderr
+
+
+def test_unreachable_tracking_store_exits_1_with_one_line(overlay, tmp_path):
+    broken = tmp_path / "broken-tracking.yaml"
+    broken.write_text("tracking:\n  tracking_uri: sqlite:////proc/no-such-dir/mlflow.db\n")
+    done = run_module("stages.synthetic", *config_flags([*overlay, broken]), "--output", str(tmp_path / "out"))
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("synthetic: error: ") and "/proc/no-such-dir" in last

@@ -78,6 +78,14 @@ def test_local_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
+def test_local_write_gives_ordinary_permissions(tmp_path):
+    """Atomic writes go through a private temp file; the result is readable as open() would leave it."""
+    store = LocalStorage(tmp_path)
+    store.write_bytes("f.bin", b"x")
+    (tmp_path / "plain.bin").write_bytes(b"x")
+    assert (tmp_path / "f.bin").stat().st_mode == (tmp_path / "plain.bin").stat().st_mode
+
+
 def test_s3_missing_bucket_is_a_clear_error(s3_config):
     store = open_storage("s3://no-such-bucket/x", s3_config)
     with pytest.raises(StorageError, match=r"s3://no-such-bucket/x/f: cannot write: NoSuchBucket"):
