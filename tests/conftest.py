@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
 import pytest
 import yaml
 
+import docker
 from stages.config import S3Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +24,7 @@ PIPELINE = ROOT / "configs" / "pipeline.yaml"
 EMBEDDED = ROOT / "configs" / "overlays" / "embedded.yaml"
 SHARED = Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared"))  # CI clones with shared/ beside the repo
 SROIE = SHARED / "data" / "sroie-sample"
+LOCAL_BASE = "localhost/debian-base:bookworm"  # docker/local-base.sh; stands in for python:3.11-slim-bookworm
 
 
 def free_port() -> int:
@@ -122,3 +125,62 @@ def doctypes_copy(tmp_path) -> Path:
     target = tmp_path / "doctypes"
     shutil.copytree(ROOT / "configs" / "doctypes", target)
     return target
+
+
+def wait_for_http(url: str, alive: Callable[[], bool], timeout: float = 120) -> None:
+    """Poll ``url`` until it answers 200; fail early once ``alive()`` says the server died."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if not alive() or time.monotonic() > deadline:
+            pytest.fail(f"{url} did not come up")
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real MLflow tracking server on loopback, proxying artifacts, as compose runs it."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", lambda: server.poll() is None)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def docker_client(tmp_path_factory):
+    """A docker-py client talking to podman's Docker-compatible API on a private socket."""
+    if shutil.which("podman") is None:
+        pytest.fail("podman is not installed: run `make containers` (it installs it from Debian's packages)")
+    socket_path = tmp_path_factory.mktemp("podman") / "podman.sock"
+    env = {**os.environ, "CONTAINERS_CONF": str(ROOT / "docker" / "podman" / "containers.conf")}
+    service = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", f"unix://{socket_path}"], env=env, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 30
+    while not socket_path.exists():
+        if service.poll() is not None or time.monotonic() > deadline:
+            pytest.fail("podman system service did not start")
+        time.sleep(0.1)
+    client = docker.DockerClient(base_url=f"unix://{socket_path}", timeout=600)
+    yield client
+    client.close()
+    service.terminate()
+    service.wait(timeout=10)

@@ -87,3 +87,24 @@ def test_stage_process_continues_the_pipeline_run(overlay, tmp_path):
     )
     assert [run.info.run_name for run in children] == ["synthetic"]
     assert client.get_run(parent).info.status == "RUNNING"  # the stage did not end the pipeline's run
+
+
+@pytest.mark.integration
+def test_tracking_through_an_mlflow_server(mlflow_server, monkeypatch):
+    """The compose path: runs and artifacts go through the server's REST API and artifact proxy."""
+    from datetime import UTC, datetime
+
+    config = TrackingConfig(tracking_uri=mlflow_server, experiment="through-server")
+    parent = tracking.start_pipeline_run(config, "pipeline", {"model": {"base": "s3://models/x"}})
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
+    now = datetime.now(UTC)
+    with tracking.stage_run(config, "evaluate", {"threshold": 0.9}) as child:
+        tracking.log_result(StageResult(stage="evaluate", status="succeeded", exit_code=0, metrics={"acc": 0.97},
+                                        started_at=now, finished_at=now, duration_s=1.5))  # fmt: skip
+    tracking.end_pipeline_run(config, parent, succeeded=True)
+
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(child)
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.metrics["acc"] == 0.97
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/evaluate/result.json")["metrics"] == {"acc": 0.97}
