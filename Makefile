@@ -9,7 +9,7 @@ EXTRAS := stages,train,airflow,dev
 CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-fast lint format lock clean
+.PHONY: setup containers demo test test-fast lint format lock clean
 
 setup: $(INSTALLED) $(CJK_FONT) ## venv with the whole stack (torch CPU first) and the CJK font
 
@@ -24,13 +24,19 @@ $(INSTALLED): pyproject.toml constraints.txt
 $(CJK_FONT):
 	$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q fonts-wqy-microhei
 
+# No Docker engine here: podman serves the Docker API, and a base image is made from Debian's
+# packages because nothing can be pulled (docker/local-base.sh says more).
+containers: ## podman and the local base image the container tests build on
+	@command -v podman >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q podman runc debootstrap uidmap)
+	$(SUDO) env CONTAINERS_CONF=$(CURDIR)/docker/podman/containers.conf docker/local-base.sh
+
 demo: setup ## run the pipeline end to end on the embedded default (CPU, local MLflow store)
 	$(PY) -m stages.demo
 
-test: setup ## every test, integration tests included
+test: setup containers ## every test: unit, integration and container tests
 	$(PY) -m pytest
 
-test-fast: setup ## unit tests only
+test-fast: setup ## skip the tests marked integration (stage processes, servers, containers)
 	$(PY) -m pytest -m "not integration"
 
 lint: setup
@@ -40,6 +46,11 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+.env: ## secrets for docker-compose, random, never committed
+	@umask 077 && sed -e "s/^POSTGRES_PASSWORD=$$/POSTGRES_PASSWORD=$$(openssl rand -hex 24)/" \
+	    -e "s/^MINIO_ROOT_PASSWORD=$$/MINIO_ROOT_PASSWORD=$$(openssl rand -hex 24)/" .env.example > $@
+	@echo "wrote $@ with random passwords"
 
 lock: ## record exactly what the venv holds, so a fresh machine gets what CI tested
 	$(PIP) freeze --exclude-editable | grep -v '^-e' > constraints.txt

@@ -1,0 +1,34 @@
+# CPU stage image: every stage that needs no GPU (synthetic, ingest, export, evaluate on CPU, publish).
+# Build from the repository root:  docker build -f docker/stages.Dockerfile -t doc-extraction/stages .
+# BASE_IMAGE must provide python3 (3.11) with venv; where nothing can be pulled, docker/local-base.sh
+# builds a stand-in from Debian's packages.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+# CJK glyphs for the synthetic generator and report rendering.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends fonts-wqy-microhei \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+
+WORKDIR /app
+# Dependencies first (cached while only code changes), pinned by the same lock CI tests.
+COPY pyproject.toml constraints.txt README.md ./
+RUN python3 -m venv /opt/venv \
+    && mkdir stages && touch stages/__init__.py \
+    && pip install -c constraints.txt ".[stages]" \
+    && rm -rf stages
+COPY stages ./stages
+COPY configs ./configs
+RUN pip install --no-deps -c constraints.txt . \
+    && useradd --uid 1000 --create-home stage
+
+# The commit the image was built from, recorded in every result.json and MLflow run.
+ARG GIT_COMMIT=unknown
+ENV GIT_COMMIT=${GIT_COMMIT}
+USER stage
+CMD ["python", "-m", "stages.synthetic", "--help"]
