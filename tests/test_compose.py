@@ -1,0 +1,106 @@
+"""docker-compose.yml: loopback-only ports, no committed secrets, and settings the stages rely on."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+
+from stages.config import load_pipeline_config
+from tests.conftest import LOCAL_BASE, PIPELINE, ROOT, free_port, wait_for_http
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def test_published_ports_are_bound_to_loopback():
+    published = [port for service in SERVICES.values() for port in service.get("ports", [])]
+    assert published, "expected MinIO and MLflow to publish ports"
+    assert all(str(port).startswith("127.0.0.1:") for port in published), published
+
+
+def test_no_secret_is_written_into_the_file():
+    text = (ROOT / "docker-compose.yml").read_text()
+    secret_keys = list(re.finditer(r"^\s*(\w*(?:PASSWORD|SECRET)\w*)\s*:\s*(.+)$", text, re.MULTILINE))
+    assert len(secret_keys) >= 4
+    for match in secret_keys:
+        assert match.group(2).startswith("${"), f"literal secret for {match.group(1)}"
+    variables = set(re.findall(r"\$\{(\w+)", text))
+    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines() if "=" in line
+                   and not line.startswith("#"))  # fmt: skip
+    assert variables <= set(example), f"variables missing from .env.example: {variables - set(example)}"
+    assert all(not value for key, value in example.items() if "PASSWORD" in key)
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_make_env_writes_random_passwords(tmp_path):
+    for name in ("Makefile", ".env.example"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    subprocess.run(["make", "-s", ".env"], cwd=tmp_path, check=True, capture_output=True)
+    env = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines() if "=" in line
+               and not line.startswith("#"))  # fmt: skip
+    assert len(env["POSTGRES_PASSWORD"]) == 48 and len(env["MINIO_ROOT_PASSWORD"]) == 48
+    assert env["POSTGRES_PASSWORD"] != env["MINIO_ROOT_PASSWORD"]
+    assert oct((tmp_path / ".env").stat().st_mode & 0o777) == "0o600"
+
+
+def allowed_hosts() -> list[str]:
+    (flag,) = [arg for arg in SERVICES["mlflow"]["command"] if arg.startswith("--allowed-hosts=")]
+    return flag.split("=", 1)[1].split(",")
+
+
+def test_compose_overlay_points_at_these_services():
+    config = load_pipeline_config([PIPELINE, ROOT / "configs" / "overlays" / "compose.yaml"])
+    assert config.tracking.tracking_uri == "http://mlflow:5000" and "mlflow:5000" in allowed_hosts()
+    assert config.storage.s3.endpoint_url == "http://minio:9000" and "minio" in SERVICES
+    bucket = config.storage.landing_uri.removeprefix("s3://").split("/")[0]
+    assert f"local/{bucket}" in " ".join(SERVICES["minio-init"]["entrypoint"])
+
+
+def test_mlflow_keeps_the_database_password_off_its_command_line():
+    mlflow = SERVICES["mlflow"]
+    assert "MLFLOW_BACKEND_STORE_URI" in mlflow["environment"]
+    assert not any("postgresql" in arg for arg in mlflow["command"])
+    assert (ROOT / mlflow["build"]["dockerfile"]).is_file()
+
+
+def http_status(url: str, host: str) -> int:
+    request = urllib.request.Request(url, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+@pytest.mark.integration
+@pytest.mark.container
+def test_mlflow_image_serves_compose_hostnames_and_refuses_others(docker_client):
+    """The compose MLflow image, built here, answers Host: mlflow:5000 and refuses a stranger's host."""
+    image = "localhost/doc-extraction/mlflow:test"
+    docker_client.images.build(path=str(ROOT), dockerfile="docker/mlflow.Dockerfile", tag=image,
+                               buildargs={"BASE_IMAGE": LOCAL_BASE}, rm=True)  # fmt: skip
+    port = free_port()
+    command = [arg for arg in SERVICES["mlflow"]["command"] if not arg.startswith(("--host", "--port", "--artifacts"))]
+    container = docker_client.containers.run(
+        image,
+        [*command, "--host=127.0.0.1", f"--port={port}", "--backend-store-uri=sqlite:////tmp/mlflow.db"],
+        network_mode="host",
+        detach=True,
+        remove=True,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", lambda: container.reload() or container.status == "running")
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"  # /health answers any host
+        assert http_status(api, "mlflow:5000") == 200
+        assert http_status(api, "localhost") == 200
+        assert http_status(api, "evil.example.com") == 403
+        probe = docker_client.containers.run(image, [], entrypoint=["python", "-c", "import psycopg, boto3"],
+                                             network_mode="none", remove=True)  # fmt: skip
+        assert probe == b""
+    finally:
+        container.stop(timeout=5)
