@@ -16,9 +16,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from stages import tracking
 from stages.config import ConfigError, PipelineConfig, load_pipeline_config
+from stages.doctypes import LabelError
 from stages.manifest import RESULT_FILE, StageOutput, StageResult, versions
-from stages.storage import Storage, open_storage
+from stages.storage import Storage, StorageError, open_storage
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 log = logging.getLogger("stages")
@@ -52,9 +54,6 @@ def _describe(error: BaseException) -> str:
 
 def main(stage: str, parser: argparse.ArgumentParser, run: Runner, argv: list[str] | None = None) -> int:
     """Parse flags, run the stage under MLflow, write ``result.json``; returns the exit code."""
-    from stages import tracking
-    from stages.storage import StorageError
-
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -84,8 +83,6 @@ def _execute(
     stage: str, run: Runner, args: argparse.Namespace, config: PipelineConfig, output: Storage, run_id: str
 ) -> StageResult:
     """Call the stage's ``run`` and describe the outcome, whatever it was."""
-    from stages.doctypes import LabelError
-
     started, clock = datetime.now(UTC), time.perf_counter()
     error, code, produced = None, EXIT_OK, StageOutput()
     try:
