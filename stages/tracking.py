@@ -100,9 +100,11 @@ def stage_run(config: TrackingConfig, stage: str, params: Mapping[str, Any]) -> 
 
     _prepare_local_store(config)
     parent = os.environ.pop(PARENT_RUN_ENV, None)
-    experiment = experiment_id(config)
+    mlflow.set_tracking_uri(config.tracking_uri)
     if parent:
-        experiment = mlflow.MlflowClient().get_run(parent).info.experiment_id
+        experiment = mlflow.MlflowClient(config.tracking_uri).get_run(parent).info.experiment_id
+    else:
+        experiment = experiment_id(config)
     tags = {"pipeline.stage": stage, "mlflow.source.git.commit": git_commit()}
     with mlflow.start_run(experiment_id=experiment, run_name=stage, parent_run_id=parent, tags=tags) as run:
         mlflow.log_params(safe_params(params))

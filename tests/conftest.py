@@ -103,12 +103,18 @@ def overlay(tmp_path) -> list[Path]:
     return [PIPELINE, EMBEDDED, path]
 
 
+def _environ_without_mlflow() -> dict[str, str]:
+    """This process's environment minus MLFLOW_*: mlflow.set_tracking_uri() exports
+    MLFLOW_TRACKING_URI, which would leak one test's store into another's subprocess."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+
+
 def run_module(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m module args`` from the repository root, as a launcher would run it."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        env={**_environ_without_mlflow(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=300,

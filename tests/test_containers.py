@@ -15,7 +15,7 @@ import pytest
 
 import docker
 from stages import tracking
-from stages.config import load_pipeline_config
+from stages.config import TrackingConfig
 from stages.manifest import RESULT_FILE, git_commit
 from tests.conftest import LOCAL_BASE, ROOT
 
@@ -58,10 +58,9 @@ CONFIG_FLAGS = ["--config", "configs/pipeline.yaml", "--config", "configs/overla
 
 
 def test_stage_runs_in_its_container_and_continues_the_pipeline_run(docker_client, stage_image, workdir):
-    host_view = load_pipeline_config(
-        [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml"]
-    ).tracking.model_copy(
-        update={"tracking_uri": f"sqlite:///{workdir}/mlflow/mlflow.db", "artifact_location": "/work/mlflow/artifacts"}
+    # The host sees the store at workdir; the experiment's artifact root is the container's path.
+    host_view = TrackingConfig(
+        tracking_uri=f"sqlite:///{workdir}/mlflow/mlflow.db", artifact_location="/work/mlflow/artifacts"
     )
     parent = tracking.start_pipeline_run(host_view, "pipeline-in-containers", {})
     (workdir / "mlflow").chmod(0o777)
