@@ -24,11 +24,14 @@ RUN python3 -m venv /opt/venv \
     && rm -rf stages
 COPY stages ./stages
 COPY configs ./configs
-RUN pip install --no-deps -c constraints.txt . \
-    && useradd --uid 1000 --create-home stage
+RUN pip install --no-deps -c constraints.txt .
 
 # The commit the image was built from, recorded in every result.json and MLflow run.
 ARG GIT_COMMIT=unknown
 ENV GIT_COMMIT=${GIT_COMMIT}
+LABEL org.opencontainers.image.revision=${GIT_COMMIT}
+# A RUN after the ARG: podman's Docker-API builds reuse cached ENV/LABEL layers across
+# different build-arg values, but not a RUN's (seen with podman 4.3).
+RUN useradd --uid 1000 --create-home stage
 USER stage
 CMD ["python", "-m", "stages.synthetic", "--help"]

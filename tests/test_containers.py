@@ -30,13 +30,14 @@ def stage_image(docker_client) -> str:
         docker_client.images.get(LOCAL_BASE)
     except docker.errors.ImageNotFound:
         pytest.fail(f"{LOCAL_BASE} is missing: run `make containers` (docker/local-base.sh builds it)")
-    docker_client.images.build(
+    image, _ = docker_client.images.build(
         path=str(ROOT),
         dockerfile="docker/stages.Dockerfile",
         tag=STAGE_IMAGE,
         buildargs={"BASE_IMAGE": LOCAL_BASE, "GIT_COMMIT": git_commit()},
         rm=True,
     )
+    assert image.labels["org.opencontainers.image.revision"] == git_commit()
     return STAGE_IMAGE
 
 
