@@ -252,6 +252,27 @@ class SyntheticConfig(_Strict):
     degradation: DegradationConfig = DegradationConfig()
 
 
+class DatasetConfig(_Strict):
+    """Ingest: what a record must satisfy, when a batch fails, and how splits are drawn."""
+
+    eval_fraction: Probability = Field(0.1, description="share of documents in the eval split")
+    split_salt: str = Field("v1", min_length=1, description="changing it reshuffles every split: don't")
+    max_bad_fraction: Probability = Field(0.2, description="a batch with more bad records fails the stage")
+    max_image_pixels: int = Field(60_000_000, ge=1, description="decompression-bomb guard")
+    max_image_bytes: int = Field(50 * 2**20, ge=1)
+    min_image_side: int = Field(32, ge=1)
+    workers: int = Field(0, ge=0, description="image-checking processes; 0 means one per CPU")
+
+
+class ExportConfig(_Strict):
+    """Annotation export to the MiniCPM-V conversation format."""
+
+    image_root: str | None = Field(
+        None, description="where the training container sees the dataset root; null: the dataset's own location"
+    )
+    prompt_variants: bool = Field(True, description="train documents draw from each type's prompt_variants")
+
+
 class PipelineConfig(_Strict):
     doctypes_dir: Path = Path("configs/doctypes")
     doc_types: list[str] = Field(min_length=1, description="document types this pipeline trains on")
@@ -261,6 +282,8 @@ class PipelineConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
+    dataset: DatasetConfig = DatasetConfig()
+    export: ExportConfig = ExportConfig()
 
     @field_validator("doc_types")
     @classmethod

@@ -121,6 +121,7 @@ class DocType(BaseModel):
     display_name: str
     title: str = Field("", description="heading the synthetic generator prints")
     prompt: str
+    prompt_variants: list[str] = Field([], description="alternative prompts for training documents")
     variants: dict[str, str] = Field({}, description="character variants folded for comparison, e.g. 臺: 台")
     fields: list[FieldSpec] = Field(min_length=1)
 
@@ -130,6 +131,13 @@ class DocType(BaseModel):
         if prompt.count("<image>") != 1:
             raise ValueError("prompt must contain the <image> placeholder exactly once")
         return prompt
+
+    @field_validator("prompt_variants")
+    @classmethod
+    def _variants_have_one_image(cls, prompts: list[str]) -> list[str]:
+        for prompt in prompts:
+            cls._prompt_has_one_image(prompt)
+        return prompts
 
     @field_validator("fields")
     @classmethod
@@ -155,7 +163,7 @@ class DocType(BaseModel):
         if spec.type == "text":
             return text
         if spec.type in ("date", "time"):
-            for fmt in spec.input_formats:
+            for fmt in [*spec.input_formats, spec.canonical_format]:  # canonical values stay valid
                 try:
                     return datetime.strptime(text, fmt).strftime(spec.canonical_format)
                 except ValueError:

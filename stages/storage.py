@@ -67,9 +67,16 @@ class LocalStorage:
     def child(self, key: str) -> LocalStorage:
         return LocalStorage(self.root / _check_key(key))
 
+    def _inside(self, key: str) -> Path:
+        """The path of ``key``, refusing symbolic links that lead outside the root."""
+        path = self.root / _check_key(key)
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise StorageError(f"{path}: a symbolic link pointing outside {self.root}")
+        return path
+
     def read_bytes(self, key: str) -> bytes:
         try:
-            return (self.root / _check_key(key)).read_bytes()
+            return self._inside(key).read_bytes()
         except OSError as exc:
             raise StorageError(f"{self.uri_of(key)}: cannot read: {exc.strerror or exc}") from exc
 
@@ -102,7 +109,7 @@ class LocalStorage:
     def sha256(self, key: str) -> str:
         digest = hashlib.sha256()
         try:
-            with open(self.root / _check_key(key), "rb") as handle:
+            with open(self._inside(key), "rb") as handle:
                 while chunk := handle.read(_CHUNK):
                     digest.update(chunk)
         except OSError as exc:

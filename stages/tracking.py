@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,6 +110,20 @@ def stage_run(config: TrackingConfig, stage: str, params: Mapping[str, Any]) -> 
     with mlflow.start_run(experiment_id=experiment, run_name=stage, parent_run_id=parent, tags=tags) as run:
         mlflow.log_params(safe_params(params))
         yield run.info.run_id
+
+
+def log_dataset(uri: str, version: str, context: str) -> None:
+    """Record a dataset version as an input of the active run (``mlflow.data``)."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    location = uri if "://" in uri else str(Path(uri).resolve())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MLflow warns that a local path could be one of two source types
+        source = resolve_dataset_source(location)
+    mlflow.log_input(MetaDataset(source, name="documents", digest=version), context=context)
+    mlflow.set_tag("dataset.version", version)
 
 
 def log_result(result: StageResult) -> None:

@@ -1,0 +1,263 @@
+"""``python -m stages.ingest``: validate newly landed labelled batches into a new dataset version.
+
+Every record is checked (label readable, image path inside the batch, document type known,
+fields valid for the type, image decodes fully within the size limits, EXIF orientation
+applied). Bad records go to ``quarantine/<source>.jsonl`` with the reason and good ones go
+on; a batch whose bad share exceeds ``dataset.max_bad_fraction`` fails the stage. Images
+are stored once by content hash; the same image with conflicting labels is quarantined.
+The new version holds every document so far; ingesting the same batch again changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stages import tracking
+from stages.cli import BadInputError, main, stage_parser
+from stages.config import DatasetConfig, PipelineConfig, load_model
+from stages.dataset import (
+    DatasetCard,
+    DatasetRecord,
+    QuarantinedRecord,
+    latest_version,
+    manifest_bytes,
+    read_manifest,
+    split_for,
+    version_id,
+    write_version,
+)
+from stages.doctypes import DocType, LabelError, load_registry
+from stages.images import CheckedImage, ImageRejected, check_image
+from stages.importers import FORMATS, Candidate, ImportMapping, SourceError, read_source
+from stages.manifest import StageOutput
+from stages.storage import Storage, StorageError, open_storage
+
+STAGE = "ingest"
+CHUNK = 64  # documents whose images are in flight at once
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = stage_parser(STAGE, __doc__)
+    parser.add_argument("--batch", action="append", required=True, help="a landed batch (folder or s3://); repeat")
+    parser.add_argument("--format", choices=FORMATS, default="landing", help="how the batches are laid out")
+    parser.add_argument("--mapping", type=Path, help="an ImportMapping YAML: tool labels -> document-type fields")
+    parser.add_argument("--doc-type", help="document type of every record (image-key, label-studio, ppocrlabel)")
+    return parser
+
+
+@dataclass
+class Accepted:
+    """A record that passed every check, waiting for de-duplication."""
+
+    batch: str
+    candidate: Candidate
+    doc_type: str
+    fields: dict[str, str | None]
+    image: CheckedImage
+
+
+def _checked(data: bytes, limits: DatasetConfig) -> CheckedImage | str:
+    """check_image for a worker process: a rejection comes back as its reason."""
+    try:
+        return check_image(data, limits)
+    except ImageRejected as exc:
+        return str(exc)
+
+
+def _labels(candidate: Candidate, registry: dict[str, DocType]) -> tuple[str, str] | dict[str, str | None]:
+    """The canonical fields, or (kind, reason) of why the label is unusable."""
+    if candidate.problem:
+        return "unreadable", candidate.problem
+    if not candidate.image:
+        return "image_path", "no image path"
+    if candidate.doc_type not in registry:
+        return "doc_type", f"unknown document type {candidate.doc_type!r}; known: {sorted(registry)}"
+    try:
+        return registry[candidate.doc_type].canonical_fields(candidate.fields or {})
+    except LabelError as exc:
+        return "fields", str(exc)
+
+
+class Ingest:
+    """One run: reads batches, sorts records into accepted and quarantined, writes a version."""
+
+    def __init__(self, config: PipelineConfig, output: Storage, pool: ProcessPoolExecutor):
+        self.config = config
+        self.output = output
+        self.pool = pool
+        self.registry = load_registry(config.doctypes_dir)
+        self.accepted: list[Accepted] = []
+        self.quarantine: dict[str, list[QuarantinedRecord]] = defaultdict(list)
+        self.seen: Counter[str] = Counter()
+
+    def reject(self, batch: str, candidate: Candidate, kind: str, reason: str) -> None:
+        self.quarantine[batch].append(QuarantinedRecord(source=candidate.source, reason=f"{kind}: {reason}",
+                                                        record=candidate.raw))  # fmt: skip
+
+    def read_batch(self, store: Storage, candidates: Iterator[Candidate]) -> None:
+        """Check every record of one batch, images in worker processes, a chunk at a time."""
+        pending: list[tuple[Candidate, dict, bytes]] = []
+        for candidate in tqdm(candidates, desc=store.uri, unit="doc", disable=None):
+            self.seen[store.uri] += 1
+            labels = _labels(candidate, self.registry)
+            if isinstance(labels, tuple):
+                self.reject(store.uri, candidate, *labels)
+                continue
+            try:
+                data = store.read_bytes(candidate.image)
+            except StorageError as exc:
+                self.reject(store.uri, candidate, "image_path", str(exc))
+                continue
+            pending.append((candidate, labels, data))
+            if len(pending) == CHUNK:
+                self.check_images(store.uri, pending)
+                pending = []
+        self.check_images(store.uri, pending)
+
+    def check_images(self, batch: str, pending: list[tuple[Candidate, dict, bytes]]) -> None:
+        limits = self.config.dataset
+        results = self.pool.map(partial(_checked, limits=limits), [data for _, _, data in pending])
+        for (candidate, fields, data), checked in zip(pending, results, strict=True):
+            if isinstance(checked, str):
+                self.reject(batch, candidate, "image", checked)
+                continue
+            key = f"images/{checked.sha256}.{checked.extension}"
+            if not self.output.exists(key):
+                self.output.write_bytes(key, checked.upright or data)
+            self.accepted.append(Accepted(batch, candidate, candidate.doc_type, fields, checked))
+
+    def merge(self, existing: list[DatasetRecord]) -> tuple[list[DatasetRecord], int]:
+        """Existing records plus the new ones; conflicting labels for one image are quarantined."""
+        records = {r.id: r for r in existing}
+        by_id: dict[str, list[Accepted]] = defaultdict(list)
+        for item in self.accepted:
+            by_id[item.image.sha256].append(item)
+        added = 0
+        for document_id, items in by_id.items():
+            labels = {(i.doc_type, json.dumps(i.fields, ensure_ascii=False)) for i in items}
+            known = records.get(document_id)
+            if known:
+                labels.add((known.doc_type, json.dumps(known.fields, ensure_ascii=False)))
+            if len(labels) > 1:
+                others = ", ".join(sorted({i.candidate.source for i in items} | ({known.source} if known else set())))
+                for item in items:
+                    if not known or (item.doc_type, item.fields) != (known.doc_type, known.fields):
+                        self.reject(item.batch, item.candidate, "conflict",
+                                    f"image {document_id[:12]} has conflicting labels in {others}")  # fmt: skip
+                continue
+            if known:
+                continue
+            first = items[0]
+            records[document_id] = DatasetRecord(
+                id=document_id,
+                image=f"images/{document_id}.{first.image.extension}",
+                doc_type=first.doc_type,
+                fields=first.fields,
+                split=split_for(document_id, self.config.dataset.split_salt, self.config.dataset.eval_fraction),
+                source=f"{first.batch}/{first.candidate.image}",
+                width=first.image.width,
+                height=first.image.height,
+            )  # fmt: skip
+            added += 1
+        return list(records.values()), added
+
+    def write_quarantine(self) -> None:
+        for batch, bad in self.quarantine.items():
+            key = f"quarantine/{hashlib.sha256(batch.encode()).hexdigest()[:16]}.jsonl"
+            lines = [json.dumps({"batch": batch, **q.model_dump()}, ensure_ascii=False, default=str) for q in bad]
+            self.output.write_bytes(key, ("\n".join(lines) + "\n").encode("utf-8"))
+            log.warning("%d record(s) of %s quarantined: %s", len(bad), batch, self.output.uri_of(key))
+
+    def failures(self) -> list[str]:
+        limit = self.config.dataset.max_bad_fraction
+        failed = []
+        for batch, seen in self.seen.items():
+            bad = len(self.quarantine.get(batch, []))
+            if bad / seen > limit:
+                reasons = Counter(q.reason.split(":")[0] for q in self.quarantine[batch])
+                failed.append(f"{batch}: {bad} of {seen} records bad ({bad / seen:.0%} > {limit:.0%}; {dict(reasons)})")
+        return failed
+
+
+def _card(records: list[DatasetRecord], version: str, parent: str | None, added: int, run: Ingest,
+          batches: list[str]) -> DatasetCard:  # fmt: skip
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: {"train": 0, "eval": 0})
+    for record in records:
+        counts[record.doc_type][record.split] += 1
+    warnings = [
+        f"{doc_type} has {c['train']} train and no eval document; its accuracy cannot be measured yet"
+        for doc_type, c in sorted(counts.items())
+        if c["eval"] == 0
+    ]
+    quarantined = Counter(q.reason.split(":")[0] for bad in run.quarantine.values() for q in bad)
+    settings = run.config.dataset
+    return DatasetCard(
+        version=version, parent=parent, created_at=datetime.now(UTC), documents=len(records), added=added,
+        counts=dict(counts), sources=batches, quarantined=dict(quarantined), warnings=warnings,
+        split={"salt": settings.split_salt, "eval_fraction": settings.eval_fraction},
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
+    mapping = load_model(ImportMapping, [args.mapping]) if args.mapping else ImportMapping()
+    if args.doc_type:
+        mapping = mapping.model_copy(update={"doc_type": args.doc_type})
+    if args.format != "landing" and not (mapping.doc_type or mapping.doc_type_choices):
+        raise BadInputError(f"--format {args.format}: give --doc-type or a --mapping with doc_type")
+
+    parent = latest_version(output)
+    existing = read_manifest(output, parent) if parent else []
+    workers = config.dataset.workers or os.cpu_count() or 1
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        ingest = Ingest(config, output, pool)
+        for uri in args.batch:
+            store = open_storage(uri, config.storage.s3)
+            try:
+                ingest.read_batch(store, read_source(store, args.format, mapping))
+            except SourceError as exc:
+                raise BadInputError(str(exc)) from exc
+    records, added = ingest.merge(existing)
+    ingest.write_quarantine()
+    if failed := ingest.failures():
+        raise BadInputError("too many bad records, no version written: " + "; ".join(failed))
+
+    manifest = manifest_bytes(records)
+    version = version_id(manifest)
+    changed = version != parent
+    if changed:
+        card = _card(records, version, parent, added, ingest, list(args.batch))
+        write_version(output, manifest, card)
+        for warning in card.warnings:
+            log.warning(warning)
+    log.info("dataset version %s (%s): %d documents, %d added", version, "new" if changed else "unchanged",
+             len(records), added)  # fmt: skip
+    tracking.log_dataset(output.uri, version, context="ingest")
+    quarantined = sum(len(bad) for bad in ingest.quarantine.values())
+    splits = Counter(r.split for r in records)
+    return StageOutput(
+        inputs={f"batch.{i}": uri for i, uri in enumerate(args.batch)},
+        outputs={"datasets": output.uri, "version": version,
+                 "manifest": output.uri_of(f"versions/{version}/manifest.jsonl")},
+        counts={"seen": sum(ingest.seen.values()), "accepted": len(ingest.accepted), "quarantined": quarantined,
+                "added": added, "documents": len(records), "train": splits["train"], "eval": splits["eval"],
+                "new_version": int(changed)},
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main(STAGE, build_parser(), run))
