@@ -45,7 +45,9 @@ def check_image(data: bytes, limits: DatasetConfig) -> CheckedImage:
             image.load()
     except ImageRejected:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's own guard, at open
+        raise ImageRejected(f"decompression bomb refused: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(f"does not decode fully: {exc}") from exc
     if min(image.size) < limits.min_image_side:
         raise ImageRejected(f"{image.width}x{image.height} pixels, a side under {limits.min_image_side}")

@@ -190,3 +190,32 @@ def docker_client(tmp_path_factory):
     client.close()
     service.terminate()
     service.wait(timeout=10)
+
+
+def run_stage(stage: str, config_paths: list[Path], *args: str) -> int:
+    """A stage's CLI in this process (flags, tracking, result.json), as ``python -m`` would run it."""
+    import importlib
+
+    from stages.cli import main
+
+    module = importlib.import_module(f"stages.{stage}")
+    return main(module.STAGE, module.build_parser(), module.run, [*config_flags(config_paths), *args])
+
+
+def jpeg(seed: int = 0, size=(96, 64), **save_args) -> bytes:
+    """A small, valid JPEG of seeded noise: another seed, another document."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", **save_args)
+    return buffer.getvalue()
+
+
+def write_overlay(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
