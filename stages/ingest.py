@@ -12,23 +12,23 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import os
 import sys
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
 from stages import tracking
 from stages.cli import BadInputError, main, stage_parser
-from stages.config import DatasetConfig, PipelineConfig, load_model
+from stages.config import DatasetConfig, PipelineConfig, S3Config, load_model
 from stages.dataset import (
     DatasetCard,
     DatasetRecord,
@@ -47,7 +47,7 @@ from stages.manifest import StageOutput
 from stages.storage import Storage, StorageError, open_storage
 
 STAGE = "ingest"
-CHUNK = 64  # documents whose images are in flight at once
+CHUNK = 16  # records per worker task: fewer, larger messages between processes
 log = logging.getLogger(__name__)
 
 
@@ -71,36 +71,70 @@ class Accepted:
     image: CheckedImage
 
 
-def _checked(data: bytes, limits: DatasetConfig) -> CheckedImage | str:
-    """check_image for a worker process: a rejection comes back as its reason."""
-    try:
-        return check_image(data, limits)
-    except ImageRejected as exc:
-        return str(exc)
+@dataclass
+class Verdict:
+    """A record's outcome: its canonical fields and checked image, or why it was rejected."""
+
+    fields: dict[str, str | None] | None = None
+    image: CheckedImage | None = None
+    rejected: tuple[str, str] | None = None  # (kind, reason)
 
 
-def _labels(candidate: Candidate, registry: dict[str, DocType]) -> tuple[str, str] | dict[str, str | None]:
-    """The canonical fields, or (kind, reason) of why the label is unusable."""
+_worker: dict = {}
+
+
+def _start_worker(datasets: str, s3: S3Config, limits: DatasetConfig, doctypes_dir: Path) -> None:
+    """Once per worker process: what every record's check needs, so tasks carry only records."""
+    _worker.update(output=open_storage(datasets, s3), s3=s3, limits=limits, batches={},
+                   registry=load_registry(doctypes_dir))  # fmt: skip
+
+
+def _check_records(batch: str, candidates: list[Candidate]) -> list[Verdict]:
+    return [_check_record(batch, candidate) for candidate in candidates]
+
+
+def _check_record(batch: str, candidate: Candidate) -> Verdict:
+    """In a worker process: validate the label, then read, check and store the image by content hash.
+
+    Images are written without fsync; the run syncs once before a version refers to them.
+    """
+    registry: dict[str, DocType] = _worker["registry"]
     if candidate.problem:
-        return "unreadable", candidate.problem
+        return Verdict(rejected=("unreadable", candidate.problem))
     if not candidate.image:
-        return "image_path", "no image path"
+        return Verdict(rejected=("image_path", "no image path"))
     if candidate.doc_type not in registry:
-        return "doc_type", f"unknown document type {candidate.doc_type!r}; known: {sorted(registry)}"
+        return Verdict(
+            rejected=("doc_type", f"unknown document type {candidate.doc_type!r}; known: {sorted(registry)}")
+        )
     try:
-        return registry[candidate.doc_type].canonical_fields(candidate.fields or {})
+        fields = registry[candidate.doc_type].canonical_fields(candidate.fields or {})
     except LabelError as exc:
-        return "fields", str(exc)
+        return Verdict(rejected=("fields", str(exc)))
+    if batch not in _worker["batches"]:
+        _worker["batches"][batch] = open_storage(batch, _worker["s3"])
+    try:
+        data = _worker["batches"][batch].read_bytes(candidate.image)
+    except StorageError as exc:
+        return Verdict(rejected=("image_path", str(exc)))
+    try:
+        checked = check_image(data, _worker["limits"])
+    except ImageRejected as exc:
+        return Verdict(rejected=("image", str(exc)))
+    stored = f"images/{checked.sha256}.{checked.extension}"
+    if not _worker["output"].exists(stored):
+        _worker["output"].write_bytes(stored, checked.upright or data, durable=False)
+    return Verdict(fields, checked)
 
 
 class Ingest:
     """One run: reads batches, sorts records into accepted and quarantined, writes a version."""
 
-    def __init__(self, config: PipelineConfig, output: Storage, pool: ProcessPoolExecutor):
+    def __init__(self, config: PipelineConfig, output: Storage, pool: ProcessPoolExecutor, workers: int):
         self.config = config
         self.output = output
         self.pool = pool
-        self.registry = load_registry(config.doctypes_dir)
+        self.workers = workers
         self.accepted: list[Accepted] = []
         self.quarantine: dict[str, list[QuarantinedRecord]] = defaultdict(list)
         self.seen: Counter[str] = Counter()
@@ -110,36 +144,24 @@ class Ingest:
                                                         record=candidate.raw))  # fmt: skip
 
     def read_batch(self, store: Storage, candidates: Iterator[Candidate]) -> None:
-        """Check every record of one batch, images in worker processes, a chunk at a time."""
-        pending: list[tuple[Candidate, dict, bytes]] = []
-        for candidate in tqdm(candidates, desc=store.uri, unit="doc", disable=None):
-            self.seen[store.uri] += 1
-            labels = _labels(candidate, self.registry)
-            if isinstance(labels, tuple):
-                self.reject(store.uri, candidate, *labels)
-                continue
-            try:
-                data = store.read_bytes(candidate.image)
-            except StorageError as exc:
-                self.reject(store.uri, candidate, "image_path", str(exc))
-                continue
-            pending.append((candidate, labels, data))
-            if len(pending) == CHUNK:
-                self.check_images(store.uri, pending)
-                pending = []
-        self.check_images(store.uri, pending)
+        """Check every record of one batch in the worker processes, a chunk of records per task
+        and a bounded number of chunks in flight."""
+        in_flight: deque[tuple[list[Candidate], Future]] = deque()
+        records = iter(tqdm(candidates, desc=store.uri, unit="doc", disable=None))
+        while chunk := list(itertools.islice(records, CHUNK)):
+            self.seen[store.uri] += len(chunk)
+            in_flight.append((chunk, self.pool.submit(_check_records, store.uri, chunk)))
+            if len(in_flight) > 2 * self.workers:
+                self.collect(store.uri, *in_flight.popleft())
+        while in_flight:
+            self.collect(store.uri, *in_flight.popleft())
 
-    def check_images(self, batch: str, pending: list[tuple[Candidate, dict, bytes]]) -> None:
-        limits = self.config.dataset
-        results = self.pool.map(partial(_checked, limits=limits), [data for _, _, data in pending])
-        for (candidate, fields, data), checked in zip(pending, results, strict=True):
-            if isinstance(checked, str):
-                self.reject(batch, candidate, "image", checked)
-                continue
-            key = f"images/{checked.sha256}.{checked.extension}"
-            if not self.output.exists(key):
-                self.output.write_bytes(key, checked.upright or data)
-            self.accepted.append(Accepted(batch, candidate, candidate.doc_type, fields, checked))
+    def collect(self, batch: str, chunk: list[Candidate], job: Future) -> None:
+        for candidate, verdict in zip(chunk, job.result(), strict=True):
+            if verdict.rejected:
+                self.reject(batch, candidate, *verdict.rejected)
+            else:
+                self.accepted.append(Accepted(batch, candidate, candidate.doc_type, verdict.fields, verdict.image))
 
     def merge(self, existing: list[DatasetRecord]) -> tuple[list[DatasetRecord], int]:
         """Existing records plus the new ones; conflicting labels for one image are quarantined."""
@@ -223,8 +245,9 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     parent = latest_version(output)
     existing = read_manifest(output, parent) if parent else []
     workers = config.dataset.workers or os.cpu_count() or 1
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        ingest = Ingest(config, output, pool)
+    settings = (output.uri, config.storage.s3, config.dataset, config.doctypes_dir)
+    with ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=settings) as pool:
+        ingest = Ingest(config, output, pool, workers)
         for uri in args.batch:
             store = open_storage(uri, config.storage.s3)
             try:
@@ -240,6 +263,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     version = version_id(manifest)
     changed = version != parent
     if changed:
+        output.sync()  # the images, written by the workers without fsync, are durable before the manifest
         card = _card(records, version, parent, added, ingest, list(args.batch))
         write_version(output, manifest, card)
         for warning in card.warnings:

@@ -48,7 +48,8 @@ class Storage(Protocol):
     def uri_of(self, key: str) -> str: ...
     def child(self, key: str) -> Storage: ...
     def read_bytes(self, key: str) -> bytes: ...
-    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def write_bytes(self, key: str, data: bytes, durable: bool = True) -> None: ...
+    def sync(self) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> Iterator[str]: ...
     def sha256(self, key: str) -> str: ...
@@ -60,6 +61,7 @@ class LocalStorage:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.uri = str(self.root)
+        self._folders: set[Path] = set()  # folders known to exist: one mkdir each, not one per write
 
     def uri_of(self, key: str) -> str:
         return str(self.root / _check_key(key))
@@ -80,20 +82,28 @@ class LocalStorage:
         except OSError as exc:
             raise StorageError(f"{self.uri_of(key)}: cannot read: {exc.strerror or exc}") from exc
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(self, key: str, data: bytes, durable: bool = True) -> None:
+        """Write through a temporary file renamed into place. ``durable=False`` skips the fsync
+        for bulk writes that a later ``sync()`` makes durable before anything refers to them."""
         target = self.root / _check_key(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent not in self._folders:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(target.parent)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         try:
             os.fchmod(fd, _FILE_MODE)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def sync(self) -> None:
+        os.sync()
 
     def exists(self, key: str) -> bool:
         return (self.root / _check_key(key)).is_file()
@@ -166,8 +176,12 @@ class S3Storage:
         response = self._call(uri, "read", self.client.get_object, Key=self._key(key))
         return response["Body"].read()
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(self, key: str, data: bytes, durable: bool = True) -> None:
+        """A PUT is atomic and durable once it returns, whatever ``durable`` says."""
         self._call(self.uri_of(key), "write", self.client.put_object, Key=self._key(key), Body=data)
+
+    def sync(self) -> None:
+        """Nothing to do: every PUT is durable when it returns."""
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
