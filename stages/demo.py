@@ -2,7 +2,8 @@
 
 It starts the pipeline's parent MLflow run, runs each stage as its own process (as the
 local launcher does, ``MLFLOW_RUN_ID`` naming the parent) and ends the parent run with
-the outcome. Stages: synthetic batch generation; later stages join as they land.
+the outcome. Stages: a synthetic batch lands, ingest turns it into a dataset version,
+export writes the MiniCPM-V finetune files; later stages join as they land.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     parent = tracking.start_pipeline_run(config.tracking, f"demo-{stamp}", {"config": config.model_dump(mode="json")})
     batch = open_storage(config.storage.landing_uri, config.storage.s3).child(f"batch-{stamp}")
+    run_dir = open_storage(config.storage.runs_uri, config.storage.s3).child(f"demo-{stamp}")
     config_flags = [flag for path in paths for flag in ("--config", str(path))]
     steps = {
         "synthetic": ["-m", "stages.synthetic", *config_flags, "--output", batch.uri, "--count", str(args.count)],
+        "ingest": ["-m", "stages.ingest", *config_flags, "--output", config.storage.datasets_uri, "--batch", batch.uri],
+        "export": ["-m", "stages.export", *config_flags, "--output", run_dir.child("export").uri],
     }
     code = 0
     for name, step in steps.items():
@@ -53,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     uri, experiment = config.tracking.tracking_uri, tracking.experiment_id(config.tracking)
     print(
         f"\nLabelled batch:   {batch.uri} (labels.jsonl, images/, result.json)"
+        f"\nDataset versions: {config.storage.datasets_uri} (LATEST, versions/<id>/manifest.jsonl, card.json)"
+        f"\nRun outputs:      {run_dir.uri} (export/train.json, eval.json, schemas/)"
         f"\nMLflow run:       {parent} in experiment {config.tracking.experiment!r}"
         f"\nList runs:        MLFLOW_TRACKING_URI={uri} .venv/bin/mlflow runs list --experiment-id {experiment}"
         f"\nBrowse runs:      .venv/bin/mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"

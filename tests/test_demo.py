@@ -1,7 +1,9 @@
-"""The README's demo, end to end: a synthetic batch lands and MLflow shows the pipeline's runs."""
+"""The README's demo, end to end: a synthetic batch lands, becomes a dataset version and finetune
+files, and MLflow shows the pipeline's runs."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -24,14 +26,20 @@ def test_demo_generates_a_batch_and_leaves_mlflow_runs(overlay, tmp_path):
     batch_uri = re.search(r"Labelled batch:\s+(\S+)", done.stdout).group(1)
     assert batch_uri.startswith(str(tmp_path / "landing" / "batch-"))
     assert read_marker(open_storage(batch_uri)).records == 8
+    outputs = Path(re.search(r"Run outputs:\s+(\S+)", done.stdout).group(1))
+    examples = json.loads((outputs / "export" / "train.json").read_text()) + json.loads(
+        (outputs / "export" / "eval.json").read_text()
+    )
+    assert len(examples) == 8 and all(Path(e["image"]).is_file() for e in examples)
 
     run_id = re.search(r"MLflow run:\s+(\w+)", done.stdout).group(1)
     uri = f"sqlite:///{tmp_path}/mlflow/mlflow.db"
     client = mlflow.MlflowClient(uri)
     parent = client.get_run(run_id)
     assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("demo-")
-    (child,) = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
-    assert child.info.run_name == "synthetic" and child.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["export", "ingest", "synthetic"]
+    assert {c.info.status for c in children} == {"FINISHED"}
 
     # The command the demo prints for listing runs works and shows both.
     listing = subprocess.run(
@@ -42,7 +50,7 @@ def test_demo_generates_a_batch_and_leaves_mlflow_runs(overlay, tmp_path):
         timeout=120,
     )
     assert listing.returncode == 0, listing.stderr
-    assert run_id in listing.stdout and child.info.run_id in listing.stdout
+    assert run_id in listing.stdout and all(c.info.run_id in listing.stdout for c in children)
     assert f"--experiment-id {parent.info.experiment_id}" in done.stdout
 
 
