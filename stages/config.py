@@ -172,6 +172,17 @@ class ModelConfig(_Strict):
         return self
 
 
+class LaunchConfig(_Strict):
+    """torchrun's layout. The environment variable named beside a key, when set, wins: cluster
+    schedulers and the DAG set them per node."""
+
+    gpus_per_node: int = Field(1, ge=1, description="GPUS_PER_NODE: processes per node (CPU: 1)")
+    nnodes: int = Field(1, ge=1, description="NNODES")
+    node_rank: int = Field(0, ge=0, description="NODE_RANK")
+    master_addr: str = Field("127.0.0.1", description="MASTER_ADDR: node 0's address")
+    master_port: int = Field(29500, ge=1, le=65535, description="MASTER_PORT")
+
+
 class TrainingConfig(_Strict):
     """Full-finetune hyperparameters; defaults mirror the practitioner recipe."""
 
@@ -195,12 +206,29 @@ class TrainingConfig(_Strict):
     deepspeed: Literal["zero2", "zero2_offload", "zero3"] | None = Field(
         "zero2_offload", description="a config in configs/deepspeed/, or null for none"
     )
+    max_unfit_fraction: Probability = Field(
+        0.01, description="share of train documents that may not fit model_max_length before the run fails"
+    )
+    seed: int = 42
+    dataloader_num_workers: int = Field(2, ge=0)
+    launch: LaunchConfig = LaunchConfig()
 
     @model_validator(mode="after")
     def _something_to_tune(self) -> TrainingConfig:
         if not (self.tune_vision or self.tune_llm):
             raise ValueError("tune_vision and tune_llm are both false: nothing would be trained")
         return self
+
+
+class GpuContainerConfig(_Strict):
+    """How GPU stage containers run; pipeline.yaml says what each setting is for."""
+
+    image: str = "doc-extraction/train:latest"
+    shm_size: str = Field("32g", pattern=r"^\d+[kmg]?$")
+    ipc_mode: str | None = None
+    ulimits: dict[str, int] = {"memlock": -1, "stack": 67108864}
+    environment: dict[str, str] = {}
+    cuda_visible_devices: str | None = None
 
 
 class Thresholds(_Strict):
@@ -275,11 +303,13 @@ class ExportConfig(_Strict):
 
 class PipelineConfig(_Strict):
     doctypes_dir: Path = Path("configs/doctypes")
+    deepspeed_dir: Path = Path("configs/deepspeed")
     doc_types: list[str] = Field(min_length=1, description="document types this pipeline trains on")
     storage: StorageConfig
     tracking: TrackingConfig
     model: ModelConfig
     training: TrainingConfig = TrainingConfig()
+    gpu_container: GpuContainerConfig = GpuContainerConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
     dataset: DatasetConfig = DatasetConfig()

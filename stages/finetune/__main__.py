@@ -1,0 +1,162 @@
+"""``python -m stages.finetune``: full finetune of a MiniCPM-V model on an export's conversations.
+
+Resolves the base model (a folder, or an s3:// URI copied into ``<output>/base-model``),
+checks that every train and eval document fits ``training.model_max_length`` (those that
+do not are listed in ``unfit.jsonl`` with the reason, never cut; more than
+``training.max_unfit_fraction`` of the train documents fails the stage before training),
+then runs ``stages.finetune.train`` under torchrun (``training.launch``, or GPUS_PER_NODE,
+NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT from the environment). Checkpoints land in the
+output folder, which must be local or mounted: a retried run continues from the latest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from stages.cli import BadInputError, main, stage_parser
+from stages.config import LaunchConfig, PipelineConfig
+from stages.dataset import DatasetCard
+from stages.finetune.adapters import AdapterError, load_adapter
+from stages.finetune.data import DataError, Example, Unfit, read_examples, split_fitting, write_examples
+from stages.finetune.train import RESULT, TrainSpec
+from stages.manifest import StageOutput
+from stages.storage import LocalStorage, Storage, StorageError, open_storage
+
+STAGE = "finetune"
+LAUNCH_ENV = {"gpus_per_node": "GPUS_PER_NODE", "nnodes": "NNODES", "node_rank": "NODE_RANK",
+              "master_addr": "MASTER_ADDR", "master_port": "MASTER_PORT"}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = stage_parser(STAGE, __doc__)
+    parser.add_argument("--data", required=True, help="the export stage's output (train.json, eval.json)")
+    parser.add_argument("--base-model", help="a folder or s3:// URI; default: model.base of the config")
+    return parser
+
+
+def launch_settings(config: LaunchConfig, environ: dict[str, str]) -> LaunchConfig:
+    """The configured layout with any of GPUS_PER_NODE, NNODES, ... from the environment on top."""
+    overrides = {key: environ[name] for key, name in LAUNCH_ENV.items() if environ.get(name)}
+    return LaunchConfig.model_validate({**config.model_dump(), **overrides})
+
+
+def torchrun_command(launch: LaunchConfig, spec: Path) -> list[str]:
+    """torchrun for ``stages.finetune.train``: standalone on one node, a c10d rendezvous at
+    MASTER_ADDR:MASTER_PORT across several."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={launch.gpus_per_node}"]
+    if launch.nnodes == 1:
+        command.append("--standalone")  # a free local port: two runs on one machine do not collide
+    else:
+        command += [f"--nnodes={launch.nnodes}", f"--node-rank={launch.node_rank}",
+                    f"--master-addr={launch.master_addr}", f"--master-port={launch.master_port}"]  # fmt: skip
+    return [*command, "-m", "stages.finetune.train", str(spec)]
+
+
+def resolve_base_model(uri: str, output: Path, config: PipelineConfig) -> Path:
+    """A local folder with the base model: the folder itself, or an s3:// copy under ``output``."""
+    if "://" not in uri:
+        folder = Path(uri)
+        if not (folder / "config.json").is_file():
+            raise BadInputError(f"{folder}: not a model folder (no config.json)")
+        return folder
+    source, folder = open_storage(uri, config.storage.s3), output / "base-model"
+    copied = LocalStorage(folder)
+    for key in source.list():
+        if not copied.exists(key):
+            copied.write_bytes(key, source.read_bytes(key))
+    if not copied.exists("config.json"):
+        raise BadInputError(f"{uri}: not a model folder (no config.json)")
+    return folder
+
+
+def _examples(data: Storage, name: str, required: bool) -> list[Example]:
+    if not data.exists(name):
+        if required:
+            raise BadInputError(f"{data.uri_of(name)}: missing (run stages.export first)")
+        return []
+    try:
+        return read_examples(data.read_bytes(name), data.uri_of(name))
+    except DataError as exc:
+        raise BadInputError(str(exc)) from exc
+
+
+def _dataset_version(data: Storage) -> str | None:
+    return DatasetCard.model_validate_json(data.read_bytes("card.json")).version if data.exists("card.json") else None
+
+
+def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
+    import mlflow
+    import torch
+
+    if not isinstance(output, LocalStorage):
+        raise BadInputError(f"--output {output.uri}: checkpoints need a local or mounted folder, not object storage")
+    out = Path(output.uri).resolve()
+    data = open_storage(args.data, config.storage.s3)
+    training = config.training
+    try:
+        model_dir = resolve_base_model(args.base_model or config.model.base, out, config)
+        adapter = load_adapter(model_dir, config.model, training)
+    except (AdapterError, StorageError, OSError) as exc:
+        raise BadInputError(f"base model {args.base_model or config.model.base}: {exc}") from exc
+    train, evaluation = _examples(data, "train.json", required=True), _examples(data, "eval.json", required=False)
+
+    limit, s3 = training.model_max_length, config.storage.s3
+    train, unfit_train = split_fitting(train, adapter.length, limit, s3, "train")
+    evaluation, unfit_eval = split_fitting(evaluation, adapter.length, limit, s3, "eval")
+    unfit: list[Unfit] = unfit_train + unfit_eval
+    output.write_bytes("unfit.jsonl", "".join(u.model_dump_json() + "\n" for u in unfit).encode("utf-8"))
+    share = len(unfit_train) / max(1, len(train) + len(unfit_train))
+    if share > training.max_unfit_fraction or not train:
+        raise BadInputError(f"{len(unfit_train)} of {len(train) + len(unfit_train)} train documents cannot be "
+                            f"trained on ({share:.1%} > max_unfit_fraction {training.max_unfit_fraction:.1%}); "
+                            f"reasons in {output.uri_of('unfit.jsonl')}")  # fmt: skip
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    write_examples(out / "data" / "train.json", train)
+    if evaluation:
+        write_examples(out / "data" / "eval.json", evaluation)
+
+    version = _dataset_version(data)
+    if version:
+        mlflow.set_tag("dataset.version", version)
+    run_id = mlflow.active_run().info.run_id
+    spec = TrainSpec(
+        model_dir=str(model_dir.resolve()), model=config.model, training=training,
+        train_file=str(out / "data" / "train.json"),
+        eval_file=str(out / "data" / "eval.json") if evaluation else None, output_dir=str(out),
+        deepspeed_config=str((config.deepspeed_dir / f"{training.deepspeed}.json").resolve())
+        if training.deepspeed else None,
+        s3=s3, tracking_uri=config.tracking.tracking_uri, mlflow_run_id=run_id,
+    )  # fmt: skip
+    output.write_bytes("train_spec.json", spec.model_dump_json(indent=2).encode("utf-8"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU (tests, the embedded demo)
+    launch = launch_settings(training.launch, os.environ)
+    done = subprocess.run(torchrun_command(launch, out / "train_spec.json"), env=env, check=False)
+    if done.returncode:
+        raise RuntimeError(f"training exited with code {done.returncode}; its log is above")
+    if launch.node_rank != 0:
+        return StageOutput(outputs={"checkpoints": str(out)})  # node 0 reports the run
+    result = json.loads((out / RESULT).read_text())
+    mlflow.log_artifact(str(out / "unfit.jsonl"), STAGE)
+    return StageOutput(
+        inputs={"data": data.uri, "base_model": args.base_model or config.model.base,
+                **({"dataset_version": version} if version else {})},
+        outputs={"checkpoints": str(out), "tensorboard": str(out / "tensorboard"),
+                 "last_checkpoint": result["last_checkpoint"], "best_checkpoint": result["best_checkpoint"] or "",
+                 "resumed_from": result["resumed_from"] or "", "unfit": output.uri_of("unfit.jsonl")},
+        counts={"train": len(train), "eval": len(evaluation), "unfit_train": len(unfit_train),
+                "unfit_eval": len(unfit_eval), "global_step": result["global_step"],
+                "input_tokens_seen": result["input_tokens_seen"]},
+        metrics={"train_loss": result["train_loss"], "train_runtime_s": result["train_runtime_s"],
+                 **({"best_eval_loss": result["best_eval_loss"]} if result["best_eval_loss"] is not None else {})},
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main(STAGE, build_parser(), run))

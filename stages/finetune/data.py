@@ -1,0 +1,133 @@
+"""The exported examples (``train.json``/``eval.json`` of ``stages.export``), their images, and
+the check that every example fits ``model_max_length`` before any training starts."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from tqdm import tqdm
+
+from stages.config import S3Config
+from stages.storage import StorageError, open_storage
+
+IMAGE_PLACEHOLDER = "<image>"
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """An examples file cannot be used; the message names the file and the problem."""
+
+
+class Turn(BaseModel):
+    role: str
+    content: str
+
+
+class Example(BaseModel):
+    """One conversation in the MiniCPM-V finetune format: a user turn with ``<image>`` and the answer."""
+
+    id: str
+    image: str = Field(description="local path or s3:// URI")
+    conversations: list[Turn] = Field(min_length=2, max_length=2)
+
+    @property
+    def prompt(self) -> str:
+        return self.conversations[0].content
+
+    @property
+    def answer(self) -> str:
+        return self.conversations[1].content
+
+
+_EXAMPLES = TypeAdapter(list[Example])
+
+
+def read_examples(data: bytes, path: str) -> list[Example]:
+    """Parse an examples file read from ``path``, checking each example has one user turn with
+    one ``<image>`` and an assistant answer."""
+    try:
+        examples = _EXAMPLES.validate_json(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise DataError(f"{path}: [{where}]: {first['msg']} ({exc.error_count()} problem(s))") from None
+    for index, example in enumerate(examples):
+        roles = [turn.role for turn in example.conversations]
+        if roles != ["user", "assistant"] or example.prompt.count(IMAGE_PLACEHOLDER) != 1:
+            raise DataError(f"{path}: [{index}] {example.id}: need a user turn with one {IMAGE_PLACEHOLDER} "
+                            f"and an assistant answer, got roles {roles}")  # fmt: skip
+    return examples
+
+
+def write_examples(path: Path, examples: list[Example]) -> None:
+    path.write_text(json.dumps([e.model_dump() for e in examples], ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """An example with its image, as the adapters' ``collate`` receives it."""
+
+    example: Example
+    image: Image.Image
+
+
+def load_image(uri: str, s3: S3Config) -> Image.Image:
+    """The image at a local path or s3:// URI as RGB, at its full resolution."""
+    parent, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
+    try:
+        data = open_storage(parent, s3).read_bytes(name)
+    except StorageError as exc:
+        raise DataError(str(exc)) from exc
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+class ExampleDataset:
+    """Samples for the Trainer: each image read when its example is drawn."""
+
+    def __init__(self, examples: list[Example], s3: S3Config):
+        self.examples = examples
+        self.s3 = s3
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Sample:
+        example = self.examples[index]
+        return Sample(example, load_image(example.image, self.s3))
+
+
+class Unfit(BaseModel):
+    """An example left out of training, and why."""
+
+    id: str
+    image: str
+    reason: str
+
+
+def split_fitting(examples: list[Example], length: Callable[[Sample], int], max_length: int, s3: S3Config,
+                  label: str) -> tuple[list[Example], list[Unfit]]:  # fmt: skip
+    """Examples that fit ``max_length`` tokens, and the ones that do not (or cannot be encoded),
+    each with its reason. Nothing is cut: a cut answer or image placeholder would train garbage."""
+    fitting, unfit = [], []
+    for example in tqdm(examples, desc=f"checking {label} lengths", unit="doc", disable=None):
+        try:
+            tokens = length(Sample(example, load_image(example.image, s3)))
+        except (DataError, OSError, ValueError) as exc:
+            unfit.append(Unfit(id=example.id, image=example.image, reason=f"cannot encode: {exc}"))
+            continue
+        if tokens > max_length:
+            unfit.append(Unfit(id=example.id, image=example.image,
+                               reason=f"{tokens} tokens > model_max_length {max_length}"))  # fmt: skip
+        else:
+            fitting.append(example)
+    for bad in unfit:
+        log.warning("%s example %s left out: %s", label, bad.id, bad.reason)
+    return fitting, unfit

@@ -1,0 +1,160 @@
+"""What each torchrun process runs: ``python -m stages.finetune.train SPEC.json``.
+
+The stage (``python -m stages.finetune``) writes the spec and launches this under torchrun.
+HF Trainer does the work: DeepSpeed from ``configs/deepspeed/`` (which leave the learning-rate
+schedule to the Trainer), evaluation that keeps only the loss, checkpoints every
+``save_steps``, and resume from the latest complete checkpoint in the output folder, so a
+retried task continues where the last attempt stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from stages.config import ModelConfig, S3Config, TrainingConfig
+from stages.finetune.adapters import load_adapter
+from stages.finetune.data import ExampleDataset, read_examples
+
+log = logging.getLogger("stages.finetune")
+RESULT = "train_result.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class TrainSpec(BaseModel):
+    """Everything one training process needs, written by the stage as JSON."""
+
+    model_dir: str
+    model: ModelConfig
+    training: TrainingConfig
+    train_file: str
+    eval_file: str | None
+    output_dir: str  # checkpoints, TensorBoard events, train_result.json
+    deepspeed_config: str | None
+    s3: S3Config
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint that was written completely (its trainer_state.json is written last)."""
+    found = sorted(
+        (p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()),
+        key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)),
+    )
+    for checkpoint in reversed(found):
+        if (checkpoint / "trainer_state.json").is_file():
+            return checkpoint
+        log.warning("%s is incomplete (no trainer_state.json): not resuming from it", checkpoint)
+    return None
+
+
+def training_arguments(spec: TrainSpec, use_cpu: bool, has_eval: bool):
+    """HF TrainingArguments from the validated config."""
+    from transformers import TrainingArguments
+
+    t = spec.training
+    best_by_eval = has_eval and t.save_steps % t.eval_steps == 0
+    return TrainingArguments(
+        output_dir=spec.output_dir,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of max_steps in transformers 5
+        weight_decay=t.weight_decay,
+        adam_beta2=t.adam_beta2,
+        bf16=t.bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=t.max_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps,
+        prediction_loss_only=True,  # holding every eval batch's logits exhausts memory
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        metric_for_best_model="eval_loss" if best_by_eval else None,
+        logging_steps=1,
+        include_num_input_tokens_seen="non_padding",
+        report_to=["tensorboard"],
+        deepspeed=spec.deepspeed_config,
+        use_cpu=use_cpu,
+        seed=t.seed,
+        dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False,  # samples are (example, image); the adapter's collate builds inputs
+    )
+
+
+def train(spec: TrainSpec) -> dict:
+    """Train (or continue training) and return what rank 0 reports."""
+    import torch
+    from transformers import Trainer
+
+    from stages.finetune.metrics import MlflowMetrics
+
+    use_cpu = not torch.cuda.is_available()
+    output_dir = Path(spec.output_dir)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "tensorboard"))
+    adapter = load_adapter(Path(spec.model_dir), spec.model, spec.training)
+    dtype = torch.bfloat16 if spec.training.bf16 else torch.float32
+    model = adapter.load_model(dtype)
+    train_set = ExampleDataset(read_examples(Path(spec.train_file).read_bytes(), spec.train_file), spec.s3)
+    eval_set = None
+    if spec.eval_file:
+        eval_set = ExampleDataset(read_examples(Path(spec.eval_file).read_bytes(), spec.eval_file), spec.s3)
+    args = training_arguments(spec, use_cpu, has_eval=bool(eval_set))
+    callbacks = [MlflowMetrics(spec.tracking_uri, spec.mlflow_run_id)] if spec.mlflow_run_id else []
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                      data_collator=adapter.collate, callbacks=callbacks)  # fmt: skip
+    resume = latest_checkpoint(output_dir)
+    if resume:
+        log.info("resuming from %s", resume)
+    started = time.perf_counter()
+    outcome = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    state = trainer.state
+    last = latest_checkpoint(output_dir)
+    return {
+        "global_step": state.global_step,
+        "resumed_from": str(resume) if resume else None,
+        "last_checkpoint": str(last) if last else None,
+        "best_checkpoint": state.best_model_checkpoint,
+        "best_eval_loss": state.best_metric,
+        "train_loss": outcome.training_loss,
+        "train_runtime_s": round(time.perf_counter() - started, 3),
+        "input_tokens_seen": state.num_input_tokens_seen,
+        "eval_losses": [e["eval_loss"] for e in state.log_history if "eval_loss" in e],
+        "learning_rates": [e["learning_rate"] for e in state.log_history if "learning_rate" in e],
+        "is_world_process_zero": trainer.is_world_process_zero(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m stages.finetune.train SPEC.json", file=sys.stderr)
+        return 2
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    spec = TrainSpec.model_validate_json(Path(args[0]).read_text())
+    try:
+        result = train(spec)
+        if result.pop("is_world_process_zero"):
+            Path(spec.output_dir, RESULT).write_text(json.dumps(result, indent=2))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # without it, one CPU run in three aborts at exit
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

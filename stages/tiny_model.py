@@ -1,0 +1,117 @@
+"""``python -m stages.tiny_model``: a tiny, randomly initialised MiniCPM-V 4.6 built offline.
+
+The embedded demo and the tests finetune it on CPU in seconds; nothing is downloaded. The
+folder has what a real MiniCPM-V 4.6 checkpoint has for our purposes: ``config.json``,
+safetensors weights, a byte-level BPE tokenizer (trained here on the document types'
+prompts and sample values) with the placeholders the processor reads, a Qwen-style chat
+template, and the image processor's ``preprocessor_config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from stages.doctypes import load_registry
+
+IMAGE_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "image_start_token": "<image>",
+    "image_end_token": "</image>",
+    "slice_start_token": "<slice>",
+    "slice_end_token": "</slice>",
+    "image_id_start_token": "<image_id>",
+    "image_id_end_token": "</image_id>",
+}
+CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|image_pad|>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _corpus(doctypes_dir: Path) -> list[str]:
+    """Text the tokenizer learns from: prompts, field names and sample values, digits, JSON."""
+    lines = ['{"": ""}, 0123456789 -:/.,$ NT$ 年月日 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ']
+    for doc_type in load_registry(doctypes_dir).values():
+        lines += [doc_type.prompt, *doc_type.prompt_variants, doc_type.display_name]
+        for spec in doc_type.fields:
+            lines += [spec.name, spec.label, *spec.samples, *(spec.values or [])]
+    return lines
+
+
+def build_tokenizer(doctypes_dir: Path, vocab_size: int = 600):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    special = CHAT_TOKENS + list(IMAGE_TOKENS.values())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    core.train_from_iterator(_corpus(doctypes_dir) * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        extra_special_tokens=dict(IMAGE_TOKENS),
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+def build(output: Path, doctypes_dir: Path, seed: int = 0) -> Path:
+    """Write the tiny model folder; returns it."""
+    import torch
+    from transformers import AutoModelForImageTextToText, MiniCPMV4_6Config
+    from transformers.models.minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+
+    tokenizer = build_tokenizer(doctypes_dir)
+    text = {
+        "model_type": "qwen3_5_text", "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "layer_types": ["full_attention", "linear_attention"], "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 32, "linear_conv_kernel_dim": 2, "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                            "partial_rotary_factor": 0.25},
+        "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+    }  # fmt: skip
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "patch_size": 14, "image_size": 56}  # fmt: skip
+    config = MiniCPMV4_6Config(
+        text_config=text, vision_config=vision, insert_layer_id=0, image_size=56,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["image_token"]),
+        video_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["video_token"]),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    MiniCPMV4_6ImageProcessorPil(scale_resolution=112, max_slice_nums=1, patch_size=14).save_pretrained(output)
+    (output / "processor_config.json").write_text(json.dumps({"processor_class": "MiniCPMV4_6Processor"}, indent=2))
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.tiny_model", description=__doc__)
+    parser.add_argument("--output", type=Path, required=True, help="folder to write the model into")
+    parser.add_argument("--doctypes", type=Path, default=Path("configs/doctypes"), help="document-type folder")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build(args.output, args.doctypes, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

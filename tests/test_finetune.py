@@ -1,0 +1,288 @@
+"""The finetune stage on the tiny random MiniCPM-V 4.6 (built offline): data handling and the
+recipe's known traps, training through torchrun on CPU (DeepSpeed included), resume after a kill.
+
+No GPU here: bf16, CUDA memory and NCCL are not exercised; DeepSpeed runs on its CPU accelerator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from PIL import Image
+
+from stages.config import LaunchConfig, S3Config, TrainingConfig, load_pipeline_config
+from stages.finetune.__main__ import launch_settings, torchrun_command
+from stages.finetune.adapters import IGNORE_INDEX, load_adapter
+from stages.finetune.data import Example, Sample, read_examples, split_fitting
+from stages.finetune.train import TrainSpec, latest_checkpoint, training_arguments
+from tests.conftest import ROOT, config_flags, run_stage, write_overlay
+
+DEEPSPEED = ROOT / "configs" / "deepspeed"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from stages.tiny_model import build
+
+    return build(tmp_path_factory.mktemp("models") / "tiny-minicpmv4_6", ROOT / "configs" / "doctypes")
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> Path:
+    """An export of 24 synthetic documents (ingest and export run for real)."""
+    from stages.config import SyntheticConfig
+    from stages.doctypes import load_registry
+    from stages.landing import write_batch
+    from stages.storage import open_storage
+    from stages.synthetic import generate
+
+    root = tmp_path_factory.mktemp("exported")
+    registry = load_registry(ROOT / "configs" / "doctypes")
+    documents = generate(list(registry.values()), SyntheticConfig(count=24, seed=4))
+    write_batch(open_storage(root / "landing"), [(r, image) for r, image, _ in documents], producer="test")
+    overlay = write_overlay(root, "o.yaml", json.dumps({
+        "doctypes_dir": str(ROOT / "configs" / "doctypes"),
+        "storage": {"landing_uri": str(root), "datasets_uri": str(root / "ds"), "runs_uri": str(root)},
+        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"},
+    }))  # fmt: skip
+    configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", overlay]
+    assert run_stage("ingest", configs, "--output", str(root / "ds"), "--batch", str(root / "landing")) == 0
+    assert run_stage("export", configs, "--output", str(root / "export")) == 0
+    return root / "export"
+
+
+@pytest.fixture
+def finetune_config(overlay, tiny_model, tmp_path) -> list[Path]:
+    return [*overlay, write_overlay(tmp_path, "model.yaml", f"model: {{base: {tiny_model}}}\n")]
+
+
+def examples(exported: Path, name: str = "train.json") -> list[Example]:
+    return read_examples((exported / name).read_bytes(), name)
+
+
+def adapter_for(model: Path, **training):
+    config = load_pipeline_config([ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml"])
+    return load_adapter(model, config.model, config.training.model_copy(update=training))
+
+
+def finetune(config: list[Path], exported: Path, out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    """The stage as the DAG's local launcher runs it: its own process."""
+    return subprocess.run(
+        [sys.executable, "-m", "stages.finetune", *config_flags(config), "--data", str(exported),
+         "--output", str(out), *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **env},
+    )  # fmt: skip
+
+
+# --- data handling -------------------------------------------------------------------------
+
+
+def test_labels_cover_only_the_answer(tiny_model, exported):
+    adapter = adapter_for(tiny_model)
+    batch_examples = examples(exported)[:3]
+    samples = [Sample(e, Image.open(e.image).convert("RGB")) for e in batch_examples]
+    batch = adapter.collate(samples)
+    tokenizer = adapter.processor.tokenizer
+    for row, example in enumerate(batch_examples):
+        labels = batch["labels"][row]
+        kept = labels[labels != IGNORE_INDEX]
+        assert tokenizer.decode(kept) == example.answer + "<|im_end|>\n"
+        real = int(batch["attention_mask"][row].sum())
+        assert (labels[real:] == IGNORE_INDEX).all()  # right padding never trains
+    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert not (batch["labels"] == image_token).any() and (batch["input_ids"] == image_token).any()
+
+
+def test_images_keep_their_pixels_for_slicing(tiny_model, exported):
+    """A dense document is sliced as max_slice_nums allows, from its full resolution."""
+    example = examples(exported)[0]
+    big = Sample(example, Image.new("RGB", (1400, 1000), "white"))
+    one, nine = adapter_for(tiny_model, max_slice_nums=1), adapter_for(tiny_model, max_slice_nums=9)
+    assert nine.length(big) > one.length(big)
+    assert nine.collate([big])["target_sizes"].shape[0] == 1 + 9  # the overview plus nine slices
+
+
+def test_documents_that_do_not_fit_are_listed_not_cut(tiny_model, exported):
+    adapter = adapter_for(tiny_model)
+    train = examples(exported)
+    lengths = sorted(adapter.length(Sample(e, Image.open(e.image).convert("RGB"))) for e in train)
+    limit = lengths[len(lengths) // 2]
+    fitting, unfit = split_fitting(train, adapter.length, limit, S3Config(), "train")
+    assert len(fitting) + len(unfit) == len(train) and unfit
+    assert all("tokens > model_max_length" in u.reason for u in unfit)
+    broken = train[0].model_copy(update={"image": "/nonexistent/x.jpg"})
+    _, unfit = split_fitting([broken], adapter.length, 10_000, S3Config(), "train")
+    assert unfit[0].id == broken.id and unfit[0].reason.startswith("cannot encode:")
+
+
+def test_an_examples_file_with_a_bad_record_names_it(tmp_path):
+    bad = [{"id": "a", "image": "x.jpg", "conversations": [{"role": "user", "content": "no image here"},
+                                                             {"role": "assistant", "content": "{}"}]}]  # fmt: skip
+    with pytest.raises(ValueError, match=r"train.json: \[0\] a: need a user turn with one <image>"):
+        read_examples(json.dumps(bad).encode(), "train.json")
+
+
+def test_wrong_model_for_the_adapter_is_a_clear_error(tmp_path, tiny_model):
+    config = json.loads((tiny_model / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
+    with pytest.raises(ValueError, match="model_type 'qwen2' is not a native MiniCPM-V"):
+        adapter_for(tmp_path)
+
+
+# --- configuration of the run ----------------------------------------------------------------
+
+
+def test_deepspeed_configs_leave_the_schedule_to_the_trainer():
+    """The recipe's DeepSpeed JSON had a scheduler section that silently replaced the cosine schedule."""
+    configs = {path.stem: json.loads(path.read_text()) for path in DEEPSPEED.glob("*.json")}
+    assert set(configs) == {"zero2", "zero2_offload", "zero3"}
+    for name, config in configs.items():
+        assert "scheduler" not in config, name
+        assert config["train_micro_batch_size_per_gpu"] == "auto"
+    assert configs["zero2_offload"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert configs["zero3"]["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_training_arguments_follow_the_config(tmp_path):
+    offload = str(DEEPSPEED / "zero2_offload.json")
+    spec = TrainSpec(model_dir="m", model={"base": "m"}, training=TrainingConfig(), train_file="t", eval_file="e",
+                     output_dir=str(tmp_path), deepspeed_config=offload, s3=S3Config())  # fmt: skip
+    args = training_arguments(spec, use_cpu=True, has_eval=True)
+    assert args.prediction_loss_only  # evaluation keeps the loss, never every batch's logits
+    assert (args.lr_scheduler_type, args.learning_rate, args.warmup_steps) == ("cosine", 1e-6, 0.01)
+    assert (args.weight_decay, args.adam_beta2, args.max_steps, args.save_total_limit) == (0.1, 0.95, 10000, 5)
+    assert args.metric_for_best_model == "eval_loss" and args.gradient_checkpointing
+
+
+def test_launch_layout_from_config_or_environment():
+    config = LaunchConfig(gpus_per_node=2)
+    assert launch_settings(config, {}) == config
+    launch = launch_settings(config, {"GPUS_PER_NODE": "8", "NNODES": "2", "NODE_RANK": "1",
+                                      "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "23456"})  # fmt: skip
+    assert (launch.gpus_per_node, launch.nnodes, launch.node_rank) == (8, 2, 1)
+    command = torchrun_command(launch, Path("spec.json"))
+    assert command[1:3] == ["-m", "torch.distributed.run"] and command[-3:] == [
+        "-m",
+        "stages.finetune.train",
+        "spec.json",
+    ]
+    assert {"--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1",
+            "--master-port=23456"} <= set(command)  # fmt: skip
+    assert "--standalone" in torchrun_command(config, Path("spec.json"))
+    with pytest.raises(ValueError, match="gpus_per_node"):
+        launch_settings(config, {"GPUS_PER_NODE": "0"})
+
+
+def test_latest_checkpoint_skips_one_cut_off_while_saving(tmp_path):
+    for step in (2, 4, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert latest_checkpoint(tmp_path / "none") is None
+
+
+# --- training, for real ------------------------------------------------------------------------
+
+
+def _stage_run(tmp_path: Path, result: dict):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow/mlflow.db")
+    return client, client.get_run(result["mlflow_run_id"])
+
+
+def _assert_cosine(rates: list[float], peak: float) -> None:
+    top = rates.index(max(rates))
+    assert max(rates) == pytest.approx(peak, rel=1e-6) and top <= 2  # warm-up is 1% of the steps
+    decay = rates[top:]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False)) and decay[-1] < 0.1 * peak
+
+
+@pytest.mark.integration
+def test_finetune_trains_saves_and_tracks(finetune_config, exported, tmp_path):
+    done = finetune(finetune_config, exported, tmp_path / "ft")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "ft" / "result.json").read_text())
+    assert result["counts"]["global_step"] == 12 and result["counts"]["unfit_train"] == 0
+    assert result["outputs"]["last_checkpoint"].endswith("checkpoint-12")
+    assert (tmp_path / "ft" / "checkpoint-12" / "model.safetensors").is_file()
+    assert list((tmp_path / "ft" / "tensorboard").glob("events.out.tfevents.*"))
+    client, run = _stage_run(tmp_path, result)
+    assert run.info.status == "FINISHED" and run.data.tags["dataset.version"] == result["inputs"]["dataset_version"]
+    history = lambda key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key),  # noqa: E731
+                                                   key=lambda m: m.step)]  # fmt: skip
+    losses = history("loss")
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert len(history("eval_loss")) == 2 and history("tokens_per_second")
+    assert not any(k.startswith("eval_") and k not in {"eval_loss", "eval_runtime", "eval_samples_per_second",
+                                                        "eval_steps_per_second"} for k in run.data.metrics)  # fmt: skip
+    _assert_cosine(history("learning_rate"), peak=1e-3)
+
+
+@pytest.mark.integration
+def test_deepspeed_zero2_keeps_the_trainers_cosine_schedule(finetune_config, exported, tmp_path):
+    """DeepSpeed on its CPU accelerator (gloo); compiling its shared-memory op takes ~30 s once."""
+    zero2 = write_overlay(
+        tmp_path, "ds.yaml", "training: {deepspeed: zero2, max_steps: 8, eval_steps: 8, save_steps: 8}\n"
+    )
+    done = finetune([*finetune_config, zero2], exported, tmp_path / "ft")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "ft" / "result.json").read_text())
+    assert result["counts"]["global_step"] == 8
+    assert list((tmp_path / "ft" / "checkpoint-8").glob("global_step8/*optim_states.pt"))  # DeepSpeed's own state
+    client, run = _stage_run(tmp_path, result)
+    rates = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "learning_rate"), key=lambda m: m.step)]
+    _assert_cosine(rates, peak=1e-3)
+
+
+@pytest.mark.integration
+def test_too_many_unfit_documents_fail_before_training(finetune_config, exported, tmp_path):
+    short = write_overlay(tmp_path, "short.yaml", "training: {model_max_length: 64}\n")
+    done = finetune([*finetune_config, short], exported, tmp_path / "ft")
+    assert done.returncode == 2
+    assert "train documents cannot be trained on" in done.stderr and "unfit.jsonl" in done.stderr.splitlines()[-1]
+    unfit = [json.loads(line) for line in (tmp_path / "ft" / "unfit.jsonl").read_text().splitlines()]
+    assert len(unfit) == 24 and all("> model_max_length 64" in u["reason"] for u in unfit)
+    assert not list((tmp_path / "ft").glob("checkpoint-*"))
+
+
+@pytest.mark.integration
+def test_a_killed_run_continues_from_its_last_checkpoint(finetune_config, exported, tmp_path):
+    """An Airflow retry runs the same command into the same folder: it must continue, not restart."""
+    long = write_overlay(
+        tmp_path, "long.yaml", "training: {max_steps: 120, save_steps: 20, eval_steps: 20, save_total_limit: 3}\n"
+    )
+    config, out = [*finetune_config, long], tmp_path / "ft"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "stages.finetune", *config_flags(config), "--data", str(exported), "--output", str(out)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not out.exists() or latest_checkpoint(out) is None:
+        assert first.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the whole process group: stage, torchrun and its worker
+    first.wait(timeout=30)
+    killed_at = latest_checkpoint(out)
+    assert not (out / "result.json").exists()
+    step = int(killed_at.name.split("-")[1])
+    assert 20 <= step < 120
+
+    done = finetune(config, exported, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["outputs"]["resumed_from"].startswith(str(out / "checkpoint-"))
+    assert int(result["outputs"]["resumed_from"].rsplit("-", 1)[1]) >= step
+    assert result["counts"]["global_step"] == 120
+    state = json.loads((out / "checkpoint-120" / "trainer_state.json").read_text())
+    logged = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert logged == list(range(1, 121))  # one history, continued where it stopped
