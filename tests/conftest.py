@@ -192,6 +192,14 @@ def docker_client(tmp_path_factory):
     service.wait(timeout=10)
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny random MiniCPM-V 4.6 the demo uses, built offline (stages/tiny_model.py)."""
+    from stages.tiny_model import build
+
+    return build(tmp_path_factory.mktemp("models") / "tiny-minicpmv4_6", ROOT / "configs" / "doctypes")
+
+
 def run_stage(stage: str, config_paths: list[Path], *args: str) -> int:
     """A stage's CLI in this process (flags, tracking, result.json), as ``python -m`` would run it."""
     import importlib

@@ -21,9 +21,9 @@ from pathlib import Path
 from stages.cli import BadInputError, main, stage_parser
 from stages.config import LaunchConfig, PipelineConfig
 from stages.dataset import DatasetCard
-from stages.finetune.adapters import AdapterError, load_adapter
+from stages.finetune.adapters import AdapterError, load_adapter, resolve_model_dir
 from stages.finetune.data import DataError, Example, Unfit, read_examples, split_fitting, write_examples
-from stages.finetune.train import RESULT, TrainSpec
+from stages.finetune.train import RESULT, TrainSpec, die_with_parent
 from stages.manifest import StageOutput
 from stages.storage import LocalStorage, Storage, StorageError, open_storage
 
@@ -57,23 +57,6 @@ def torchrun_command(launch: LaunchConfig, spec: Path) -> list[str]:
     return [*command, "-m", "stages.finetune.train", str(spec)]
 
 
-def resolve_base_model(uri: str, output: Path, config: PipelineConfig) -> Path:
-    """A local folder with the base model: the folder itself, or an s3:// copy under ``output``."""
-    if "://" not in uri:
-        folder = Path(uri)
-        if not (folder / "config.json").is_file():
-            raise BadInputError(f"{folder}: not a model folder (no config.json)")
-        return folder
-    source, folder = open_storage(uri, config.storage.s3), output / "base-model"
-    copied = LocalStorage(folder)
-    for key in source.list():
-        if not copied.exists(key):
-            copied.write_bytes(key, source.read_bytes(key))
-    if not copied.exists("config.json"):
-        raise BadInputError(f"{uri}: not a model folder (no config.json)")
-    return folder
-
-
 def _examples(data: Storage, name: str, required: bool) -> list[Example]:
     if not data.exists(name):
         if required:
@@ -99,7 +82,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     data = open_storage(args.data, config.storage.s3)
     training = config.training
     try:
-        model_dir = resolve_base_model(args.base_model or config.model.base, out, config)
+        model_dir = resolve_model_dir(args.base_model or config.model.base, out / "base-model", config.storage.s3)
         adapter = load_adapter(model_dir, config.model, training)
     except (AdapterError, StorageError, OSError) as exc:
         raise BadInputError(f"base model {args.base_model or config.model.base}: {exc}") from exc
@@ -137,7 +120,8 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU (tests, the embedded demo)
     launch = launch_settings(training.launch, os.environ)
-    done = subprocess.run(torchrun_command(launch, out / "train_spec.json"), env=env, check=False)
+    done = subprocess.run(torchrun_command(launch, out / "train_spec.json"), env=env, check=False,
+                          preexec_fn=die_with_parent)  # fmt: skip
     if done.returncode:
         raise RuntimeError(f"training exited with code {done.returncode}; its log is above")
     if launch.node_rank != 0:

@@ -9,11 +9,16 @@ retried task continues where the last attempt stopped.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
 import logging
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -25,6 +30,7 @@ from stages.finetune.data import ExampleDataset, read_examples
 log = logging.getLogger("stages.finetune")
 RESULT = "train_result.json"
 CHECKPOINT_PREFIX = "checkpoint-"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class TrainSpec(BaseModel):
@@ -40,6 +46,26 @@ class TrainSpec(BaseModel):
     s3: S3Config
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux), so that killing a stage
+    (an Airflow task timing out, a retry) never leaves training processes writing behind it:
+    torchrun starts its workers in sessions of their own, out of reach of a process-group kill."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@contextmanager
+def exclusive(output_dir: Path) -> Iterator[None]:
+    """Hold ``<output>/.train.lock`` for the run: a second run into the same folder fails at once."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / ".train.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{output_dir}: another training run is writing here") from None
+        yield
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -92,10 +118,23 @@ def training_arguments(spec: TrainSpec, use_cpu: bool, has_eval: bool):
     )
 
 
+def adapter_trainer(adapter, **kwargs):
+    """HF Trainer that takes the loss from the adapter where the model does not compute it."""
+    from transformers import Trainer
+
+    class AdapterTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = adapter.loss(model, inputs)
+            if loss is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return AdapterTrainer(**kwargs)
+
+
 def train(spec: TrainSpec) -> dict:
     """Train (or continue training) and return what rank 0 reports."""
     import torch
-    from transformers import Trainer
 
     from stages.finetune.metrics import MlflowMetrics
 
@@ -111,8 +150,8 @@ def train(spec: TrainSpec) -> dict:
         eval_set = ExampleDataset(read_examples(Path(spec.eval_file).read_bytes(), spec.eval_file), spec.s3)
     args = training_arguments(spec, use_cpu, has_eval=bool(eval_set))
     callbacks = [MlflowMetrics(spec.tracking_uri, spec.mlflow_run_id)] if spec.mlflow_run_id else []
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=adapter.collate, callbacks=callbacks)  # fmt: skip
+    trainer = adapter_trainer(adapter, model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                              data_collator=adapter.collate, callbacks=callbacks)  # fmt: skip
     resume = latest_checkpoint(output_dir)
     if resume:
         log.info("resuming from %s", resume)
@@ -143,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    die_with_parent()
     spec = TrainSpec.model_validate_json(Path(args[0]).read_text())
     try:
-        result = train(spec)
+        with exclusive(Path(spec.output_dir)) if rank == 0 else nullcontext():
+            result = train(spec)
         if result.pop("is_world_process_zero"):
             Path(spec.output_dir, RESULT).write_text(json.dumps(result, indent=2))
     finally:

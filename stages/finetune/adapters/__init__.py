@@ -11,8 +11,9 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.config import ModelConfig, TrainingConfig
+from stages.config import ModelConfig, S3Config, TrainingConfig
 from stages.finetune.data import Sample
+from stages.storage import LocalStorage, open_storage
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +34,9 @@ class Adapter(ABC):
 
     #: files beside the weights that loading the processor and serving need (globs)
     processor_files: tuple[str, ...] = ()
+    #: the transformers auto class that loads the model, and whether its code comes with the checkpoint
+    auto_class: str = "AutoModel"
+    trust_remote_code: bool = False
 
     def __init__(self, model_dir: Path, model: ModelConfig, training: TrainingConfig):
         self.model_dir = Path(model_dir)
@@ -44,9 +48,21 @@ class Adapter(ABC):
     def load_processor(self) -> Any:
         """The processor that turns images and text into model inputs, with slicing from the config."""
 
-    @abstractmethod
+    def from_pretrained(self, dtype: torch.dtype, **kwargs) -> Any:
+        import transformers
+
+        auto = getattr(transformers, self.auto_class)
+        return auto.from_pretrained(self.model_dir, dtype=dtype, trust_remote_code=self.trust_remote_code, **kwargs)
+
     def load_model(self, dtype: torch.dtype) -> Any:
         """The model for training, with ``tune_vision``/``tune_llm`` applied."""
+        model = self.from_pretrained(dtype)
+        self.freeze(model)
+        return model
+
+    @abstractmethod
+    def freeze(self, model: Any) -> None:
+        """Stop gradients into the vision encoder or the LLM where the config says not to tune them."""
 
     @abstractmethod
     def collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
@@ -56,14 +72,38 @@ class Adapter(ABC):
         before training and left out with a reason.
         """
 
+    def loss(self, model: Any, inputs: dict) -> torch.Tensor | None:
+        """The training loss where the model does not compute one from ``labels``; None: it does."""
+        return None
+
     def length(self, sample: Sample) -> int:
         """Tokens the sample takes, image placeholders included."""
         return int(self.collate([sample])["attention_mask"].sum())
 
 
+def adapter_class(name: str) -> type[Adapter]:
+    module, cls = ADAPTERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def load_adapter(model_dir: Path, model: ModelConfig, training: TrainingConfig) -> Adapter:
-    module, name = ADAPTERS[model.adapter].split(":")
-    return getattr(importlib.import_module(module), name)(model_dir, model, training)
+    return adapter_class(model.adapter)(model_dir, model, training)
+
+
+def resolve_model_dir(uri: str, cache: Path, s3: S3Config) -> Path:
+    """A local folder holding the model at ``uri``: the folder itself, or an s3:// copy in ``cache``."""
+    if "://" not in uri:
+        folder = Path(uri)
+        if not (folder / "config.json").is_file():
+            raise AdapterError(f"{folder}: not a model folder (no config.json)")
+        return folder
+    source, copied = open_storage(uri, s3), LocalStorage(cache)
+    for key in source.list():
+        if not copied.exists(key):
+            copied.write_bytes(key, source.read_bytes(key))
+    if not copied.exists("config.json"):
+        raise AdapterError(f"{uri}: not a model folder (no config.json)")
+    return cache
 
 
 def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, answers: list[list[int]],

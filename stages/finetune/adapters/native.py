@@ -52,7 +52,9 @@ def chat(prompt: str, answer: str | None = None) -> list[dict]:
 class NativeAdapter(Adapter):
     processor_files = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
                        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                       "chat_template.json", "generation_config.json")  # fmt: skip
+                       "chat_template.json", "generation_config.json", "vocab.json", "merges.txt",
+                       "added_tokens.json")  # fmt: skip
+    auto_class = "AutoModelForImageTextToText"
 
     def load_processor(self) -> Any:
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
@@ -68,14 +70,11 @@ class NativeAdapter(Adapter):
         image_processor = AutoImageProcessor.from_pretrained(self.model_dir, backend="pil")
         return image_only_processor(model_type, image_processor, tokenizer)
 
-    def load_model(self, dtype) -> Any:
-        from transformers import AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype)
+    def freeze(self, model: Any) -> None:
+        """The merger between vision and language always trains, as the recipe's resampler does."""
         model.model.vision_tower.requires_grad_(self.training.tune_vision)
         model.model.language_model.requires_grad_(self.training.tune_llm)
         model.lm_head.requires_grad_(self.training.tune_llm)
-        return model  # the merger between them always trains, as the recipe's resampler does
 
     def collate(self, samples: list[Sample]) -> dict:
         template = self.processor.apply_chat_template
