@@ -9,7 +9,7 @@ EXTRAS := stages,train,airflow,dev
 CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup containers demo test test-fast lint format lock clean
+.PHONY: setup containers train-wheels demo test test-fast lint format lock clean
 
 setup: $(INSTALLED) $(CJK_FONT) ## venv with the whole stack (torch CPU first) and the CJK font
 
@@ -26,9 +26,13 @@ $(CJK_FONT):
 
 # No Docker engine here: podman serves the Docker API, and a base image is made from Debian's
 # packages because nothing can be pulled (docker/local-base.sh says more).
-containers: ## podman and the local base image the container tests build on
+containers: train-wheels ## podman and the local base image the container tests build on
 	@command -v podman >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q podman runc debootstrap uidmap)
 	$(SUDO) env CONTAINERS_CONF=$(CURDIR)/docker/podman/containers.conf docker/local-base.sh
+
+# The training image's torch, from the CPU wheel on this machine's disk (docker/wheels/README.md).
+train-wheels: setup ## the CPU torch wheel for local builds of docker/train.Dockerfile
+	@ls docker/wheels/torch-2.13.0*.whl >/dev/null 2>&1 || $(PIP) download -q --no-deps -d docker/wheels torch==2.13.0
 
 demo: setup ## run the pipeline end to end on the embedded default (CPU, local MLflow store)
 	$(PY) -m stages.demo

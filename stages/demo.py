@@ -3,7 +3,9 @@
 It starts the pipeline's parent MLflow run, runs each stage as its own process (as the
 local launcher does, ``MLFLOW_RUN_ID`` naming the parent) and ends the parent run with
 the outcome. Stages: a synthetic batch lands, ingest turns it into a dataset version,
-export writes the MiniCPM-V finetune files; later stages join as they land.
+export writes the MiniCPM-V finetune files, finetune trains the base model on them (the
+embedded default's tiny random MiniCPM-V 4.6, built offline on first use), patch makes its
+best checkpoint a complete model folder; later stages join as they land.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from stages import tracking
 from stages.cli import EXIT_BAD_INPUT
 from stages.config import ConfigError, load_pipeline_config
 from stages.storage import open_storage
+from stages.tiny_model import build as build_tiny_model
 
 EMBEDDED = [Path("configs/pipeline.yaml"), Path("configs/overlays/embedded.yaml")]
 
@@ -35,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    base = Path(config.model.base)
+    if "://" not in config.model.base and not (base / "config.json").exists():
+        print(f"== building the tiny model in {base}", flush=True)
+        build_tiny_model(base, config.doctypes_dir)
+
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     parent = tracking.start_pipeline_run(config.tracking, f"demo-{stamp}", {"config": config.model_dump(mode="json")})
     batch = open_storage(config.storage.landing_uri, config.storage.s3).child(f"batch-{stamp}")
@@ -44,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         "synthetic": ["-m", "stages.synthetic", *config_flags, "--output", batch.uri, "--count", str(args.count)],
         "ingest": ["-m", "stages.ingest", *config_flags, "--output", config.storage.datasets_uri, "--batch", batch.uri],
         "export": ["-m", "stages.export", *config_flags, "--output", run_dir.child("export").uri],
-    }
+        "finetune": ["-m", "stages.finetune", *config_flags, "--data", run_dir.child("export").uri,
+                     "--output", run_dir.child("finetune").uri],
+        "patch": ["-m", "stages.patch", *config_flags, "--finetune", run_dir.child("finetune").uri,
+                  "--output", run_dir.child("model").uri],
+    }  # fmt: skip
     code = 0
     for name, step in steps.items():
         print(f"== {name}", flush=True)
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nLabelled batch:   {batch.uri} (labels.jsonl, images/, result.json)"
         f"\nDataset versions: {config.storage.datasets_uri} (LATEST, versions/<id>/manifest.jsonl, card.json)"
-        f"\nRun outputs:      {run_dir.uri} (export/train.json, eval.json, schemas/)"
+        f"\nRun outputs:      {run_dir.uri} (export/, finetune/checkpoint-*, model/)"
         f"\nMLflow run:       {parent} in experiment {config.tracking.experiment!r}"
         f"\nList runs:        MLFLOW_TRACKING_URI={uri} .venv/bin/mlflow runs list --experiment-id {experiment}"
         f"\nBrowse runs:      .venv/bin/mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"

@@ -97,6 +97,7 @@ def overlay(tmp_path) -> list[Path]:
                     "tracking_uri": f"sqlite:///{tmp_path}/mlflow/mlflow.db",
                     "artifact_location": str(tmp_path / "mlflow" / "artifacts"),
                 },
+                "model": {"base": str(tmp_path / "models" / "tiny-minicpmv4_6")},  # the demo builds it there
             }
         )
     )

@@ -9,15 +9,22 @@ stands in for python:3.11-slim-bookworm, which cannot be pulled.
 from __future__ import annotations
 
 import json
+import shutil
+from functools import partial
 
 import mlflow
 import pytest
 
 import docker
 from stages import tracking
-from stages.config import TrackingConfig
+from stages.config import SyntheticConfig, TrackingConfig, load_pipeline_config
+from stages.doctypes import load_registry
+from stages.landing import write_batch
+from stages.launch import gpu_run_arguments
 from stages.manifest import RESULT_FILE, git_commit
-from tests.conftest import LOCAL_BASE, ROOT
+from stages.storage import open_storage
+from stages.synthetic import generate
+from tests.conftest import LOCAL_BASE, ROOT, run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 STAGE_IMAGE = "localhost/doc-extraction/stages:test"
@@ -108,3 +115,73 @@ def test_image_runs_unprivileged_and_holds_no_training_stack(docker_client, stag
         remove=True,
     )
     assert out.decode().split() == ["1000", "True"]
+
+
+# --- the GPU training image, built here from the Debian stand-in with the CPU torch wheel ----------
+
+TRAIN_IMAGE = "localhost/doc-extraction/train:test"
+
+
+@pytest.fixture(scope="session")
+def train_image(docker_client) -> str:
+    """docker/train.Dockerfile from the local base (for the CUDA devel image) and CPU torch (for CUDA torch)."""
+    if not list((ROOT / "docker" / "wheels").glob("torch-2.13.0*.whl")):
+        pytest.fail("docker/wheels/ has no torch wheel: run `make train-wheels`")
+    docker_client.images.build(path=str(ROOT), dockerfile="docker/train.Dockerfile", tag=TRAIN_IMAGE,
+                               buildargs={"BASE_IMAGE": LOCAL_BASE, "GIT_COMMIT": git_commit()}, rm=True)  # fmt: skip
+    return TRAIN_IMAGE
+
+
+def test_gpu_run_settings_reach_the_container(docker_client, train_image):
+    """GPUs cannot be handed over here: the created container's configuration is checked instead."""
+    settings = load_pipeline_config([ROOT / "configs" / "pipeline.yaml"]).gpu_container
+    container = docker_client.containers.create(train_image, ["true"], **gpu_run_arguments(settings, gpus=2))
+    try:
+        host = container.attrs["HostConfig"]
+        assert host["ShmSize"] == 32 * 2**30
+        ulimits = {u["Name"].lower().removeprefix("rlimit_"): u["Hard"] for u in host["Ulimits"]}  # podman: RLIMIT_*
+        assert ulimits.items() >= {"memlock": -1, "stack": 67108864}.items()
+        env = dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
+        assert {"NCCL_DEBUG": "WARN", "NCCL_P2P_DISABLE": "0", "NCCL_IB_DISABLE": "0"}.items() <= env.items()
+    finally:
+        container.remove()
+    (request,) = gpu_run_arguments(settings, gpus=2)["device_requests"]  # podman's inspect does not show them
+    assert request["Count"] == 2 and request["Capabilities"] == [["gpu"]]
+    (request,) = gpu_run_arguments(settings, gpus=["0", "3"])["device_requests"]
+    assert request["DeviceIDs"] == ["0", "3"]
+
+
+def test_finetune_and_patch_run_in_the_training_image(docker_client, train_image, workdir, tiny_model):
+    """The stages as the DAG runs them on a GPU node, here on CPU: shared memory as configured
+    (the sandbox forbids raising ulimits, so those are left out of this run)."""
+    shutil.copytree(tiny_model, workdir / "model")
+    overlay = workdir / "overlay.yaml"
+    overlay.write_text(overlay.read_text() + "model: {base: /work/model}\nexport: {image_root: /work/datasets}\n")
+    host_overlay = workdir / "host.yaml"
+    host_overlay.write_text(f"storage: {{landing_uri: {workdir}/landing, datasets_uri: {workdir}/datasets, "
+                            f"runs_uri: {workdir}/runs}}\ntracking: {{tracking_uri: 'sqlite:///{workdir}/host.db'}}\n"
+                            "export: {image_root: /work/datasets}\n")  # fmt: skip
+    host_configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", host_overlay]
+    documents = generate(list(load_registry(ROOT / "configs" / "doctypes").values()), SyntheticConfig(count=12))
+    write_batch(open_storage(workdir / "landing"), [(r, image) for r, image, _ in documents], producer="test")
+    assert (
+        run_stage("ingest", host_configs, "--output", str(workdir / "datasets"), "--batch", str(workdir / "landing"))
+        == 0
+    )
+    assert run_stage("export", host_configs, "--output", str(workdir / "export")) == 0
+    for path in workdir.rglob("*"):
+        path.chmod(0o777 if path.is_dir() else 0o666)
+
+    settings = load_pipeline_config([ROOT / "configs" / "pipeline.yaml"]).gpu_container
+    arguments = {key: value for key, value in gpu_run_arguments(settings, gpus=None).items() if key != "ulimits"}
+    run = partial(docker_client.containers.run, train_image, volumes={str(workdir): {"bind": "/work", "mode": "rw"}},
+                  network_mode="none", remove=True, stderr=True, **arguments)  # fmt: skip
+    shm = run(["python", "-c", "import os; s = os.statvfs('/dev/shm'); print(s.f_blocks * s.f_frsize)"])
+    assert int(shm.decode()) == 32 * 2**30
+    logs = run(["python", "-m", "stages.finetune", *CONFIG_FLAGS, "--data", "/work/export", "--output", "/work/ft"])
+    assert b"finetune succeeded" in logs
+    result = json.loads((workdir / "ft" / RESULT_FILE).read_text())
+    assert result["counts"]["global_step"] == 12 and result["versions"]["torch"].startswith("2.13.0")
+    logs = run(["python", "-m", "stages.patch", *CONFIG_FLAGS, "--finetune", "/work/ft", "--output", "/work/model-out"])
+    assert b"patch succeeded" in logs
+    assert (workdir / "model-out" / "preprocessor_config.json").is_file()

@@ -31,6 +31,8 @@ def test_demo_generates_a_batch_and_leaves_mlflow_runs(overlay, tmp_path):
         (outputs / "export" / "eval.json").read_text()
     )
     assert len(examples) == 8 and all(Path(e["image"]).is_file() for e in examples)
+    finetuned = json.loads((outputs / "finetune" / "result.json").read_text())
+    assert finetuned["counts"]["global_step"] == 12 and (outputs / "model" / "preprocessor_config.json").is_file()
 
     run_id = re.search(r"MLflow run:\s+(\w+)", done.stdout).group(1)
     uri = f"sqlite:///{tmp_path}/mlflow/mlflow.db"
@@ -38,7 +40,7 @@ def test_demo_generates_a_batch_and_leaves_mlflow_runs(overlay, tmp_path):
     parent = client.get_run(run_id)
     assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("demo-")
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
-    assert sorted(c.info.run_name for c in children) == ["export", "ingest", "synthetic"]
+    assert sorted(c.info.run_name for c in children) == ["export", "finetune", "ingest", "patch", "synthetic"]
     assert {c.info.status for c in children} == {"FINISHED"}
 
     # The command the demo prints for listing runs works and shows both.

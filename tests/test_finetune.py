@@ -214,18 +214,20 @@ def test_finetune_trains_saves_and_tracks(finetune_config, exported, tmp_path):
                                                    key=lambda m: m.step)]  # fmt: skip
     losses = history("loss")
     assert len(losses) == 12 and losses[-1] < losses[0]
-    assert len(history("eval_loss")) == 2 and history("tokens_per_second")
+    assert len(history("eval_loss")) == 2 and history("tokens_per_second") and history("samples_per_second")
+    assert run.data.params["dataset.version"] == result["inputs"]["dataset_version"]
     assert not any(k.startswith("eval_") and k not in {"eval_loss", "eval_runtime", "eval_samples_per_second",
                                                         "eval_steps_per_second"} for k in run.data.metrics)  # fmt: skip
     _assert_cosine(history("learning_rate"), peak=1e-3)
 
 
 @pytest.mark.integration
-def test_deepspeed_zero2_keeps_the_trainers_cosine_schedule(finetune_config, exported, tmp_path):
-    """DeepSpeed on its CPU accelerator (gloo); compiling its shared-memory op takes ~30 s once."""
-    zero2 = write_overlay(
-        tmp_path, "ds.yaml", "training: {deepspeed: zero2, max_steps: 8, eval_steps: 8, save_steps: 8}\n"
-    )
+@pytest.mark.parametrize("deepspeed", ["zero2", "zero2_offload"])
+def test_deepspeed_keeps_the_trainers_cosine_schedule(finetune_config, exported, tmp_path, deepspeed):
+    """DeepSpeed on its CPU accelerator (gloo). The first run compiles its shared-memory op (~30 s)
+    and, with the optimizer offloaded, DeepSpeedCPUAdam (~45 s); both are cached afterwards."""
+    steps = "max_steps: 8, eval_steps: 8, save_steps: 8"
+    zero2 = write_overlay(tmp_path, "ds.yaml", f"training: {{deepspeed: {deepspeed}, {steps}}}\n")
     done = finetune([*finetune_config, zero2], exported, tmp_path / "ft")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "ft" / "result.json").read_text())

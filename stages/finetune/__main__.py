@@ -21,7 +21,7 @@ from pathlib import Path
 from stages.cli import BadInputError, main, stage_parser
 from stages.config import LaunchConfig, PipelineConfig
 from stages.dataset import DatasetCard
-from stages.finetune.adapters import AdapterError, load_adapter, resolve_model_dir
+from stages.finetune.adapters import Adapter, AdapterError, load_adapter, resolve_model_dir
 from stages.finetune.data import DataError, Example, Unfit, read_examples, split_fitting, write_examples
 from stages.finetune.train import RESULT, TrainSpec, die_with_parent
 from stages.manifest import StageOutput
@@ -72,6 +72,28 @@ def _dataset_version(data: Storage) -> str | None:
     return DatasetCard.model_validate_json(data.read_bytes("card.json")).version if data.exists("card.json") else None
 
 
+def _fitting_examples(data: Storage, adapter: Adapter, config: PipelineConfig, output: LocalStorage):
+    """Train and eval examples that fit ``model_max_length``, written to ``<output>/data/``, and the
+    ones that do not, listed in ``unfit.jsonl``; too many unfit train documents is bad input."""
+    training, s3, out = config.training, config.storage.s3, Path(output.uri)
+    train, unfit_train = split_fitting(_examples(data, "train.json", required=True), adapter.length,
+                                       training.model_max_length, s3, "train")  # fmt: skip
+    evaluation, unfit_eval = split_fitting(_examples(data, "eval.json", required=False), adapter.length,
+                                           training.model_max_length, s3, "eval")  # fmt: skip
+    unfit: list[Unfit] = unfit_train + unfit_eval
+    output.write_bytes("unfit.jsonl", "".join(u.model_dump_json() + "\n" for u in unfit).encode("utf-8"))
+    share = len(unfit_train) / max(1, len(train) + len(unfit_train))
+    if share > training.max_unfit_fraction or not train:
+        raise BadInputError(f"{len(unfit_train)} of {len(train) + len(unfit_train)} train documents cannot be "
+                            f"trained on ({share:.1%} > max_unfit_fraction {training.max_unfit_fraction:.1%}); "
+                            f"reasons in {output.uri_of('unfit.jsonl')}")  # fmt: skip
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    write_examples(out / "data" / "train.json", train)
+    if evaluation:
+        write_examples(out / "data" / "eval.json", evaluation)
+    return train, evaluation, unfit_train, unfit_eval
+
+
 def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
     import mlflow
     import torch
@@ -86,26 +108,12 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         adapter = load_adapter(model_dir, config.model, training)
     except (AdapterError, StorageError, OSError) as exc:
         raise BadInputError(f"base model {args.base_model or config.model.base}: {exc}") from exc
-    train, evaluation = _examples(data, "train.json", required=True), _examples(data, "eval.json", required=False)
-
-    limit, s3 = training.model_max_length, config.storage.s3
-    train, unfit_train = split_fitting(train, adapter.length, limit, s3, "train")
-    evaluation, unfit_eval = split_fitting(evaluation, adapter.length, limit, s3, "eval")
-    unfit: list[Unfit] = unfit_train + unfit_eval
-    output.write_bytes("unfit.jsonl", "".join(u.model_dump_json() + "\n" for u in unfit).encode("utf-8"))
-    share = len(unfit_train) / max(1, len(train) + len(unfit_train))
-    if share > training.max_unfit_fraction or not train:
-        raise BadInputError(f"{len(unfit_train)} of {len(train) + len(unfit_train)} train documents cannot be "
-                            f"trained on ({share:.1%} > max_unfit_fraction {training.max_unfit_fraction:.1%}); "
-                            f"reasons in {output.uri_of('unfit.jsonl')}")  # fmt: skip
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    write_examples(out / "data" / "train.json", train)
-    if evaluation:
-        write_examples(out / "data" / "eval.json", evaluation)
+    train, evaluation, unfit_train, unfit_eval = _fitting_examples(data, adapter, config, output)
 
     version = _dataset_version(data)
     if version:
         mlflow.set_tag("dataset.version", version)
+        mlflow.log_param("dataset.version", version)
     run_id = mlflow.active_run().info.run_id
     spec = TrainSpec(
         model_dir=str(model_dir.resolve()), model=config.model, training=training,
@@ -113,7 +121,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         eval_file=str(out / "data" / "eval.json") if evaluation else None, output_dir=str(out),
         deepspeed_config=str((config.deepspeed_dir / f"{training.deepspeed}.json").resolve())
         if training.deepspeed else None,
-        s3=s3, tracking_uri=config.tracking.tracking_uri, mlflow_run_id=run_id,
+        s3=config.storage.s3, tracking_uri=config.tracking.tracking_uri, mlflow_run_id=run_id,
     )  # fmt: skip
     output.write_bytes("train_spec.json", spec.model_dump_json(indent=2).encode("utf-8"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

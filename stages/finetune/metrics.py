@@ -10,15 +10,15 @@ _GIB = 2**30
 
 
 class MlflowMetrics(TrainerCallback):
-    """Every logged number at its global step (loss, learning rate, grad norm, eval loss,
-    samples/s), plus tokens/s since the previous log and, on GPU, peak memory."""
+    """Every logged number at its global step (loss, learning rate, grad norm, eval loss), plus
+    samples/s and tokens/s since the previous log and, on GPU, peak memory."""
 
     def __init__(self, tracking_uri: str | None, run_id: str):
         import mlflow
 
         self.client = mlflow.MlflowClient(tracking_uri)
         self.run_id = run_id
-        self.last: tuple[float, int] | None = None  # (time, tokens seen) at the previous log
+        self.last: tuple[float, int, int] | None = None  # (time, step, tokens seen) at the previous log
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -28,10 +28,13 @@ class MlflowMetrics(TrainerCallback):
 
         now = time.time()
         values = {key: float(value) for key, value in logs.items() if isinstance(value, int | float)}
-        tokens = state.num_input_tokens_seen
-        if self.last and tokens > self.last[1] and now > self.last[0]:
-            values["tokens_per_second"] = (tokens - self.last[1]) / (now - self.last[0])
-        self.last = (now, tokens)
+        step, tokens = state.global_step, state.num_input_tokens_seen
+        if self.last and step > self.last[1] and now > self.last[0]:
+            elapsed = now - self.last[0]
+            samples = (step - self.last[1]) * args.per_device_train_batch_size * args.gradient_accumulation_steps
+            values["samples_per_second"] = samples * args.world_size / elapsed
+            values["tokens_per_second"] = (tokens - self.last[2]) / elapsed
+        self.last = (now, step, tokens)
         if torch.cuda.is_available():
             values["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / _GIB
         stamp = int(now * 1000)
