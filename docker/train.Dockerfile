@@ -32,6 +32,10 @@ RUN python3 -m venv /opt/venv \
     && mkdir stages && touch stages/__init__.py \
     && pip install -c /tmp/constraints.txt ".[stages,train]" \
     && rm -rf stages /tmp/wheels
+# flash-attn is optional (FLASH_ATTN=1): it compiles against the CUDA toolkit for a long while,
+# and the models train without it (the default attention is PyTorch's SDPA).
+ARG FLASH_ATTN=0
+RUN if [ "$FLASH_ATTN" = 1 ]; then pip install --no-build-isolation flash-attn==2.8.3.post2; fi
 COPY stages ./stages
 COPY configs ./configs
 RUN pip install --no-deps -c /tmp/constraints.txt .

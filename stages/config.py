@@ -301,6 +301,15 @@ class ExportConfig(_Strict):
     prompt_variants: bool = Field(True, description="train documents draw from each type's prompt_variants")
 
 
+class PatchConfig(_Strict):
+    """Which checkpoint of a finetune run becomes the model."""
+
+    checkpoint: Literal["best", "latest"] = Field(
+        "best", description="best: the lowest eval loss (the latest where no eval ran); latest: the newest"
+    )
+    max_new_tokens: int = Field(64, ge=1, description="tokens generated from one example to prove the model answers")
+
+
 class PipelineConfig(_Strict):
     doctypes_dir: Path = Path("configs/doctypes")
     deepspeed_dir: Path = Path("configs/deepspeed")
@@ -314,6 +323,7 @@ class PipelineConfig(_Strict):
     synthetic: SyntheticConfig = SyntheticConfig()
     dataset: DatasetConfig = DatasetConfig()
     export: ExportConfig = ExportConfig()
+    patch: PatchConfig = PatchConfig()
 
     @field_validator("doc_types")
     @classmethod

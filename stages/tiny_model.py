@@ -1,10 +1,12 @@
-"""``python -m stages.tiny_model``: a tiny, randomly initialised MiniCPM-V 4.6 built offline.
+"""``python -m stages.tiny_model``: a tiny, randomly initialised MiniCPM-V 4.x built offline.
 
 The embedded demo and the tests finetune it on CPU in seconds; nothing is downloaded. The
 folder has what a real MiniCPM-V 4.6 checkpoint has for our purposes: ``config.json``,
 safetensors weights, a byte-level BPE tokenizer (trained here on the document types'
 prompts and sample values) with the placeholders the processor reads, a Qwen-style chat
-template, and the image processor's ``preprocessor_config.json``.
+template, and the image processor's ``preprocessor_config.json``. Families: ``minicpmv4_6``
+(the default) and ``minicpmv4_7``, the native ones this transformers has (MiniCPM-OCR is not
+in it yet).
 """
 
 from __future__ import annotations
@@ -68,10 +70,23 @@ def build_tokenizer(doctypes_dir: Path, vocab_size: int = 600):
     )
 
 
-def build(output: Path, doctypes_dir: Path, seed: int = 0) -> Path:
+FAMILIES = ("minicpmv4_6", "minicpmv4_7")
+
+
+def _family_ids(family: str, tokenizer) -> dict[str, int]:
+    """Token ids a family's config names beyond the image placeholder (4.7: the image and slice
+    delimiters and the newline, for its 2-D positions)."""
+    if family != "minicpmv4_7":
+        return {}
+    ids = {f"{name}_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[f"{name}_token"])
+           for name in ("image_start", "image_end", "slice_start", "slice_end")}  # fmt: skip
+    return {**ids, "newline_id": tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\n"))[0]}
+
+
+def build(output: Path, doctypes_dir: Path, seed: int = 0, family: str = "minicpmv4_6") -> Path:
     """Write the tiny model folder; returns it."""
     import torch
-    from transformers import AutoModelForImageTextToText, MiniCPMV4_6Config
+    from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.models.minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
 
     tokenizer = build_tokenizer(doctypes_dir)
@@ -86,10 +101,11 @@ def build(output: Path, doctypes_dir: Path, seed: int = 0) -> Path:
     }  # fmt: skip
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
               "patch_size": 14, "image_size": 56}  # fmt: skip
-    config = MiniCPMV4_6Config(
-        text_config=text, vision_config=vision, insert_layer_id=0, image_size=56,
+    config = AutoConfig.for_model(
+        family, text_config=text, vision_config=vision, insert_layer_id=0, image_size=56,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["image_token"]),
         video_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["video_token"]),
+        **_family_ids(family, tokenizer),
     )  # fmt: skip
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
@@ -99,7 +115,8 @@ def build(output: Path, doctypes_dir: Path, seed: int = 0) -> Path:
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     MiniCPMV4_6ImageProcessorPil(scale_resolution=112, max_slice_nums=1, patch_size=14).save_pretrained(output)
-    (output / "processor_config.json").write_text(json.dumps({"processor_class": "MiniCPMV4_6Processor"}, indent=2))
+    processor_class = {"minicpmv4_6": "MiniCPMV4_6Processor", "minicpmv4_7": "MiniCPMV4_7Processor"}[family]
+    (output / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}, indent=2))
     return output
 
 
@@ -108,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="folder to write the model into")
     parser.add_argument("--doctypes", type=Path, default=Path("configs/doctypes"), help="document-type folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=FAMILIES, default=FAMILIES[0])
     args = parser.parse_args(argv)
-    print(build(args.output, args.doctypes, args.seed))
+    print(build(args.output, args.doctypes, args.seed, args.family))
     return 0
 
 

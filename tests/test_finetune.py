@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from PIL import Image
 
 from stages.config import LaunchConfig, S3Config, TrainingConfig, load_pipeline_config
@@ -93,6 +95,25 @@ def test_labels_cover_only_the_answer(tiny_model, exported):
         assert (labels[real:] == IGNORE_INDEX).all()  # right padding never trains
     image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert not (batch["labels"] == image_token).any() and (batch["input_ids"] == image_token).any()
+
+
+@pytest.mark.parametrize("family", ["minicpmv4_6", "minicpmv4_7"])
+def test_each_native_family_trains_on_a_batch(family, exported, tmp_path):
+    """A tiny model of each native family: forward and backward through the adapter's batch, and
+    tune_vision=false keeps the vision encoder's weights out of training."""
+    from stages.tiny_model import build
+
+    model_dir = build(tmp_path / family, ROOT / "configs" / "doctypes", family=family)
+    adapter = adapter_for(model_dir, tune_vision=False)
+    model = adapter.load_model(torch.float32)
+    samples = [Sample(e, Image.open(e.image).convert("RGB")) for e in examples(exported)[:2]]
+    loss = model(**adapter.collate(samples)).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.config.model_type == family
+    assert all(p.grad is None for p in model.model.vision_tower.parameters())
+    assert model.lm_head.weight.grad.abs().sum() > 0 and any(
+        p.grad is not None for p in model.model.merger.parameters()
+    )
 
 
 def test_images_keep_their_pixels_for_slicing(tiny_model, exported):
@@ -207,6 +228,14 @@ def test_finetune_trains_saves_and_tracks(finetune_config, exported, tmp_path):
     assert result["counts"]["global_step"] == 12 and result["counts"]["unfit_train"] == 0
     assert result["outputs"]["last_checkpoint"].endswith("checkpoint-12")
     assert (tmp_path / "ft" / "checkpoint-12" / "model.safetensors").is_file()
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "ft" / "checkpoint-12").state_dict()
+    base = load_file(
+        Path(json.loads((tmp_path / "ft" / "train_spec.json").read_text())["model_dir"]) / "model.safetensors"
+    )
+    assert reloaded.keys() >= base.keys() and any(not torch.equal(reloaded[k], base[k]) for k in base)
     assert list((tmp_path / "ft" / "tensorboard").glob("events.out.tfevents.*"))
     client, run = _stage_run(tmp_path, result)
     assert run.info.status == "FINISHED" and run.data.tags["dataset.version"] == result["inputs"]["dataset_version"]
@@ -222,20 +251,29 @@ def test_finetune_trains_saves_and_tracks(finetune_config, exported, tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("deepspeed", ["zero2", "zero2_offload"])
-def test_deepspeed_keeps_the_trainers_cosine_schedule(finetune_config, exported, tmp_path, deepspeed):
-    """DeepSpeed on its CPU accelerator (gloo). The first run compiles its shared-memory op (~30 s)
-    and, with the optimizer offloaded, DeepSpeedCPUAdam (~45 s); both are cached afterwards."""
+@pytest.mark.parametrize(("deepspeed", "processes"), [("zero2", 2), ("zero2_offload", 1)])
+def test_deepspeed_keeps_the_trainers_cosine_schedule(finetune_config, exported, tmp_path, deepspeed, processes):
+    """DeepSpeed on its CPU accelerator, torchrun processes talking over gloo as GPUs over NCCL.
+    The first run compiles DeepSpeed's shared-memory op (~30 s) and, with the optimizer offloaded,
+    DeepSpeedCPUAdam (~45 s); both are cached afterwards."""
     steps = "max_steps: 8, eval_steps: 8, save_steps: 8"
     zero2 = write_overlay(tmp_path, "ds.yaml", f"training: {{deepspeed: {deepspeed}, {steps}}}\n")
-    done = finetune([*finetune_config, zero2], exported, tmp_path / "ft")
+    done = finetune([*finetune_config, zero2], exported, tmp_path / "ft", GPUS_PER_NODE=str(processes))
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "ft" / "result.json").read_text())
     assert result["counts"]["global_step"] == 8
-    assert list((tmp_path / "ft" / "checkpoint-8").glob("global_step8/*optim_states.pt"))  # DeepSpeed's own state
+    shards = list((tmp_path / "ft" / "checkpoint-8").glob("global_step8/*optim_states.pt"))  # DeepSpeed's own state
+    assert len(shards) == processes  # ZeRO-2: the optimizer state is split across the processes
     client, run = _stage_run(tmp_path, result)
     rates = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "learning_rate"), key=lambda m: m.step)]
     _assert_cosine(rates, peak=1e-3)
+
+    # A checkpoint whose weights exist only as ZeRO shards is consolidated by patch, and loads.
+    shards_only = tmp_path / "ft" / "checkpoint-80"
+    shutil.copytree(tmp_path / "ft" / "checkpoint-8", shards_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    done = run_stage("patch", finetune_config, "--checkpoint", str(shards_only), "--output", str(tmp_path / "model"))
+    report = json.loads((tmp_path / "model" / "patch.json").read_text())
+    assert done == 0 and report["consolidated_zero"] and "model.safetensors" in report["from_checkpoint"]
 
 
 @pytest.mark.integration

@@ -3,16 +3,17 @@ of the base model or the checkpoint changed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from stages.patch import assemble
-from stages.storage import LocalStorage
 from tests.conftest import run_stage, write_overlay
 
 TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin")
@@ -20,13 +21,20 @@ TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_stat
 
 @pytest.fixture
 def checkpoint(tiny_model, tmp_path) -> Path:
-    """A Trainer checkpoint as it is saved: weights, config and training state, no processor files."""
+    """A Trainer checkpoint as it is saved (weights, config and training state, no processor
+    files) inside a finetune output that holds the run's examples."""
     folder = tmp_path / "finetune" / "checkpoint-6"
     folder.mkdir(parents=True)
     for name in ("config.json", "model.safetensors", "generation_config.json"):
         shutil.copy(tiny_model / name, folder / name)
     for name in TRAINING_STATE:
         (folder / name).write_bytes(b"state")
+    (tmp_path / "finetune" / "data").mkdir()
+    Image.new("RGB", (300, 400), "white").save(tmp_path / "finetune" / "data" / "doc.png")
+    example = {"id": "doc", "image": str(tmp_path / "finetune" / "data" / "doc.png"),
+               "conversations": [{"role": "user", "content": "<image>\n請回傳"},
+                                 {"role": "assistant", "content": "{}"}]}  # fmt: skip
+    (tmp_path / "finetune" / "data" / "eval.json").write_text(json.dumps([example]))
     return folder
 
 
@@ -40,7 +48,6 @@ def _listing(folder: Path) -> dict[str, bytes]:
 
 
 def test_patched_checkpoint_loads_and_generates(config, checkpoint, tiny_model, tmp_path):
-    from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     from stages.finetune.adapters.native import chat, image_only_processor
@@ -52,6 +59,9 @@ def test_patched_checkpoint_loads_and_generates(config, checkpoint, tiny_model, 
     report = json.loads((out / "patch.json").read_text())
     assert {"preprocessor_config.json", "tokenizer.json", "chat_template.jinja"} <= set(report["from_base"])
     assert not any((out / name).exists() for name in TRAINING_STATE)
+    for name, digest in {**report["from_checkpoint"], **report["from_base"]}.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    assert report["example"]["id"] == "doc" and isinstance(report["example"]["answer"], str)
     assert load_file(out / "model.safetensors").keys() == load_file(checkpoint / "model.safetensors").keys()
 
     # Loads from the folder alone, as serving would, and answers.
@@ -64,11 +74,17 @@ def test_patched_checkpoint_loads_and_generates(config, checkpoint, tiny_model, 
     assert generated.shape[1] > inputs["input_ids"].shape[1]
 
 
-def test_patch_takes_the_best_checkpoint_of_a_finetune_run(config, checkpoint, tmp_path):
-    result = {"status": "succeeded", "outputs": {"best_checkpoint": str(checkpoint), "last_checkpoint": "/x"}}
-    (checkpoint.parent / "result.json").write_text(json.dumps(result))
-    assert run_stage("patch", config, "--finetune", str(checkpoint.parent), "--output", str(tmp_path / "p")) == 0
-    assert json.loads((tmp_path / "p" / "patch.json").read_text())["checkpoint"] == str(checkpoint)
+@pytest.mark.parametrize("choice", ["best", "latest"])
+def test_patch_takes_the_configured_checkpoint_of_a_finetune_run(config, checkpoint, tmp_path, choice):
+    latest = checkpoint.parent / "checkpoint-12"
+    shutil.copytree(checkpoint, latest)
+    outputs = {"best_checkpoint": str(checkpoint), "last_checkpoint": str(latest)}
+    (checkpoint.parent / "result.json").write_text(json.dumps({"status": "succeeded", "outputs": outputs}))
+    choose = write_overlay(tmp_path, "choose.yaml", f"patch: {{checkpoint: {choice}}}\n")
+    code = run_stage("patch", [*config, choose], "--finetune", str(checkpoint.parent), "--output", str(tmp_path / "p"))
+    assert code == 0
+    expected = checkpoint if choice == "best" else latest
+    assert json.loads((tmp_path / "p" / "patch.json").read_text())["checkpoint"] == str(expected)
 
 
 def test_weights_that_do_not_fit_the_model_fail_the_stage(config, checkpoint, tmp_path):
@@ -102,7 +118,7 @@ def test_remote_code_files_and_config_keys_come_back_from_the_base(tmp_path):
     save_file({"w": torch.zeros(1)}, checkpoint / "model.safetensors")
     from stages.finetune.adapters.remote_code import RemoteCodeAdapter
 
-    report = assemble(checkpoint, base, RemoteCodeAdapter.processor_files, LocalStorage(tmp_path / "out"))
+    report = assemble(checkpoint, base, RemoteCodeAdapter.processor_files, tmp_path / "out")
     assert {"processing_minicpmv.py", "image_processing_minicpmv.py", "preprocessor_config.json"} <= set(
         report["from_base"]
     )

@@ -72,6 +72,10 @@ class Adapter(ABC):
         before training and left out with a reason.
         """
 
+    @abstractmethod
+    def generate(self, model: Any, sample: Sample, max_new_tokens: int) -> str:
+        """The model's answer to the sample's prompt and image, greedy."""
+
     def loss(self, model: Any, inputs: dict) -> torch.Tensor | None:
         """The training loss where the model does not compute one from ``labels``; None: it does."""
         return None

@@ -91,3 +91,11 @@ class NativeAdapter(Adapter):
         batch["labels"] = answer_labels(batch["input_ids"], batch["attention_mask"], answers,
                                         [s.example.id for s in samples])  # fmt: skip
         return dict(batch)
+
+    def generate(self, model: Any, sample: Sample, max_new_tokens: int) -> str:
+        prompt = self.processor.apply_chat_template(chat(sample.example.prompt), add_generation_prompt=True,
+                                                    tokenize=False)  # fmt: skip
+        inputs = self.processor(text=[prompt], images=[[sample.image]], max_slice_nums=self.training.max_slice_nums,
+                                return_tensors="pt")  # fmt: skip
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return self.processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
