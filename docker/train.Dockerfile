@@ -8,10 +8,10 @@
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
 FROM ${BASE_IMAGE}
 
-# Python, a compiler for DeepSpeed's JIT-built ops, CJK glyphs for reports.
+# Python, a compiler for DeepSpeed's JIT-built ops, CJK glyphs for reports, libGL/GLib for OpenCV.
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-       python3 python3-venv python3-dev g++ fonts-wqy-microhei \
+       python3 python3-venv python3-dev g++ fonts-wqy-microhei libgl1 libglib2.0-0 \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONUNBUFFERED=1 \

@@ -238,13 +238,30 @@ class Thresholds(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    """Accuracy gates: defaults for every type, overrides per document type."""
+    """How the eval set is answered, and the accuracy gates: defaults for every type, overrides per type."""
+
+    backend: Literal["transformers", "openai", "vllm"] = Field(
+        "transformers", description="transformers: batched generate; openai: an OpenAI-compatible server; vllm"
+    )
+    endpoint: str | None = Field(None, description="openai backend: the server's base URL, e.g. http://host:8000/v1")
+    served_model: str = Field("doc-extraction", description="openai backend: the model name the server serves")
+    batch_size: int = Field(8, ge=1, description="documents per generate call (concurrent requests for openai)")
+    max_new_tokens: int = Field(512, ge=1, description="cap on the budget derived from each type's answer schema")
+    structured_output: bool = Field(False, description="constrain answers to the type's JSON schema (openai, vllm)")
+    ocr_baseline: bool = Field(True, description="also run the OCR pipeline on the eval set and report it beside")
+    gallery_size: int = Field(24, ge=0, description="failed documents shown in the report")
 
     thresholds: Thresholds = Thresholds(field_accuracy=0.98, document_accuracy=0.92, json_validity=0.99)
     per_doc_type: dict[str, Thresholds] = {}
     regression_tolerance: Probability = Field(
         0.005, description="how far below the champion a challenger may fall and still pass"
     )
+
+    @model_validator(mode="after")
+    def _endpoint_for_openai(self) -> EvaluationConfig:
+        if self.backend == "openai" and not self.endpoint:
+            raise ValueError("backend openai needs an endpoint")
+        return self
 
     def thresholds_for(self, doc_type: str) -> Thresholds:
         return self.per_doc_type.get(doc_type, self.thresholds)

@@ -57,6 +57,7 @@ class FieldSpec(BaseModel):
     name: str = Field(min_length=1, description="the key in the JSON answer")
     type: FieldType
     label: str = Field("", description="the caption printed beside the value on documents")
+    keywords: list[str] = Field([], description="captions the OCR baseline looks for; default: the label's words")
     required: bool = True
     description: str = ""
     pattern: str | None = Field(None, description="id: regex the normalised value must match")

@@ -1,6 +1,6 @@
 """``python -m stages.export``: a dataset version as MiniCPM-V finetune data.
 
-Writes ``train.json`` and ``eval.json`` (lists of ``{"id", "image", "conversations": [user
+Writes ``train.json`` and ``eval.json`` (lists of ``{"id", "doc_type", "image", "conversations": [user
 prompt with <image>, assistant canonical JSON answer]}``), ``schemas/<doc type>.json`` with
 each type's answer schema, and ``card.json`` of the dataset version. Image paths point to
 where the training container sees the dataset (``export.image_root``).
@@ -45,6 +45,7 @@ def conversation(record: DatasetRecord, doc_type: DocType, image_root: str, use_
     """One training example in the MiniCPM-V finetune format."""
     return {
         "id": record.id,
+        "doc_type": doc_type.id,  # beside the recipe's keys: evaluation scores each document by its type
         "image": f"{image_root.rstrip('/')}/{record.image}",
         "conversations": [
             {"role": "user", "content": prompt_for(record, doc_type, use_variants)},

@@ -139,7 +139,7 @@ def prove(adapter: Adapter, example: Example, config: PipelineConfig) -> str:
         raise RuntimeError(f"{adapter.model_dir}: the weights do not fit the model: {problems}")
     sample = Sample(example, load_image(example.image, config.storage.s3))
     with torch.no_grad():
-        return adapter.generate(model.eval(), sample, config.patch.max_new_tokens)
+        return adapter.generate(model.eval(), [sample], config.patch.max_new_tokens)[0]
 
 
 def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:

@@ -208,6 +208,8 @@ def run_stage(stage: str, config_paths: list[Path], *args: str) -> int:
     from stages.cli import main
 
     module = importlib.import_module(f"stages.{stage}")
+    if hasattr(module, "__path__"):  # a package: the stage lives in its __main__
+        module = importlib.import_module(f"stages.{stage}.__main__")
     return main(module.STAGE, module.build_parser(), module.run, [*config_flags(config_paths), *args])
 
 

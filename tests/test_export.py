@@ -47,7 +47,8 @@ def test_conversations_follow_the_finetune_format(overlay, dataset, tmp_path):
             assert user["content"].startswith("<image>\n")
             assert Path(example["image"]).is_file() and example["image"].startswith(str(dataset.resolve()))
             answer = json.loads(assistant["content"])
-            doc_type = next(d for d in REGISTRY.values() if user["content"] in (d.prompt, *d.prompt_variants))
+            doc_type = REGISTRY[example["doc_type"]]
+            assert user["content"] in (doc_type.prompt, *doc_type.prompt_variants)
             schema = json.loads((tmp_path / "export" / "schemas" / f"{doc_type.id}.json").read_text())
             jsonschema.validate(answer, schema)
             assert list(answer) == [f.name for f in doc_type.fields]

@@ -34,6 +34,7 @@ class Example(BaseModel):
     """One conversation in the MiniCPM-V finetune format: a user turn with ``<image>`` and the answer."""
 
     id: str
+    doc_type: str | None = Field(None, description="the document type, which evaluation scores by")
     image: str = Field(description="local path or s3:// URI")
     conversations: list[Turn] = Field(min_length=2, max_length=2)
 

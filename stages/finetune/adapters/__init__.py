@@ -73,8 +73,8 @@ class Adapter(ABC):
         """
 
     @abstractmethod
-    def generate(self, model: Any, sample: Sample, max_new_tokens: int) -> str:
-        """The model's answer to the sample's prompt and image, greedy."""
+    def generate(self, model: Any, samples: list[Sample], max_new_tokens: int) -> list[str]:
+        """The model's answers to the samples' prompts and images, greedy."""
 
     def loss(self, model: Any, inputs: dict) -> torch.Tensor | None:
         """The training loss where the model does not compute one from ``labels``; None: it does."""

@@ -92,10 +92,13 @@ class NativeAdapter(Adapter):
                                         [s.example.id for s in samples])  # fmt: skip
         return dict(batch)
 
-    def generate(self, model: Any, sample: Sample, max_new_tokens: int) -> str:
-        prompt = self.processor.apply_chat_template(chat(sample.example.prompt), add_generation_prompt=True,
-                                                    tokenize=False)  # fmt: skip
-        inputs = self.processor(text=[prompt], images=[[sample.image]], max_slice_nums=self.training.max_slice_nums,
-                                return_tensors="pt")  # fmt: skip
+    def generate(self, model: Any, samples: list[Sample], max_new_tokens: int) -> list[str]:
+        """One batch, padded on the left so that every row's answer starts at the same column."""
+        template = self.processor.apply_chat_template
+        prompts = [template(chat(s.example.prompt), add_generation_prompt=True, tokenize=False) for s in samples]
+        inputs = self.processor(text=prompts, images=[[s.image] for s in samples], padding=True,
+                                padding_side="left", max_slice_nums=self.training.max_slice_nums,
+                                return_tensors="pt").to(model.device)  # fmt: skip
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        return self.processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return self.processor.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :],
+                                                     skip_special_tokens=True)  # fmt: skip

@@ -110,12 +110,12 @@ class RemoteCodeAdapter(Adapter):
             "tgt_sizes": tgt_sizes,
         }
 
-    def generate(self, model: Any, sample: Sample, max_new_tokens: int) -> str:
-        """Through the checkpoint's own ``chat``, which applies its chat format and slicing."""
-        question = sample.example.prompt.replace(IMAGE_PLACEHOLDER, "").strip()
-        return model.chat(image=None, msgs=[{"role": "user", "content": [sample.image, question]}],
-                          tokenizer=self.processor.tokenizer, max_new_tokens=max_new_tokens, sampling=False,
-                          max_slice_nums=self.training.max_slice_nums)  # fmt: skip
+    def generate(self, model: Any, samples: list[Sample], max_new_tokens: int) -> list[str]:
+        """Through the checkpoint's own ``chat`` (its chat format and slicing), one sample at a time."""
+        return [model.chat(image=None, msgs=[{"role": "user", "content": [s.image, s.example.prompt.replace(
+                    IMAGE_PLACEHOLDER, "").strip()]}], tokenizer=self.processor.tokenizer,
+                    max_new_tokens=max_new_tokens, sampling=False, max_slice_nums=self.training.max_slice_nums)
+                for s in samples]  # fmt: skip
 
     def loss(self, model: Any, inputs: dict) -> Any:
         """The remote models take one ``data`` dict and return logits: next-token loss on the answer."""

@@ -1,0 +1,81 @@
+"""Evaluation throughput: batched against one-at-a-time inference, and scoring, in one run.
+
+Builds the tiny random MiniCPM-V 4.6 and N synthetic eval documents (default 32), answers them
+through the transformers backend with batch size 1 and with batch size B (default 8) on CPU,
+and prints docs/s of each and their ratio (batched must win); then scores M predictions
+(default 20,000) and prints scored docs/s.
+
+    .venv/bin/python benchmarks/evaluate_throughput.py [--documents 32] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from stages.config import SyntheticConfig, load_pipeline_config
+from stages.doctypes import load_registry
+from stages.evaluate.backends import Request, TransformersBackend
+from stages.evaluate.metrics import evaluate_all, score
+from stages.finetune.data import Example
+from stages.synthetic import generate
+from stages.tiny_model import build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--documents", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--scored", type=int, default=20_000)
+    args = parser.parse_args()
+    registry = load_registry(ROOT / "configs" / "doctypes")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = build(tmp / "model", ROOT / "configs" / "doctypes")
+        requests = []
+        documents = generate(list(registry.values()), SyntheticConfig(count=args.documents, seed=5))
+        for index, (record, image, _) in enumerate(documents):
+            path = tmp / f"{index}.jpg"
+            path.write_bytes(image)
+            doc_type = registry[record.doc_type]
+            answer = doc_type.canonical_answer(record.fields)
+            example = Example(id=str(index), doc_type=doc_type.id, image=str(path), conversations=[
+                {"role": "user", "content": doc_type.prompt}, {"role": "assistant", "content": answer}])  # fmt: skip
+            requests.append(Request(example, doc_type))
+
+        rates = {}
+        for batch in (1, args.batch):
+            overlay = tmp / f"b{batch}.yaml"
+            overlay.write_text(json.dumps({"model": {"base": str(model)}, "evaluation": {
+                "batch_size": batch, "max_new_tokens": args.new_tokens}}))  # fmt: skip
+            config = load_pipeline_config([ROOT / "configs" / "pipeline.yaml",
+                                           ROOT / "configs" / "overlays" / "embedded.yaml", overlay])  # fmt: skip
+            backend = TransformersBackend(model, config)
+            backend.predict(requests[: min(batch, 4)])  # warm-up
+            started = time.perf_counter()
+            backend.predict(requests)
+            rates[batch] = len(requests) / (time.perf_counter() - started)
+
+    expected = [json.loads(r.example.answer) for r in requests]
+    started = time.perf_counter()
+    rounds = max(1, args.scored // len(requests))
+    scored = [score(r.doc_type, r.example.id, e, e, "", 0.1)
+              for _ in range(rounds) for r, e in zip(requests, expected, strict=True)]  # fmt: skip
+    evaluate_all(scored, registry, 1.0)
+    scoring = len(scored) / (time.perf_counter() - started)
+
+    print(f"one at a time (batch 1):   {rates[1]:7.2f} docs/s")
+    print(f"batched (batch {args.batch}):        {rates[args.batch]:7.2f} docs/s")
+    print(f"ratio batched / one at a time: {rates[args.batch] / rates[1]:.2f} (must be > 1)")
+    print(f"scoring:                   {scoring:7.0f} docs/s ({len(scored)} predictions, metrics included)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""``python -m stages.evaluate``: score a model on an export's eval documents and decide the gate.
+
+Answers every document of ``<data>/eval.json`` through ``evaluation.backend`` (``transformers``
+on the model folder, ``openai`` against ``evaluation.endpoint``, ``vllm`` on a GPU), parses the
+JSON in each answer, scores each field against the label with the document type's
+normalisation, runs the OCR baseline on the same documents (``evaluation.ocr_baseline``), and
+applies the gate: thresholds per type and, with ``--champion-metrics``, no regression against
+the champion measured on the same eval set. Writes ``predictions.jsonl``, ``metrics.json``,
+``decision.json`` and ``report.html``; the stage succeeds whatever the decision (a failed
+gate is an outcome, not an error) and reports it as ``metrics.gate_passed`` for the DAG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from stages.cli import BadInputError, main, stage_parser
+from stages.config import PipelineConfig
+from stages.doctypes import DocType, load_registry
+from stages.evaluate.backends import Backend, Request, Response
+from stages.evaluate.gate import decide
+from stages.evaluate.metrics import Scored, evaluate_all, score
+from stages.evaluate.parsing import extract_json
+from stages.finetune.data import DataError, read_examples
+from stages.manifest import StageOutput
+from stages.storage import Storage, StorageError, open_storage
+
+STAGE = "evaluate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = stage_parser(STAGE, __doc__)
+    parser.add_argument("--data", required=True, help="the export stage's output (eval.json)")
+    parser.add_argument("--model", help="the patched model folder (transformers and vllm backends)")
+    parser.add_argument("--champion-metrics", help="metrics.json of the champion's evaluation, to compare with")
+    return parser
+
+
+def eval_requests(data: Storage, registry: dict[str, DocType]) -> tuple[list[Request], str]:
+    """The eval documents, and the eval set's version (the hash of eval.json)."""
+    try:
+        raw = data.read_bytes("eval.json")
+        examples = read_examples(raw, data.uri_of("eval.json"))
+    except (StorageError, DataError) as exc:
+        raise BadInputError(str(exc)) from exc
+    if not examples:
+        raise BadInputError(f"{data.uri_of('eval.json')}: no eval documents")
+    if any(e.doc_type is None for e in examples):
+        raise BadInputError(f"{data.uri_of('eval.json')}: documents without a doc_type; export them again")
+    unknown = sorted({e.doc_type for e in examples if e.doc_type not in registry})
+    if unknown:
+        raise BadInputError(f"{data.uri_of('eval.json')}: document types {unknown} are not in the registry")
+    return [Request(e, registry[e.doc_type]) for e in examples], hashlib.sha256(raw).hexdigest()[:16]
+
+
+def open_backend(args: argparse.Namespace, config: PipelineConfig) -> Backend:
+    settings = config.evaluation
+    if settings.backend == "openai":
+        from stages.evaluate.backends import OpenAIBackend
+
+        return OpenAIBackend(settings.endpoint, settings.served_model, config)
+    if not args.model or not (Path(args.model) / "config.json").is_file():
+        raise BadInputError(f"--model {args.model}: backend {settings.backend} needs a model folder with config.json")
+    if settings.backend == "vllm":
+        from stages.evaluate.backends import VllmBackend
+
+        return VllmBackend(Path(args.model), config)
+    from stages.evaluate.backends import TransformersBackend
+
+    return TransformersBackend(Path(args.model), config)
+
+
+def scored(requests: list[Request], responses: list[Response]) -> list[Scored]:
+    return [score(r.doc_type, r.example.id, json.loads(r.example.answer), extract_json(a.answer), a.answer,
+                  a.latency_s) for r, a in zip(requests, responses, strict=True)]  # fmt: skip
+
+
+def ocr_baseline(requests: list[Request], config: PipelineConfig) -> tuple[list[Scored], float]:
+    from stages.evaluate.baseline import OcrBaseline
+    from stages.finetune.data import load_image
+
+    reader, documents, started = OcrBaseline(), [], time.perf_counter()
+    for request in requests:
+        fields, seconds = reader.read(request.doc_type, load_image(request.example.image, config.storage.s3))
+        documents.append(score(request.doc_type, request.example.id, json.loads(request.example.answer), fields,
+                               json.dumps(fields, ensure_ascii=False), seconds))  # fmt: skip
+    return documents, time.perf_counter() - started
+
+
+def _flat(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """MLflow metrics: overall under their names, per type as ``<type>.<name>``, per field one deeper."""
+    flat = {f"{prefix}{k}": v for k, v in metrics["overall"].items()}
+    for doc_type, values in metrics["per_doc_type"].items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                flat |= {f"{prefix}{doc_type}.{key}.{field}": v for field, v in value.items()}
+            else:
+                flat[f"{prefix}{doc_type}.{key}"] = value
+    return flat
+
+
+def _champion(uri: str | None, config: PipelineConfig) -> tuple[dict | None, str | None]:
+    if not uri:
+        return None, None
+    parent, name = uri.rsplit("/", 1)
+    try:
+        saved = json.loads(open_storage(parent, config.storage.s3).read_bytes(name))
+        return saved["metrics"], saved["eval_set"]
+    except (StorageError, ValueError, KeyError) as exc:
+        raise BadInputError(f"--champion-metrics {uri}: not a metrics.json of this stage: {exc}") from exc
+
+
+def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
+    import mlflow
+
+    from stages.evaluate.report import render
+
+    registry = load_registry(config.doctypes_dir)
+    data = open_storage(args.data, config.storage.s3)
+    requests, eval_set = eval_requests(data, registry)
+    champion, champion_eval_set = _champion(args.champion_metrics, config)
+    backend = open_backend(args, config)
+
+    started = time.perf_counter()
+    documents = scored(requests, backend.predict(requests))
+    metrics = evaluate_all(documents, registry, time.perf_counter() - started)
+    baseline = None
+    if config.evaluation.ocr_baseline:
+        baseline_documents, seconds = ocr_baseline(requests, config)
+        baseline = evaluate_all(baseline_documents, registry, seconds)
+    decision = decide(metrics, config.evaluation, eval_set, champion, champion_eval_set)
+
+    predictions = [{"id": d.id, "doc_type": d.doc_type, "expected": d.expected, "predicted": d.predicted,
+                    "answer": d.answer, "latency_s": d.latency_s, "correct": d.correct} for d in documents]  # fmt: skip
+    output.write_bytes("predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n"
+                                                    for p in predictions).encode("utf-8"))  # fmt: skip
+    saved = {"eval_set": eval_set, "model": args.model or config.evaluation.endpoint, "metrics": metrics,
+             "baseline": baseline}  # fmt: skip
+    output.write_bytes("metrics.json", json.dumps(saved, indent=2, ensure_ascii=False).encode("utf-8"))
+    output.write_bytes("decision.json", decision.model_dump_json(indent=2).encode("utf-8"))
+    images = {r.example.id: r.example.image for r in requests}
+    page = render(model=args.model or config.evaluation.endpoint, backend=config.evaluation.backend,
+                  eval_set=eval_set, metrics=metrics, baseline=baseline, decision=decision.model_dump(),
+                  documents=documents, images=images, gallery_size=config.evaluation.gallery_size,
+                  s3=config.storage.s3)  # fmt: skip
+    output.write_bytes("report.html", page.encode("utf-8"))
+
+    mlflow.log_metrics(_flat(metrics) | (_flat(baseline, "ocr_baseline.") if baseline else {}))
+    mlflow.set_tags({"eval_set": eval_set, "gate.passed": str(decision.passed).lower()})
+    mlflow.log_text(page, f"{STAGE}/report.html")
+    mlflow.log_dict(decision.model_dump(mode="json"), f"{STAGE}/decision.json")
+    mlflow.log_table({key: [json.dumps(p[key], ensure_ascii=False) if isinstance(p[key], dict) else p[key]
+                            for p in predictions] for key in predictions[0]}, f"{STAGE}/predictions.json")  # fmt: skip
+    overall = metrics["overall"]
+    return StageOutput(
+        inputs={"data": data.uri, "model": args.model or "", "eval_set": eval_set,
+                "champion_metrics": args.champion_metrics or ""},
+        outputs={name: output.uri_of(name) for name in ("predictions.jsonl", "metrics.json", "decision.json",
+                                                        "report.html")},
+        counts={"documents": len(documents), "unparsed": sum(d.predicted is None for d in documents)},
+        metrics={"gate_passed": float(decision.passed), **{k: overall[k] for k in (
+            "field_accuracy", "document_accuracy", "json_validity", "docs_per_s")},
+            **({"ocr_baseline.field_accuracy": baseline["overall"]["field_accuracy"]} if baseline else {})},
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main(STAGE, build_parser(), run))

@@ -1,0 +1,184 @@
+"""Where predictions come from, behind one interface: ``predict(requests) -> responses``.
+
+- ``transformers``: the model folder loaded through its adapter, batched greedy ``generate``
+  (CPU or GPU);
+- ``openai``: any OpenAI-compatible ``/v1/chat/completions`` endpoint, such as the published
+  vLLM image, the image sent inline as a data URL;
+- ``vllm``: vLLM's offline engine, batched; vLLM lives only in the GPU images, so this module
+  imports it only when that backend runs.
+
+Decoding is greedy everywhere. With ``evaluation.structured_output`` the answer is constrained
+to the document type's JSON schema where the backend supports it (OpenAI API:
+``response_format`` with ``json_schema``; vLLM offline: ``StructuredOutputsParams(json=...)``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from stages.config import EvaluationConfig, PipelineConfig
+from stages.doctypes import DocType
+from stages.finetune.data import IMAGE_PLACEHOLDER, Example, Sample, load_image
+
+_BUDGET = {"date": 12, "time": 10, "money": 16, "integer": 16, "id": 32, "text": 96}  # characters per value
+
+
+@dataclass(frozen=True)
+class Request:
+    """One eval document to answer."""
+
+    example: Example
+    doc_type: DocType
+
+    @property
+    def question(self) -> str:
+        """The prompt without its image placeholder, as chat APIs take the image separately."""
+        return self.example.prompt.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+@dataclass(frozen=True)
+class Response:
+    id: str
+    answer: str
+    latency_s: float  # until this document's answer was there (a batch's documents share one)
+
+
+class Backend(Protocol):
+    def predict(self, requests: list[Request]) -> list[Response]: ...
+
+
+def max_new_tokens(doc_type: DocType, cap: int) -> int:
+    """A token budget from the answer's schema: every key and a generous value in UTF-8 bytes
+    (no tokenizer makes more tokens than bytes), at most ``cap``."""
+    longest = {spec.name: "x" * max([len(v) for v in spec.values or []] + [_BUDGET.get(spec.type, 32)]) * 3
+               for spec in doc_type.fields}  # fmt: skip
+    return min(cap, len(json.dumps(longest, ensure_ascii=False).encode("utf-8")) + 8)
+
+
+def batches(requests: list[Request], size: int) -> Iterator[list[Request]]:
+    for start in range(0, len(requests), size):
+        yield requests[start : start + size]
+
+
+def data_url(image_uri: str, config: PipelineConfig) -> str:
+    buffer = io.BytesIO()
+    load_image(image_uri, config.storage.s3).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat_messages(request: Request, config: PipelineConfig) -> list[dict]:
+    """The document as an OpenAI chat request: the image, then the question."""
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(request.example.image, config)}},
+        {"type": "text", "text": request.question},
+    ]}]  # fmt: skip
+
+
+def response_format(doc_type: DocType) -> dict:
+    return {"type": "json_schema",
+            "json_schema": {"name": doc_type.id, "schema": doc_type.answer_schema(), "strict": True}}  # fmt: skip
+
+
+class TransformersBackend:
+    """Batched greedy generation through the model family's adapter."""
+
+    def __init__(self, model_dir: Path, config: PipelineConfig):
+        import torch
+
+        from stages.finetune.adapters import load_adapter
+
+        self.config = config
+        self.adapter = load_adapter(model_dir, config.model, config.training)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.model = self.adapter.from_pretrained(dtype).to(device).eval()
+
+    def predict(self, requests: list[Request]) -> list[Response]:
+        import torch
+
+        settings: EvaluationConfig = self.config.evaluation
+        responses = []
+        for batch in batches(requests, settings.batch_size):
+            started = time.perf_counter()
+            samples = [Sample(r.example, load_image(r.example.image, self.config.storage.s3)) for r in batch]
+            budget = max(max_new_tokens(r.doc_type, settings.max_new_tokens) for r in batch)
+            with torch.no_grad():
+                answers = self.adapter.generate(self.model, samples, budget)
+            elapsed = time.perf_counter() - started
+            responses += [Response(r.example.id, a, elapsed) for r, a in zip(batch, answers, strict=True)]
+        return responses
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible server; requests go concurrently, up to ``evaluation.batch_size`` at once."""
+
+    def __init__(self, endpoint: str, model: str, config: PipelineConfig):
+        from openai import OpenAI
+
+        # A key only where the server wants one, from the environment; vLLM's default wants none.
+        self.client = OpenAI(base_url=endpoint, api_key=os.environ.get("OPENAI_API_KEY", "none"), max_retries=3,
+                             timeout=600)  # fmt: skip
+        self.model = model
+        self.config = config
+
+    def request_arguments(self, request: Request) -> dict:
+        settings = self.config.evaluation
+        arguments = {"model": self.model, "messages": chat_messages(request, self.config), "temperature": 0,
+                     "max_tokens": max_new_tokens(request.doc_type, settings.max_new_tokens)}  # fmt: skip
+        if settings.structured_output:
+            arguments["response_format"] = response_format(request.doc_type)
+        return arguments
+
+    def _answer(self, request: Request) -> Response:
+        started = time.perf_counter()
+        completion = self.client.chat.completions.create(**self.request_arguments(request))
+        return Response(request.example.id, completion.choices[0].message.content or "",
+                        time.perf_counter() - started)  # fmt: skip
+
+    def predict(self, requests: list[Request]) -> list[Response]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.config.evaluation.batch_size) as pool:
+            return list(pool.map(self._answer, requests))
+
+
+class VllmBackend:
+    """vLLM's offline engine: the whole eval set as one batch of chat requests."""
+
+    def __init__(self, model_dir: Path, config: PipelineConfig):
+        from vllm import LLM
+
+        self.config = config
+        self.llm = LLM(model=str(model_dir), trust_remote_code=config.model.adapter == "remote_code",
+                       max_model_len=config.training.model_max_length, limit_mm_per_prompt={"image": 1})  # fmt: skip
+
+    def sampling_arguments(self, request: Request) -> dict:
+        """Keyword arguments of ``vllm.SamplingParams`` for one request (no vllm needed to build them)."""
+        settings = self.config.evaluation
+        arguments = {"temperature": 0.0, "max_tokens": max_new_tokens(request.doc_type, settings.max_new_tokens)}
+        if settings.structured_output:
+            arguments["structured_outputs"] = {"json": request.doc_type.answer_schema()}
+        return arguments
+
+    def predict(self, requests: list[Request]) -> list[Response]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params = []
+        for request in requests:
+            arguments = self.sampling_arguments(request)
+            if "structured_outputs" in arguments:
+                arguments["structured_outputs"] = StructuredOutputsParams(**arguments["structured_outputs"])
+            params.append(SamplingParams(**arguments))
+        started = time.perf_counter()
+        outputs = self.llm.chat([chat_messages(r, self.config) for r in requests], sampling_params=params)
+        elapsed = time.perf_counter() - started
+        return [Response(r.example.id, o.outputs[0].text, elapsed) for r, o in zip(requests, outputs, strict=True)]

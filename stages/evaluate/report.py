@@ -1,0 +1,99 @@
+"""The HTML report: per-type table beside the OCR baseline, an accuracy plot, the fields most
+often wrong, and a gallery of failed documents with expected and predicted values, the
+differences marked. One self-contained file (images inline)."""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import html
+import io
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from stages.config import S3Config
+from stages.evaluate.metrics import Scored
+from stages.finetune.data import load_image
+
+TEMPLATE = "report.html.j2"
+THUMBNAIL = (240, 320)
+
+
+def _png_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def accuracy_plot(metrics: dict, baseline: dict | None) -> str:
+    """Field and document accuracy per type (and the OCR baseline's), as a PNG data URL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(metrics["per_doc_type"])
+    series = {"field acc.": [metrics["per_doc_type"][n]["field_accuracy"] for n in names],
+              "document acc.": [metrics["per_doc_type"][n]["document_accuracy"] for n in names]}  # fmt: skip
+    if baseline:
+        series["OCR field acc."] = [baseline["per_doc_type"].get(n, {}).get("field_accuracy", 0.0) for n in names]
+    figure, axes = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.2))
+    width = 0.8 / len(series)
+    for offset, (label, values) in enumerate(series.items()):
+        axes.bar([i + offset * width for i in range(len(names))], values, width, label=label)
+    axes.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(names))], names)
+    axes.set_ylim(0, 1)
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=96)
+    plt.close(figure)
+    return _png_url(buffer.getvalue())
+
+
+def marked_difference(expected: str, predicted: str) -> str:
+    """``predicted`` as HTML with what differs from ``expected`` marked (<del> missing, <ins> extra)."""
+    parts = []
+    for op, a0, a1, b0, b1 in difflib.SequenceMatcher(None, expected, predicted).get_opcodes():
+        if op in ("replace", "delete"):
+            parts.append(f"<del>{html.escape(expected[a0:a1])}</del>")
+        if op in ("replace", "insert"):
+            parts.append(f"<ins>{html.escape(predicted[b0:b1])}</ins>")
+        if op == "equal":
+            parts.append(html.escape(predicted[b0:b1]))
+    return "".join(parts)
+
+
+def thumbnail(uri: str, s3: S3Config) -> str:
+    image = load_image(uri, s3)
+    image.thumbnail(THUMBNAIL)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return _png_url(buffer.getvalue())
+
+
+def _failed(documents: list[Scored], images: dict[str, str], limit: int, s3: S3Config) -> list[dict]:
+    shown = []
+    for document in [d for d in documents if not d.all_correct][:limit]:
+        predicted = document.predicted or {}
+        rows = [{"field": name, "expected": document.expected.get(name) or "",
+                 "predicted": html.escape(str(predicted.get(name) or "")) if ok
+                 else marked_difference(str(document.expected.get(name) or ""), str(predicted.get(name) or ""))}
+                for name, ok in document.correct.items()]  # fmt: skip
+        shown.append({"id": document.id, "doc_type": document.doc_type, "rows": rows, "answer": document.answer,
+                      "unparsed": document.predicted is None,
+                      "thumbnail": thumbnail(images[document.id], s3)})  # fmt: skip
+    return shown
+
+
+def render(*, model: str, backend: str, eval_set: str, metrics: dict, baseline: dict | None, decision: dict,
+           documents: list[Scored], images: dict[str, str], gallery_size: int, s3: S3Config) -> str:  # fmt: skip
+    """The report's HTML. ``images`` maps document ids to their image URIs."""
+    worst = sorted(({"doc_type": t, "field": f, "accuracy": a, "cer": m["per_field_cer"][f]}
+                    for t, m in metrics["per_doc_type"].items() for f, a in m["per_field_accuracy"].items()),
+                   key=lambda row: (row["accuracy"], -row["cer"]))[:10]  # fmt: skip
+    environment = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=select_autoescape())
+    return environment.get_template(TEMPLATE).render(
+        model=model, backend=backend, eval_set=eval_set, overall=metrics["overall"], per_type=metrics["per_doc_type"],
+        baseline=baseline, decision=decision, plot=accuracy_plot(metrics, baseline), worst_fields=worst,
+        failed=_failed(documents, images, gallery_size, s3), failed_total=sum(not d.all_correct for d in documents),
+    )  # fmt: skip

@@ -1,0 +1,119 @@
+"""Parsing answers, scoring them against labels, and the gate's decisions."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.config import EvaluationConfig, Thresholds
+from stages.doctypes import load_registry
+from stages.evaluate.gate import decide
+from stages.evaluate.metrics import donut_scores, evaluate_all, score
+from stages.evaluate.parsing import extract_json
+from tests.conftest import ROOT
+
+REGISTRY = load_registry(ROOT / "configs" / "doctypes")
+THSR = REGISTRY["thsr_ticket"]
+TICKET = {"乘車日期": "2024-03-09", "起站": "台北", "迄站": "左營", "票面金額": "1490", "票號": "01-2-34-5-678-9012"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ('{"a": "1"}', {"a": "1"}),
+        ('```json\n{"a": "1"}\n```', {"a": "1"}),
+        ('Here it is: {"a": {"b": 2}} hope that helps {"c": 3}', {"a": {"b": 2}}),
+        ('{"a": "1"', None),  # cut off
+        ("no json at all", None),
+        ('["a", "b"]', None),  # JSON, but not an object
+        ('{bad} then {"a": 1}', {"a": 1}),
+    ],
+)
+def test_the_json_object_is_found_in_an_answer(answer, expected):
+    assert extract_json(answer) == expected
+
+
+def test_normalisation_makes_equivalent_values_equal():
+    predicted = {
+        "乘車日期": "2024/03/09",
+        "起站": "臺北",
+        "迄站": "左營",
+        "票面金額": "NT$1,490",
+        "票號": "01-2-34-5-678-9012",
+    }
+    scored = score(THSR, "d", TICKET, predicted, "", 0.1)
+    assert scored.all_correct and set(scored.cer.values()) == {0.0}
+    full_width = {**predicted, "票號": "０１-２-３４-５-６７８-９０１２"}  # NFKC: full-width digits
+    assert score(THSR, "d", TICKET, full_width, "", 0.1).all_correct
+
+
+def test_wrong_and_missing_fields_count_as_wrong():
+    scored = score(THSR, "d", TICKET, {**TICKET, "迄站": "左中", "票號": None}, "", 0.1)
+    assert scored.correct == {"乘車日期": True, "起站": True, "迄站": False, "票面金額": True, "票號": False}
+    assert scored.cer["迄站"] == 0.5 and scored.cer["票號"] == 1.0
+    unparsed = score(THSR, "d", TICKET, None, "garbage", 0.1)
+    assert not any(unparsed.correct.values()) and set(unparsed.cer.values()) == {1.0}
+
+
+def test_metrics_per_type_and_overall():
+    documents = [
+        score(THSR, "a", TICKET, dict(TICKET), "", 0.1),
+        score(THSR, "b", TICKET, {**TICKET, "起站": "南港"}, "", 0.3),
+        score(THSR, "c", TICKET, None, "oops", 0.2),
+    ]
+    metrics = evaluate_all(documents, REGISTRY, duration_s=2.0)
+    thsr = metrics["per_doc_type"]["thsr_ticket"]
+    assert thsr["field_accuracy"] == pytest.approx(9 / 15)
+    assert thsr["document_accuracy"] == pytest.approx(1 / 3)
+    assert thsr["json_validity"] == pytest.approx(2 / 3)
+    assert thsr["per_field_accuracy"]["起站"] == pytest.approx(1 / 3)
+    assert thsr["latency_p50_s"] == pytest.approx(0.2)
+    assert metrics["overall"]["docs_per_s"] == pytest.approx(1.5)
+    assert metrics["overall"]["field_accuracy"] == thsr["field_accuracy"]
+
+
+def test_donut_scores_match_their_definitions():
+    perfect = [score(THSR, "a", TICKET, dict(TICKET), "", 0.1)]
+    assert donut_scores(THSR, perfect) == (1.0, 1.0)
+    one_wrong = [score(THSR, "a", TICKET, {**TICKET, "起站": "南港"}, "", 0.1)]
+    f1, ted = donut_scores(THSR, one_wrong)
+    assert f1 == pytest.approx(4 / (4 + (1 + 1) / 2))  # TP / (TP + (FN + FP) / 2)
+    assert ted == pytest.approx(1 - 1 / 10)  # one relabelled leaf; building the tree from nothing takes 10
+    assert donut_scores(THSR, [score(THSR, "a", TICKET, None, "", 0.1)]) == (0.0, 0.0)
+
+
+def _metrics(field_accuracy, document_accuracy, json_validity=1.0, doc_type="thsr_ticket"):
+    values = {"field_accuracy": field_accuracy, "document_accuracy": document_accuracy, "json_validity": json_validity}
+    return {"overall": dict(values), "per_doc_type": {doc_type: dict(values)}}
+
+
+CONFIG = EvaluationConfig(
+    thresholds=Thresholds(field_accuracy=0.98, document_accuracy=0.92, json_validity=0.99),
+    per_doc_type={"receipt_en": Thresholds(field_accuracy=0.9, document_accuracy=0.8, json_validity=0.99)},
+    regression_tolerance=0.005,
+)
+
+
+def test_gate_fails_below_a_threshold_and_says_which():
+    decision = decide(_metrics(0.99, 0.90), CONFIG, eval_set="v1")
+    assert not decision.passed
+    assert decision.reasons == ["thsr_ticket: document_accuracy 0.9000 < 0.9200 (the threshold)"]
+    assert decide(_metrics(0.91, 0.85, doc_type="receipt_en"), CONFIG, eval_set="v1").passed  # its own thresholds
+
+
+def test_gate_fails_a_regression_against_the_champion():
+    champion = _metrics(0.995, 0.97)
+    decision = decide(_metrics(0.99, 0.95), CONFIG, "v1", champion, champion_eval_set="v1")
+    assert not decision.passed
+    assert "overall: document_accuracy 0.9500 < 0.9650 (the champion's less the tolerance)" in decision.reasons
+    within_tolerance = decide(_metrics(0.991, 0.966), CONFIG, "v1", champion, champion_eval_set="v1")
+    assert within_tolerance.passed and within_tolerance.reasons == ["every check passed"]
+
+
+def test_gate_does_not_compare_with_a_champion_measured_on_another_eval_set():
+    decision = decide(_metrics(0.99, 0.99), CONFIG, "v2", _metrics(0.5, 0.5), champion_eval_set="v1")
+    assert not decision.passed and "evaluated on eval set v1, not v2" in decision.reasons[0]
+
+
+def test_gate_passes_when_everything_holds():
+    decision = decide(_metrics(0.99, 0.95), CONFIG, "v1", _metrics(0.99, 0.95), champion_eval_set="v1")
+    assert decision.passed and {c.rule for c in decision.checks} == {"threshold", "no_regression"}
