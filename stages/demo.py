@@ -5,7 +5,8 @@ local launcher does, ``MLFLOW_RUN_ID`` naming the parent) and ends the parent ru
 the outcome. Stages: a synthetic batch lands, ingest turns it into a dataset version,
 export writes the MiniCPM-V finetune files, finetune trains the base model on them (the
 embedded default's tiny random MiniCPM-V 4.6, built offline on first use), patch makes its
-best checkpoint a complete model folder; later stages join as they land.
+best checkpoint a complete model folder, evaluate scores it (beside the OCR baseline) and
+decides the gate; publish joins when it lands.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                      "--output", run_dir.child("finetune").uri],
         "patch": ["-m", "stages.patch", *config_flags, "--finetune", run_dir.child("finetune").uri,
                   "--output", run_dir.child("model").uri],
+        "evaluate": ["-m", "stages.evaluate", *config_flags, "--data", run_dir.child("export").uri,
+                     "--model", run_dir.child("model").uri, "--output", run_dir.child("evaluate").uri],
     }  # fmt: skip
     code = 0
     for name, step in steps.items():
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nLabelled batch:   {batch.uri} (labels.jsonl, images/, result.json)"
         f"\nDataset versions: {config.storage.datasets_uri} (LATEST, versions/<id>/manifest.jsonl, card.json)"
-        f"\nRun outputs:      {run_dir.uri} (export/, finetune/checkpoint-*, model/)"
+        f"\nRun outputs:      {run_dir.uri} (export/, finetune/checkpoint-*, model/, evaluate/)"
+        f"\nReport:           {run_dir.child('evaluate').uri_of('report.html')}"
         f"\nMLflow run:       {parent} in experiment {config.tracking.experiment!r}"
         f"\nList runs:        MLFLOW_TRACKING_URI={uri} .venv/bin/mlflow runs list --experiment-id {experiment}"
         f"\nBrowse runs:      .venv/bin/mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"

@@ -33,6 +33,8 @@ def test_demo_generates_a_batch_and_leaves_mlflow_runs(overlay, tmp_path):
     assert len(examples) == 8 and all(Path(e["image"]).is_file() for e in examples)
     finetuned = json.loads((outputs / "finetune" / "result.json").read_text())
     assert finetuned["counts"]["global_step"] == 12 and (outputs / "model" / "preprocessor_config.json").is_file()
+    report = Path(re.search(r"Report:\s+(\S+)", done.stdout).group(1))
+    assert report == outputs / "evaluate" / "report.html" and "Gate:" in report.read_text()
 
     run_id = re.search(r"MLflow run:\s+(\w+)", done.stdout).group(1)
     uri = f"sqlite:///{tmp_path}/mlflow/mlflow.db"
@@ -40,7 +42,8 @@ def test_demo_generates_a_batch_and_leaves_mlflow_runs(overlay, tmp_path):
     parent = client.get_run(run_id)
     assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("demo-")
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
-    assert sorted(c.info.run_name for c in children) == ["export", "finetune", "ingest", "patch", "synthetic"]
+    assert sorted(c.info.run_name for c in children) == ["evaluate", "export", "finetune", "ingest", "patch",
+                                                         "synthetic"]  # fmt: skip
     assert {c.info.status for c in children} == {"FINISHED"}
 
     # The command the demo prints for listing runs works and shows both.
