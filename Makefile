@@ -27,7 +27,8 @@ $(CJK_FONT):
 # No Docker engine here: podman serves the Docker API, and a base image is made from Debian's
 # packages because nothing can be pulled (docker/local-base.sh says more).
 containers: train-wheels ## podman and the local base image the container tests build on
-	@command -v podman >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q podman runc debootstrap uidmap)
+	@command -v podman >/dev/null && command -v docker-registry >/dev/null || ($(SUDO) apt-get update -q && \
+	    $(SUDO) apt-get install -y -q podman runc debootstrap uidmap docker-registry)
 	$(SUDO) env CONTAINERS_CONF=$(CURDIR)/docker/podman/containers.conf docker/local-base.sh
 
 # The training image's torch, from the CPU wheel on this machine's disk (docker/wheels/README.md).

@@ -327,6 +327,30 @@ class PatchConfig(_Strict):
     max_new_tokens: int = Field(64, ge=1, description="tokens generated from one example to prove the model answers")
 
 
+class ServingConfig(_Strict):
+    """vLLM server flags for MiniCPM-V, in one place (written into the image's serve.yaml)."""
+
+    served_model_name: str = "doc-extraction"
+    max_model_len: int = Field(4096, ge=256, description="prompt (image slices included) plus answer")
+    limit_mm_per_prompt: dict[str, int] = Field({"image": 1}, description="one document image per request")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class PublishConfig(_Strict):
+    """Model Registry entry and the vLLM serving image."""
+
+    registered_model: str = Field("doc-extraction", min_length=1, description="MLflow Model Registry name")
+    image_repository: str = Field(description="where serving images are pushed, e.g. registry.example.com/doc/serving")
+    vllm_image: str = Field("vllm/vllm-openai:v0.33.0", description="the official OpenAI-server base, pinned")
+    model_source: Literal["baked", "artifact_store"] = Field(
+        "baked", description="baked: the weights inside the image; artifact_store: vLLM streams them at start"
+    )
+    serving: ServingConfig = ServingConfig()
+    smoke_gpus: int = Field(1, ge=0, description="GPUs the smoke-test container gets (0 where there is none)")
+    smoke_timeout_s: int = Field(900, ge=10, description="how long the server may take to become healthy")
+
+
 class PipelineConfig(_Strict):
     doctypes_dir: Path = Path("configs/doctypes")
     deepspeed_dir: Path = Path("configs/deepspeed")
@@ -341,6 +365,7 @@ class PipelineConfig(_Strict):
     dataset: DatasetConfig = DatasetConfig()
     export: ExportConfig = ExportConfig()
     patch: PatchConfig = PatchConfig()
+    publish: PublishConfig = PublishConfig(image_repository="localhost:5000/doc-extraction/serving")
 
     @field_validator("doc_types")
     @classmethod

@@ -172,12 +172,34 @@ def mlflow_server(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def docker_client(tmp_path_factory):
-    """A docker-py client talking to podman's Docker-compatible API on a private socket."""
+def local_registry(tmp_path_factory) -> str:
+    """A container registry on loopback (Debian's docker-registry), standing in for the real one."""
+    if shutil.which("docker-registry") is None:
+        pytest.fail("docker-registry is not installed: run `make containers` (it installs it from Debian's packages)")
+    root = tmp_path_factory.mktemp("registry")
+    address = f"127.0.0.1:{free_port()}"
+    (root / "config.yml").write_text(yaml.safe_dump({
+        "version": 0.1, "log": {"level": "warn"}, "http": {"addr": address},
+        "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+    }))  # fmt: skip
+    server = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")], stderr=subprocess.DEVNULL)
+    wait_for_http(f"http://{address}/v2/", lambda: server.poll() is None, timeout=30)
+    yield address
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def docker_client(tmp_path_factory, local_registry):
+    """A docker-py client talking to podman's Docker-compatible API on a private socket; the
+    loopback registry is reachable over plain HTTP."""
     if shutil.which("podman") is None:
         pytest.fail("podman is not installed: run `make containers` (it installs it from Debian's packages)")
     socket_path = tmp_path_factory.mktemp("podman") / "podman.sock"
-    env = {**os.environ, "CONTAINERS_CONF": str(ROOT / "docker" / "podman" / "containers.conf")}
+    registries = socket_path.parent / "registries.conf"
+    registries.write_text(f'[[registry]]\nlocation = "{local_registry}"\ninsecure = true\n')
+    env = {**os.environ, "CONTAINERS_CONF": str(ROOT / "docker" / "podman" / "containers.conf"),
+           "CONTAINERS_REGISTRIES_CONF": str(registries)}  # fmt: skip
     service = subprocess.Popen(
         ["podman", "system", "service", "--time=0", f"unix://{socket_path}"], env=env, stderr=subprocess.DEVNULL
     )
@@ -187,10 +209,26 @@ def docker_client(tmp_path_factory):
             pytest.fail("podman system service did not start")
         time.sleep(0.1)
     client = docker.DockerClient(base_url=f"unix://{socket_path}", timeout=600)
+    client.docker_host = f"unix://{socket_path}"  # for code that finds the engine through DOCKER_HOST
     yield client
     client.close()
     service.terminate()
     service.wait(timeout=10)
+
+
+TRAIN_IMAGE = "localhost/doc-extraction/train:test"
+
+
+@pytest.fixture(scope="session")
+def train_image(docker_client) -> str:
+    """docker/train.Dockerfile from the local base (for the CUDA devel image) and CPU torch (for CUDA torch)."""
+    from stages.manifest import git_commit
+
+    if not list((ROOT / "docker" / "wheels").glob("torch-2.13.0*.whl")):
+        pytest.fail("docker/wheels/ has no torch wheel: run `make train-wheels`")
+    docker_client.images.build(path=str(ROOT), dockerfile="docker/train.Dockerfile", tag=TRAIN_IMAGE,
+                               buildargs={"BASE_IMAGE": LOCAL_BASE, "GIT_COMMIT": git_commit()}, rm=True)  # fmt: skip
+    return TRAIN_IMAGE
 
 
 @pytest.fixture(scope="session")

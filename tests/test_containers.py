@@ -119,19 +119,6 @@ def test_image_runs_unprivileged_and_holds_no_training_stack(docker_client, stag
 
 # --- the GPU training image, built here from the Debian stand-in with the CPU torch wheel ----------
 
-TRAIN_IMAGE = "localhost/doc-extraction/train:test"
-
-
-@pytest.fixture(scope="session")
-def train_image(docker_client) -> str:
-    """docker/train.Dockerfile from the local base (for the CUDA devel image) and CPU torch (for CUDA torch)."""
-    if not list((ROOT / "docker" / "wheels").glob("torch-2.13.0*.whl")):
-        pytest.fail("docker/wheels/ has no torch wheel: run `make train-wheels`")
-    docker_client.images.build(path=str(ROOT), dockerfile="docker/train.Dockerfile", tag=TRAIN_IMAGE,
-                               buildargs={"BASE_IMAGE": LOCAL_BASE, "GIT_COMMIT": git_commit()}, rm=True)  # fmt: skip
-    return TRAIN_IMAGE
-
-
 def test_gpu_run_settings_reach_the_container(docker_client, train_image):
     """GPUs cannot be handed over here: the created container's configuration is checked instead."""
     settings = load_pipeline_config([ROOT / "configs" / "pipeline.yaml"]).gpu_container

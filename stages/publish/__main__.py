@@ -1,0 +1,135 @@
+"""``python -m stages.publish``: register a patched model and, where its gate passed, serve it.
+
+1. Logs the model folder to this run's artifacts and registers it in the MLflow Model Registry
+   (``publish.registered_model``) with its lineage as tags (dataset version, eval set, git
+   commit, pipeline run, metrics, gate decision); alias ``challenger``.
+2. If the evaluation's gate did not pass, stops there: the stage succeeds, nothing is served.
+3. Builds the vLLM serving image (``docker/serving.Dockerfile`` on ``publish.vllm_image``, the
+   weights baked in or streamed from the artifact store), tags it ``v<version>``, pushes it to
+   ``publish.image_repository`` and records reference and digest in MLflow.
+4. Smoke-tests the pushed image: starts it, waits for ``/health``, sends one eval document
+   through ``/v1/chat/completions`` and checks the answer against the type's JSON schema.
+   Only then ``champion`` moves to this version (the one it replaces becomes
+   ``previous-champion``); a failed smoke test fails the stage with the server's log tail and
+   moves nothing. ``python -m stages.publish.rollback`` moves the champion back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from stages.cli import BadInputError, main, stage_parser
+from stages.config import PipelineConfig
+from stages.dataset import DatasetCard
+from stages.doctypes import load_registry
+from stages.evaluate.backends import Request, chat_messages, max_new_tokens
+from stages.evaluate.parsing import extract_json
+from stages.finetune.data import read_examples
+from stages.manifest import StageOutput, git_commit
+from stages.publish.image import build_and_push, build_context, smoke_test
+from stages.publish.registry import Registry
+from stages.storage import Storage, StorageError, open_storage
+
+STAGE = "publish"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = stage_parser(STAGE, __doc__)
+    parser.add_argument("--model", type=Path, required=True, help="the patched model folder")
+    parser.add_argument("--evaluation", required=True, help="the evaluate stage's output (decision.json, ...)")
+    return parser
+
+
+def _json(store: Storage, name: str) -> dict:
+    try:
+        return json.loads(store.read_bytes(name))
+    except (StorageError, ValueError) as exc:
+        raise BadInputError(f"{store.uri_of(name)}: {exc}") from exc
+
+
+def lineage(evaluation: Storage, config: PipelineConfig, parent_run: str | None) -> dict[str, str]:
+    """Tags of the model version: where it came from and how it scored."""
+    result, decision, metrics = (_json(evaluation, n) for n in ("result.json", "decision.json", "metrics.json"))
+    data = open_storage(result["inputs"]["data"], config.storage.s3)
+    card = DatasetCard.model_validate_json(data.read_bytes("card.json")) if data.exists("card.json") else None
+    overall = metrics["metrics"]["overall"]
+    return {
+        "dataset.version": card.version if card else "unknown",
+        "eval_set": metrics["eval_set"],
+        "git_commit": git_commit(),
+        "pipeline.run_id": parent_run or "",
+        "gate.passed": str(decision["passed"]).lower(),
+        "gate.reasons": "; ".join(decision["reasons"])[:4000],
+        **{f"metrics.{k}": f"{overall[k]:.4f}" for k in ("field_accuracy", "document_accuracy", "json_validity")},
+    }
+
+
+def smoke_check(example_request: Request, config: PipelineConfig):
+    """What the smoke test asks the server, and how it judges the answer (ValueError: not acceptable)."""
+    import jsonschema
+
+    def check(client) -> str:
+        completion = client.chat.completions.create(
+            model=config.publish.serving.served_model_name, messages=chat_messages(example_request, config),
+            temperature=0, max_tokens=max_new_tokens(example_request.doc_type, config.evaluation.max_new_tokens),
+        )  # fmt: skip
+        answer = completion.choices[0].message.content or ""
+        parsed = extract_json(answer)
+        if parsed is None:
+            raise ValueError(f"the answer holds no JSON object: {answer[:200]!r}")
+        try:
+            jsonschema.validate(parsed, example_request.doc_type.answer_schema())
+        except jsonschema.ValidationError as exc:
+            raise ValueError(
+                f"the answer does not fit the {example_request.doc_type.id} schema: {exc.message}"
+            ) from exc
+        return answer
+
+    return check
+
+
+def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
+    import mlflow
+
+    import docker
+
+    if not (args.model / "config.json").is_file():
+        raise BadInputError(f"--model {args.model}: not a model folder (no config.json)")
+    evaluation = open_storage(args.evaluation, config.storage.s3)
+    tags = lineage(evaluation, config, mlflow.active_run().data.tags.get("mlflow.parentRunId"))
+    passed = tags["gate.passed"] == "true"
+
+    mlflow.log_artifacts(str(args.model), "model")
+    run_id = mlflow.active_run().info.run_id
+    registry = Registry(config.tracking.tracking_uri, config.publish.registered_model)
+    version = registry.register(mlflow.get_artifact_uri("model"), run_id, tags)
+    outputs = {"registered_model": config.publish.registered_model, "version": version}
+    if not passed:
+        return StageOutput(outputs=outputs, counts={"served": 0}, metrics={"gate_passed": 0.0})
+
+    data = open_storage(_json(evaluation, "result.json")["inputs"]["data"], config.storage.s3)
+    example = read_examples(data.read_bytes("eval.json"), data.uri_of("eval.json"))[0]
+    request = Request(example, load_registry(config.doctypes_dir)[example.doc_type])
+    client = docker.from_env()
+    reference = f"{config.publish.image_repository}:v{version}"
+    context = build_context(Path(output.uri_of("image-context")), args.model, mlflow.get_artifact_uri("model"), config)
+    image = build_and_push(client, context, reference, config.publish.vllm_image, version)
+    registry.tag(version, {"serving.image": image.pinned})
+    mlflow.set_tags({"serving.image": image.reference, "serving.digest": image.digest})
+    answer = smoke_test(client, image.pinned, config, smoke_check(request, config))
+    replaced = registry.promote(version)
+    output.write_bytes("smoke_answer.txt", answer.encode("utf-8"))
+    return StageOutput(
+        inputs={"model": str(args.model), "evaluation": evaluation.uri},
+        outputs={**outputs, "image": image.reference, "digest": image.digest, "champion": version,
+                 "previous_champion": replaced or ""},
+        counts={"served": 1},
+        metrics={"gate_passed": 1.0},
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main(STAGE, build_parser(), run))
