@@ -54,8 +54,11 @@ format: setup
 
 .env: ## secrets for docker-compose, random, never committed
 	@umask 077 && sed -e "s/^POSTGRES_PASSWORD=$$/POSTGRES_PASSWORD=$$(openssl rand -hex 24)/" \
-	    -e "s/^MINIO_ROOT_PASSWORD=$$/MINIO_ROOT_PASSWORD=$$(openssl rand -hex 24)/" .env.example > $@
-	@echo "wrote $@ with random passwords"
+	    -e "s/^MINIO_ROOT_PASSWORD=$$/MINIO_ROOT_PASSWORD=$$(openssl rand -hex 24)/" \
+	    -e "s/^AIRFLOW_JWT_SECRET=$$/AIRFLOW_JWT_SECRET=$$(openssl rand -hex 32)/" \
+	    -e "s/^AIRFLOW_SECRET_KEY=$$/AIRFLOW_SECRET_KEY=$$(openssl rand -hex 32)/" \
+	    -e "s/^DOCKER_GID=$$/DOCKER_GID=$$(stat -c %g /var/run/docker.sock 2>/dev/null || echo 0)/" .env.example > $@
+	@echo "wrote $@ with random secrets"
 
 lock: ## record exactly what the venv holds, so a fresh machine gets what CI tested
 	$(PIP) freeze --exclude-editable | grep -v '^-e' > constraints.txt

@@ -11,10 +11,10 @@ ENV PYTHONUNBUFFERED=1 \
 
 COPY constraints.txt /tmp/constraints.txt
 RUN python3 -m venv /opt/venv \
-    && pip install -c /tmp/constraints.txt mlflow==3.17.2 boto3==1.44.8 "psycopg[binary]==3.3.9" \
+    && pip install -c /tmp/constraints.txt mlflow==3.17.2 boto3==1.43.117 "psycopg[binary]==3.3.9" \
     && useradd --uid 1000 --create-home mlflow
 
-USER mlflow
+USER 1000:1000
 EXPOSE 5000
 ENTRYPOINT ["mlflow", "server"]
 CMD ["--host", "0.0.0.0", "--port", "5000"]

@@ -33,5 +33,5 @@ LABEL org.opencontainers.image.revision=${GIT_COMMIT}
 # A RUN after the ARG: podman's Docker-API builds reuse cached ENV/LABEL layers across
 # different build-arg values, but not a RUN's (seen with podman 4.3).
 RUN useradd --uid 1000 --create-home stage
-USER stage
+USER 1000:1000
 CMD ["python", "-m", "stages.synthetic", "--help"]

@@ -48,5 +48,5 @@ LABEL org.opencontainers.image.revision=${GIT_COMMIT}
 RUN if id 1000 >/dev/null 2>&1; then userdel --remove "$(id -nu 1000)"; fi \
     && useradd --uid 1000 --create-home stage \
     && mkdir -p /opt/torch-extensions && chown stage /opt/torch-extensions
-USER stage
+USER 1000:1000
 CMD ["python", "-m", "stages.finetune", "--help"]

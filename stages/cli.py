@@ -9,6 +9,7 @@ validated configuration, opens the stage's MLflow run, calls ``run``, writes
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -41,7 +42,21 @@ def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
         help="pipeline YAML; repeat to add overlays, merged in order (default: configs/pipeline.yaml)",
     )  # fmt: skip
     parser.add_argument("--output", required=True, help="output location: a folder or s3://bucket/prefix")
+    parser.add_argument(
+        "--overrides", type=_json_mapping, default=None,
+        help="a JSON mapping merged over the config files (a run's settings, e.g. from the Airflow form)",
+    )  # fmt: skip
     return parser
+
+
+def _json_mapping(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _one_line(error: BaseException) -> str:
@@ -57,7 +72,7 @@ def main(stage: str, parser: argparse.ArgumentParser, run: Runner, argv: list[st
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_pipeline_config(args.config)
+        config = load_pipeline_config(args.config, args.overrides)
         output = open_storage(args.output, config.storage.s3)
     except (ConfigError, StorageError) as exc:
         print(f"{stage}: error: {_one_line(exc)}", file=sys.stderr)

@@ -106,14 +106,20 @@ def _source_of(loc: tuple, origin: dict[tuple, Path], default: Path) -> Path:
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def load_model(model: type[Model], paths: list[Path]) -> Model:
-    """Merge the YAML files in order and validate the result as ``model``."""
+OVERRIDES_SOURCE = Path("--overrides")
+
+
+def load_model(model: type[Model], paths: list[Path], overrides: dict[str, Any] | None = None) -> Model:
+    """Merge the YAML files in order, then ``overrides`` (a run's settings, such as the Airflow
+    form's; errors name them ``--overrides``), and validate the result as ``model``."""
     if not paths:
         raise ConfigError("no configuration file given")
     origin: dict[tuple, Path] = {}
     data: dict[str, Any] = {}
     for path in paths:
         data = _merge(data, read_yaml(Path(path)), Path(path), origin)
+    if overrides:
+        data = _merge(data, overrides, OVERRIDES_SOURCE, origin)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -226,7 +232,9 @@ class GpuContainerConfig(_Strict):
     image: str = "doc-extraction/train:latest"
     shm_size: str = Field("32g", pattern=r"^\d+[kmg]?$")
     ipc_mode: str | None = None
-    ulimits: dict[str, int] = {"memlock": -1, "stack": 67108864}
+    ulimits: dict[str, int] | None = Field(
+        {"memlock": -1, "stack": 67108864}, description="null: the engine's defaults (where limits can't be raised)"
+    )
     environment: dict[str, str] = {}
     cuda_visible_devices: str | None = None
 
@@ -351,6 +359,51 @@ class PublishConfig(_Strict):
     smoke_timeout_s: int = Field(900, ge=10, description="how long the server may take to become healthy")
 
 
+class KubernetesConfig(_Strict):
+    """Where the kubernetes launcher runs stage pods."""
+
+    namespace: str = "default"
+    service_account: str | None = None
+    data_claim: str | None = Field(None, description="a PersistentVolumeClaim mounted at data_mount_path")
+    data_mount_path: str = "/data"
+    node_selector: dict[str, str] = {}
+
+
+class OrchestrationConfig(_Strict):
+    """How the Airflow DAG runs the stages (dags/doc_extraction.py)."""
+
+    launcher: Literal["local", "docker", "kubernetes"] = Field(
+        "local", description="local: a subprocess beside the worker; docker: DockerOperator; kubernetes: a pod"
+    )
+    stage_image: str = Field("doc-extraction/stages:latest", description="CPU stages; GPU stages use gpu_container")
+    gpu_stages: list[str] = Field(["finetune", "patch", "evaluate"], description="stages run on gpu_container.image")
+    docker_url: str = Field("unix://var/run/docker.sock", description="the engine the docker launcher talks to")
+    network_mode: str | None = Field(None, description="docker network of stage containers, e.g. the compose one")
+    container_configs: list[str] = Field(
+        ["configs/pipeline.yaml"], description="config files as stage containers see them (/app/configs in the images)"
+    )
+    mounts: dict[str, str] = Field(
+        {}, description="docker launcher: host path -> container path (data, models, caches)"
+    )
+    container_environment: dict[str, str] = Field({}, description="extra non-secret environment for stage containers")
+    pass_environment: list[str] = Field(
+        [], description="names of the worker's environment variables passed privately to stage containers (keys)"
+    )
+    kubernetes: KubernetesConfig = KubernetesConfig()
+    landing_poll_minutes: int = Field(10, ge=1, description="how often the polling watcher lists the landing prefix")
+    sqs_queue: str | None = Field(
+        None, description="SQS queue fed by S3 event notifications: enables the event watcher"
+    )
+    aws_conn_id: str = Field("aws_default", description="Airflow connection for S3 and SQS (credentials live there)")
+    publish: bool = Field(True, description="publish after a passed gate (the form's default; false: no registry here)")
+    retries: int = Field(2, ge=0, description="retries of a failed stage task (finetune resumes from its checkpoint)")
+    retry_delay_minutes: int = Field(2, ge=0)
+    timeout_minutes: dict[str, int] = Field(
+        {"ingest": 120, "export": 60, "finetune": 4320, "patch": 120, "evaluate": 600, "publish": 180},
+        description="per-stage execution timeout",
+    )
+
+
 class PipelineConfig(_Strict):
     doctypes_dir: Path = Path("configs/doctypes")
     deepspeed_dir: Path = Path("configs/deepspeed")
@@ -366,6 +419,7 @@ class PipelineConfig(_Strict):
     export: ExportConfig = ExportConfig()
     patch: PatchConfig = PatchConfig()
     publish: PublishConfig = PublishConfig(image_repository="localhost:5000/doc-extraction/serving")
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @field_validator("doc_types")
     @classmethod
@@ -392,6 +446,6 @@ def _check_known_doc_types(names: list[str], info: ValidationInfo) -> None:
         raise ValueError(f"unknown document type(s) {unknown}; {doctypes_dir} has {sorted(known)}")
 
 
-def load_pipeline_config(paths: list[Path] | None = None) -> PipelineConfig:
-    """Load ``configs/pipeline.yaml`` (or the given files, merged in order)."""
-    return load_model(PipelineConfig, list(paths or [DEFAULT_CONFIG]))
+def load_pipeline_config(paths: list[Path] | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load ``configs/pipeline.yaml`` (or the given files, merged in order), then ``overrides``."""
+    return load_model(PipelineConfig, list(paths or [DEFAULT_CONFIG]), overrides)

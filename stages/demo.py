@@ -1,12 +1,11 @@
-"""``python -m stages.demo``: run the pipeline's stages end to end on the embedded default.
+"""``python -m stages.demo``: the pipeline's Airflow DAG end to end on the embedded default.
 
-It starts the pipeline's parent MLflow run, runs each stage as its own process (as the
-local launcher does, ``MLFLOW_RUN_ID`` naming the parent) and ends the parent run with
-the outcome. Stages: a synthetic batch lands, ingest turns it into a dataset version,
-export writes the MiniCPM-V finetune files, finetune trains the base model on them (the
-embedded default's tiny random MiniCPM-V 4.6, built offline on first use), patch makes its
-best checkpoint a complete model folder, evaluate scores it (beside the OCR baseline) and
-decides the gate; publish joins when it lands.
+A synthetic labelled batch lands (as a labelling team's export would), the landing watcher
+DAG announces it, and the pipeline DAG (``dags/doc_extraction.py``) runs every stage with the
+local launcher: ingest, export, finetune (the embedded default's tiny random MiniCPM-V 4.6,
+built offline on first use), patch, evaluate and the gate; the embedded default publishes
+nothing (no container engine or registry). Airflow keeps its state in ``data/airflow``
+(sqlite); ``airflow dags test`` runs the DAGs in this process's environment, no scheduler.
 """
 
 from __future__ import annotations
@@ -19,18 +18,36 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from stages import tracking
-from stages.cli import EXIT_BAD_INPUT
+from stages.cli import EXIT_BAD_INPUT, EXIT_FAILED
 from stages.config import ConfigError, load_pipeline_config
 from stages.storage import open_storage
 from stages.tiny_model import build as build_tiny_model
 
 EMBEDDED = [Path("configs/pipeline.yaml"), Path("configs/overlays/embedded.yaml")]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+AIRFLOW_SETTINGS = (
+    "AIRFLOW_HOME",
+    "AIRFLOW__CORE__DAGS_FOLDER",
+    "AIRFLOW__CORE__LOAD_EXAMPLES",
+    "DOC_EXTRACTION_CONFIG",
+)
+
+
+def airflow_environment(home: Path, configs: list[Path]) -> dict[str, str]:
+    """Airflow on a sqlite database in ``home``, reading this project's DAGs and configs."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW__", "MLFLOW_"))}
+    return {**env, "AIRFLOW_HOME": str(home.resolve()), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "DOC_EXTRACTION_HOME": str(ROOT),
+            "DOC_EXTRACTION_CONFIG": os.pathsep.join(str(path.resolve()) for path in configs)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.demo", description=__doc__)
     parser.add_argument("--config", type=Path, action="append", help="default: pipeline.yaml + overlays/embedded.yaml")
     parser.add_argument("--count", type=int, default=24, help="synthetic documents to generate")
+    parser.add_argument("--airflow-home", type=Path, default=Path("data/airflow"), help="Airflow's state (sqlite)")
     args = parser.parse_args(argv)
     paths = args.config or EMBEDDED
     try:
@@ -44,42 +61,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== building the tiny model in {base}", flush=True)
         build_tiny_model(base, config.doctypes_dir)
 
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    parent = tracking.start_pipeline_run(config.tracking, f"demo-{stamp}", {"config": config.model_dump(mode="json")})
+    started = datetime.now(UTC)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
     batch = open_storage(config.storage.landing_uri, config.storage.s3).child(f"batch-{stamp}")
-    run_dir = open_storage(config.storage.runs_uri, config.storage.s3).child(f"demo-{stamp}")
     config_flags = [flag for path in paths for flag in ("--config", str(path))]
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    env = airflow_environment(args.airflow_home, paths)
     steps = {
-        "synthetic": ["-m", "stages.synthetic", *config_flags, "--output", batch.uri, "--count", str(args.count)],
-        "ingest": ["-m", "stages.ingest", *config_flags, "--output", config.storage.datasets_uri, "--batch", batch.uri],
-        "export": ["-m", "stages.export", *config_flags, "--output", run_dir.child("export").uri],
-        "finetune": ["-m", "stages.finetune", *config_flags, "--data", run_dir.child("export").uri,
-                     "--output", run_dir.child("finetune").uri],
-        "patch": ["-m", "stages.patch", *config_flags, "--finetune", run_dir.child("finetune").uri,
-                  "--output", run_dir.child("model").uri],
-        "evaluate": ["-m", "stages.evaluate", *config_flags, "--data", run_dir.child("export").uri,
-                     "--model", run_dir.child("model").uri, "--output", run_dir.child("evaluate").uri],
+        "a synthetic batch lands": [sys.executable, "-m", "stages.synthetic", *config_flags, "--output", batch.uri,
+                                    "--count", str(args.count)],
+        "Airflow's database": [airflow, "db", "migrate"],
+        "the landing watcher": [airflow, "dags", "test", "doc_extraction_landing_watcher"],
+        "the pipeline DAG": [airflow, "dags", "test", "doc_extraction"],
     }  # fmt: skip
-    code = 0
     for name, step in steps.items():
         print(f"== {name}", flush=True)
-        code = subprocess.run([sys.executable, *step], env={**os.environ, tracking.PARENT_RUN_ENV: parent}).returncode
-        if code:
-            print(f"demo: stage {name} failed with exit code {code}", file=sys.stderr)
+        quiet = name == "Airflow's database"
+        done = subprocess.run(step, env=env, stdout=subprocess.DEVNULL if quiet else None)
+        if done.returncode:
+            print(f"demo: {name} failed with exit code {done.returncode}", file=sys.stderr)
             break
-    tracking.end_pipeline_run(config.tracking, parent, succeeded=code == 0)
-
-    uri, experiment = config.tracking.tracking_uri, tracking.experiment_id(config.tracking)
+    parent = tracking.latest_pipeline_run(config.tracking, since=started)
+    if parent is None:
+        print("demo: the pipeline DAG started no MLflow run", file=sys.stderr)
+        return EXIT_FAILED
+    run_dir = parent.data.tags.get("run.folder", config.storage.runs_uri)
+    uri, experiment = config.tracking.tracking_uri, parent.info.experiment_id
     print(
         f"\nLabelled batch:   {batch.uri} (labels.jsonl, images/, result.json)"
         f"\nDataset versions: {config.storage.datasets_uri} (LATEST, versions/<id>/manifest.jsonl, card.json)"
-        f"\nRun outputs:      {run_dir.uri} (export/, finetune/checkpoint-*, model/, evaluate/)"
-        f"\nReport:           {run_dir.child('evaluate').uri_of('report.html')}"
-        f"\nMLflow run:       {parent} in experiment {config.tracking.experiment!r}"
+        f"\nRun outputs:      {run_dir} (export/, finetune/checkpoint-*, model/, evaluate/)"
+        f"\nReport:           {run_dir}/evaluate/report.html"
+        f"\nMLflow run:       {parent.info.run_id} ({parent.info.status}) in experiment {config.tracking.experiment!r}"
         f"\nList runs:        MLFLOW_TRACKING_URI={uri} .venv/bin/mlflow runs list --experiment-id {experiment}"
         f"\nBrowse runs:      .venv/bin/mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+        f"\nAirflow UI:       {' '.join(f'{k}={env[k]}' for k in AIRFLOW_SETTINGS)} .venv/bin/airflow standalone"
+        "  (then http://127.0.0.1:8080)"
     )
-    return code
+    return done.returncode and EXIT_FAILED
 
 
 if __name__ == "__main__":

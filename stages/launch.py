@@ -24,7 +24,7 @@ def gpu_run_arguments(settings: GpuContainerConfig, gpus: int | list[str] | None
         environment["CUDA_VISIBLE_DEVICES"] = settings.cuda_visible_devices
     arguments: dict[str, Any] = {
         "shm_size": settings.shm_size,
-        "ulimits": [Ulimit(name=name, soft=limit, hard=limit) for name, limit in settings.ulimits.items()],
+        "ulimits": [Ulimit(name=name, soft=limit, hard=limit) for name, limit in (settings.ulimits or {}).items()],
         "environment": environment,
     }
     if settings.ipc_mode:

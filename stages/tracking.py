@@ -13,6 +13,7 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -68,7 +69,9 @@ def _prepare_local_store(config: TrackingConfig) -> None:
         Path(config.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
-def start_pipeline_run(config: TrackingConfig, name: str, params: Mapping[str, Any]) -> str:
+def start_pipeline_run(
+    config: TrackingConfig, name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None
+) -> str:
     """Start the pipeline's parent run and leave it running; returns its id."""
     import mlflow
 
@@ -77,11 +80,27 @@ def start_pipeline_run(config: TrackingConfig, name: str, params: Mapping[str, A
     run = client.create_run(
         experiment_id(config),
         run_name=name,
-        tags={"pipeline.role": "parent", "mlflow.source.git.commit": git_commit()},
+        tags={"pipeline.role": "parent", "mlflow.source.git.commit": git_commit(), **(tags or {})},
     )
     for key, value in safe_params(params).items():
         client.log_param(run.info.run_id, key, value)
     return run.info.run_id
+
+
+def latest_pipeline_run(config: TrackingConfig, since: datetime):
+    """The newest pipeline (parent) run started at or after ``since``, or None."""
+    import mlflow
+
+    client = mlflow.MlflowClient(config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.experiment)
+    if experiment is None:
+        return None
+    found = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`pipeline.role` = 'parent' and attributes.start_time >= {int(since.timestamp() * 1000)}",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )  # fmt: skip
+    return found[0] if found else None
 
 
 def end_pipeline_run(config: TrackingConfig, run_id: str, succeeded: bool) -> None:

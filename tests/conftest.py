@@ -216,6 +216,29 @@ def docker_client(tmp_path_factory, local_registry):
     service.wait(timeout=10)
 
 
+STAGE_IMAGE = "localhost/doc-extraction/stages:test"
+
+
+@pytest.fixture(scope="session")
+def stage_image(docker_client) -> str:
+    """docker/stages.Dockerfile built from the working tree."""
+    from stages.manifest import git_commit
+
+    try:
+        docker_client.images.get(LOCAL_BASE)
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"{LOCAL_BASE} is missing: run `make containers` (docker/local-base.sh builds it)")
+    image, _ = docker_client.images.build(
+        path=str(ROOT),
+        dockerfile="docker/stages.Dockerfile",
+        tag=STAGE_IMAGE,
+        buildargs={"BASE_IMAGE": LOCAL_BASE, "GIT_COMMIT": git_commit()},
+        rm=True,
+    )
+    assert image.labels["org.opencontainers.image.revision"] == git_commit()
+    return STAGE_IMAGE
+
+
 TRAIN_IMAGE = "localhost/doc-extraction/train:test"
 
 

@@ -104,3 +104,38 @@ def test_mlflow_image_serves_compose_hostnames_and_refuses_others(docker_client)
         assert probe == b""
     finally:
         container.stop(timeout=5)
+
+
+AIRFLOW_SERVICES = {"airflow-apiserver": "api-server", "airflow-scheduler": "scheduler",
+                    "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer"}  # fmt: skip
+
+
+def test_airflow_services_share_one_image_and_database():
+    for service, command in AIRFLOW_SERVICES.items():
+        settings = SERVICES[service]
+        assert settings["command"] == [command] and settings["image"] == "doc-extraction/airflow:3.3.2"
+        assert settings["environment"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith("@postgres:5432/airflow")
+        assert settings["environment"]["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+    assert "airflow db migrate" in " ".join(SERVICES["airflow-init"]["command"])
+    assert (ROOT / SERVICES["airflow-scheduler"]["build"]["dockerfile"]).is_file()
+    init_sql = (ROOT / "docker" / "postgres" / "airflow-db.sql").read_text()
+    assert "CREATE DATABASE airflow" in init_sql
+    assert "./docker/postgres:/docker-entrypoint-initdb.d:ro" in SERVICES["postgres"]["volumes"][1]
+
+
+def test_the_scheduler_starts_stage_containers_on_the_compose_network():
+    """The compose overlay's docker launcher reaches the engine through the mounted socket, puts
+    stages on this compose project's network and mounts the run folders the DAG reads too."""
+    config = load_pipeline_config([PIPELINE, ROOT / "configs" / "overlays" / "compose.yaml"])
+    settings = config.orchestration
+    assert settings.launcher == "docker" and settings.docker_url == "unix://var/run/docker.sock"
+    assert any(v.startswith("/var/run/docker.sock:") for v in SERVICES["airflow-scheduler"]["volumes"])
+    assert settings.network_mode == f"{COMPOSE['name']}_default"
+    runs = config.storage.runs_uri
+    assert runs in settings.mounts.values()
+    host = next(source for source, target in settings.mounts.items() if target == runs)
+    assert f"{host}:{runs}" in SERVICES["airflow-scheduler"]["volumes"]
+    environment = SERVICES["airflow-scheduler"]["environment"]
+    configs = environment["DOC_EXTRACTION_CONFIG"].split(":")
+    assert configs == settings.container_configs and all((ROOT / path).is_file() for path in configs)
+    assert set(settings.pass_environment) <= set(environment)  # keys reach the stages privately, never as config

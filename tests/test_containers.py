@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -27,25 +30,6 @@ from stages.synthetic import generate
 from tests.conftest import LOCAL_BASE, ROOT, run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
-STAGE_IMAGE = "localhost/doc-extraction/stages:test"
-
-
-@pytest.fixture(scope="session")
-def stage_image(docker_client) -> str:
-    """docker/stages.Dockerfile built from the working tree."""
-    try:
-        docker_client.images.get(LOCAL_BASE)
-    except docker.errors.ImageNotFound:
-        pytest.fail(f"{LOCAL_BASE} is missing: run `make containers` (docker/local-base.sh builds it)")
-    image, _ = docker_client.images.build(
-        path=str(ROOT),
-        dockerfile="docker/stages.Dockerfile",
-        tag=STAGE_IMAGE,
-        buildargs={"BASE_IMAGE": LOCAL_BASE, "GIT_COMMIT": git_commit()},
-        rm=True,
-    )
-    assert image.labels["org.opencontainers.image.revision"] == git_commit()
-    return STAGE_IMAGE
 
 
 @pytest.fixture
@@ -119,6 +103,7 @@ def test_image_runs_unprivileged_and_holds_no_training_stack(docker_client, stag
 
 # --- the GPU training image, built here from the Debian stand-in with the CPU torch wheel ----------
 
+
 def test_gpu_run_settings_reach_the_container(docker_client, train_image):
     """GPUs cannot be handed over here: the created container's configuration is checked instead."""
     settings = load_pipeline_config([ROOT / "configs" / "pipeline.yaml"]).gpu_container
@@ -172,3 +157,37 @@ def test_finetune_and_patch_run_in_the_training_image(docker_client, train_image
     logs = run(["python", "-m", "stages.patch", *CONFIG_FLAGS, "--finetune", "/work/ft", "--output", "/work/model-out"])
     assert b"patch succeeded" in logs
     assert (workdir / "model-out" / "preprocessor_config.json").is_file()
+
+
+def test_dockerfiles_are_hadolint_clean():
+    """Every Dockerfile of the project (.hadolint.yaml says which rule is off, and why)."""
+    files = [
+        *sorted((ROOT / "docker").glob("*.Dockerfile")),
+        ROOT / "tests" / "fixtures" / "vllm-standin" / "Dockerfile",
+    ]
+    assert len(files) >= 6
+    done = subprocess.run([str(Path(sys.executable).with_name("hadolint")), *map(str, files)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.container
+def test_airflow_image_parses_the_dags_with_its_providers_and_no_training_stack(docker_client):
+    """The compose Airflow image, built here from the Debian stand-in: both DAGs load with the
+    compose overlay's docker launcher, and the image holds no torch or transformers."""
+    image = "localhost/doc-extraction/airflow:test"
+    docker_client.images.build(path=str(ROOT), dockerfile="docker/airflow.Dockerfile", tag=image, rm=True,
+                               buildargs={"BASE_IMAGE": LOCAL_BASE, "GIT_COMMIT": git_commit()})  # fmt: skip
+    probe = (
+        "import json, importlib.util as u; from airflow.dag_processing.dagbag import DagBag; b = DagBag(); "
+        "print(json.dumps({'dags': sorted(b.dags), 'errors': {k: str(v) for k, v in b.import_errors.items()}, "
+        "'torch': u.find_spec('torch') is not None, 'transformers': u.find_spec('transformers') is not None}))"
+    )
+    output = docker_client.containers.run(
+        image, ["-c", probe], entrypoint=["python"], network_mode="none", remove=True,
+        environment={"DOC_EXTRACTION_CONFIG": "configs/pipeline.yaml:configs/overlays/compose.yaml"},
+    )  # fmt: skip
+    parsed = json.loads(output.decode().strip().splitlines()[-1])
+    assert parsed == {"dags": ["doc_extraction", "doc_extraction_landing_watcher"], "errors": {},
+                      "torch": False, "transformers": False}  # fmt: skip

@@ -1,5 +1,5 @@
-"""The README's demo, end to end: a synthetic batch lands, becomes a dataset version and finetune
-files, and MLflow shows the pipeline's runs."""
+"""The README's demo, end to end: a synthetic batch lands, the landing watcher announces it, and
+the pipeline DAG runs every stage through ``airflow dags test``; MLflow shows the pipeline's runs."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_demo_generates_a_batch_and_leaves_mlflow_runs(overlay, tmp_path):
-    done = run_module("stages.demo", *config_flags(overlay), "--count", "8")
+    done = run_module("stages.demo", *config_flags(overlay), "--count", "8", "--airflow-home", str(tmp_path / "af"))
     assert done.returncode == 0, done.stderr
 
     batch_uri = re.search(r"Labelled batch:\s+(\S+)", done.stdout).group(1)
@@ -40,10 +40,10 @@ def test_demo_generates_a_batch_and_leaves_mlflow_runs(overlay, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow/mlflow.db"
     client = mlflow.MlflowClient(uri)
     parent = client.get_run(run_id)
-    assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("demo-")
+    assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("airflow-manual__")
+    assert parent.data.tags["run.folder"] == str(outputs)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
-    assert sorted(c.info.run_name for c in children) == ["evaluate", "export", "finetune", "ingest", "patch",
-                                                         "synthetic"]  # fmt: skip
+    assert sorted(c.info.run_name for c in children) == ["evaluate", "export", "finetune", "ingest", "patch"]
     assert {c.info.status for c in children} == {"FINISHED"}
 
     # The command the demo prints for listing runs works and shows both.
@@ -60,11 +60,21 @@ def test_demo_generates_a_batch_and_leaves_mlflow_runs(overlay, tmp_path):
 
 
 def test_demo_fails_when_a_stage_fails(overlay, tmp_path):
-    done = run_module("stages.demo", *config_flags(overlay), "--count", "2", env={"SYNTH_FONT": "/nonexistent.ttc"})
+    """Every document is longer than this model_max_length: finetune refuses to train, the DAG
+    run fails, and so do the demo and the pipeline's MLflow run."""
+    short = tmp_path / "short.yaml"
+    short.write_text("training: {model_max_length: 8}\nevaluation: {ocr_baseline: false}\n")
+    done = run_module("stages.demo", *config_flags([*overlay, short]), "--count", "4",
+                      "--airflow-home", str(tmp_path / "af"))  # fmt: skip
     assert done.returncode == 1
-    assert "demo: stage synthetic failed with exit code 1" in done.stderr
-    run_id = re.search(r"MLflow run:\s+(\w+)", done.stdout).group(1)
-    assert mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow/mlflow.db").get_run(run_id).info.status == "FAILED"
+    assert "demo: the pipeline DAG failed with exit code 1" in done.stderr
+    run_id = re.search(r"MLflow run:\s+(\w+) \(FAILED\)", done.stdout).group(1)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow/mlflow.db")
+    assert client.get_run(run_id).info.status == "FAILED"
+    experiment = client.get_run(run_id).info.experiment_id
+    stage = f"tags.mlflow.parentRunId = '{run_id}' and tags.`pipeline.stage` = 'finetune'"
+    (finetune,) = client.search_runs([experiment], stage)
+    assert finetune.info.status == "FAILED"
 
 
 def test_demo_bad_config_exits_2(tmp_path):

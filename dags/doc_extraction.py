@@ -1,0 +1,154 @@
+"""The document-extraction pipeline as Airflow DAGs: wiring only.
+
+- ``doc_extraction``: plan -> ingest -> export -> finetune -> patch -> evaluate -> gate ->
+  publish (or not) -> summary. Runs when a landing watcher reports new completed batches, or
+  by hand from the UI's form (validated by the plan task before any stage runs). Every stage
+  is ``python -m stages.<name>`` through the configured launcher (local, docker, kubernetes),
+  continuing the run's MLflow parent run; XComs carry only small JSON.
+- ``doc_extraction_landing_watcher``: polls the landing location for completed batches not
+  yet ingested and emits one event of the ``landed-batches`` asset for each.
+- Event-driven, when ``orchestration.sqs_queue`` is set: an AssetWatcher on the SQS queue that
+  S3 event notifications feed (``MessageQueueTrigger``) schedules the DAG as well.
+
+Configuration: ``DOC_EXTRACTION_HOME`` (the project root holding ``configs/``; default: this
+file's parent folder) and ``DOC_EXTRACTION_CONFIG`` (config files relative to it, separated
+by ``os.pathsep``; default ``configs/pipeline.yaml``).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from airflow.sdk import DAG, Asset, AssetAlias, AssetWatcher, Param, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from stages.orchestration import plan as planning
+from stages.orchestration.launchers import PLAN_TASK, stage_operator
+
+HOME = Path(os.environ.get("DOC_EXTRACTION_HOME", Path(__file__).resolve().parents[1]))
+CONFIG_PATHS = os.environ.get("DOC_EXTRACTION_CONFIG", "configs/pipeline.yaml").split(os.pathsep)
+CONFIG = planning.load_config(HOME, CONFIG_PATHS)
+SETTINGS = CONFIG.orchestration
+DEFAULTS = planning.form_defaults(CONFIG)
+
+LANDED = Asset(name="landed-batches", uri=planning.asset_uri(HOME, CONFIG.storage.landing_uri))
+LANDED_ALIAS = AssetAlias(name="landed-batches-announcements")
+schedule = LANDED
+if SETTINGS.sqs_queue:
+    from airflow.providers.common.messaging.triggers.msg_queue import MessageQueueTrigger
+
+    trigger = MessageQueueTrigger(scheme="sqs", sqs_queue=SETTINGS.sqs_queue, aws_conn_id=SETTINGS.aws_conn_id)
+    schedule |= Asset(name="landing-notifications", uri=SETTINGS.sqs_queue,
+                      watchers=[AssetWatcher(name="landing-sqs", trigger=trigger)])  # fmt: skip
+
+FORM = {
+    "base_model": Param(DEFAULTS["base_model"], type="string", minLength=1, title="Base model",
+                        description="a folder or s3:// URI of the model to finetune (nothing comes from a hub)"),
+    "doc_types": Param(DEFAULTS["doc_types"], type="array", items={"type": "string", "enum": CONFIG.doc_types},
+                       minItems=1, title="Document types"),
+    "max_steps": Param(DEFAULTS["max_steps"], type="integer", minimum=1, title="Max steps"),
+    "learning_rate": Param(DEFAULTS["learning_rate"], type="number", exclusiveMinimum=0, maximum=1,
+                           title="Learning rate"),
+    "gpus": Param(DEFAULTS["gpus"], type="integer", minimum=0, maximum=64, title="GPUs per node"),
+    "batches": Param([], type="array", items={"type": "string"}, title="Batches",
+                     description="landed batches to ingest; empty: every completed batch not yet ingested"),
+    "skip_publish": Param(DEFAULTS["skip_publish"], type="boolean", title="Skip publish"),
+    "dry_run": Param(False, type="boolean", title="Dry run", description="validate and plan; run no stage"),
+}  # fmt: skip
+
+with DAG(
+    dag_id="doc_extraction_landing_watcher",
+    schedule=timedelta(minutes=SETTINGS.landing_poll_minutes),
+    catchup=False,
+    max_active_runs=1,
+    tags=["doc-extraction"],
+    doc_md="Lists the landing location for completed batches and announces each new one.",
+):
+
+    @task(outlets=[LANDED_ALIAS], inlets=[LANDED])
+    def announce_new_batches(*, outlet_events, inlet_events) -> list[str]:
+        """One ``landed-batches`` event per completed batch that is neither ingested nor announced."""
+        announced = {event.extra.get("batch") for event in inlet_events[LANDED]}
+        new = planning.new_batches(HOME, CONFIG, announced)
+        for batch in new:
+            outlet_events[LANDED_ALIAS].add(LANDED, extra={"batch": batch})
+        return new
+
+    announce_new_batches()
+
+
+with DAG(
+    dag_id="doc_extraction",
+    schedule=schedule,
+    catchup=False,
+    max_active_runs=1,
+    params=FORM,
+    tags=["doc-extraction"],
+    doc_md=__doc__,
+    default_args={"retries": 0},
+):
+
+    @task(task_id=PLAN_TASK)
+    def plan(*, params, run_id, triggering_asset_events=None) -> dict:
+        """Validate the form and the configuration, choose the batches, start the MLflow parent run."""
+        from stages import tracking
+        from stages.config import ConfigError
+
+        events = planning.batches_from_events(triggering_asset_events or {})
+        try:
+            decided = planning.make_plan(HOME, CONFIG_PATHS, params, events, run_id)
+        except ConfigError as exc:
+            raise AirflowFailException(str(exc)) from None
+        if not decided.dry_run:
+            config = planning.load_config(HOME, CONFIG_PATHS, decided.overrides)
+            logged = {"config": config.model_dump(mode="json"), "form": dict(params)}
+            tags = {"airflow.dag_run_id": run_id, "run.folder": decided.run_uri}
+            decided.mlflow_run_id = planning.in_home(
+                HOME, tracking.start_pipeline_run, config.tracking, f"airflow-{decided.run_name}", logged, tags
+            )
+        return decided.model_dump()
+
+    @task.branch(task_id="gate")
+    def gate(plan: dict) -> str:
+        """Publish only a model whose evaluation passed its gate, unless the form skips publishing."""
+        decided = planning.Plan.model_validate(plan)
+        passed, reasons = planning.in_home(HOME, planning.gate_passed, decided, CONFIG)
+        print(f"gate {'passed' if passed else 'failed'}: {'; '.join(reasons)}")
+        return "publish" if passed and not decided.skip_publish else "not_published"
+
+    @task(task_id="not_published")
+    def not_published() -> None:
+        """The gate failed or the form skipped publishing: the model stays a challenger at most."""
+
+    @task(task_id="summary", trigger_rule="all_done")
+    def summary(plan: dict) -> dict:
+        """Each stage's outcome from its manifest, the MLflow run ended with it, and its link."""
+        from stages import tracking
+
+        decided = planning.Plan.model_validate(plan)
+        if decided.dry_run:
+            print(f"dry run: nothing ran; plan: {decided.model_dump_json()}")
+            return {"succeeded": True, "dry_run": True}
+        outcome = planning.in_home(HOME, planning.summarize, decided, CONFIG)
+        config = planning.load_config(HOME, CONFIG_PATHS, decided.overrides)
+        planning.in_home(HOME, tracking.end_pipeline_run, config.tracking, decided.mlflow_run_id, outcome["succeeded"])
+        experiment = planning.in_home(HOME, tracking.experiment_id, config.tracking)
+        outcome["mlflow_run"] = planning.mlflow_run_link(
+            config.tracking.tracking_uri, experiment, decided.mlflow_run_id
+        )
+        print(f"MLflow run: {outcome['mlflow_run']}")
+        if not outcome["succeeded"]:
+            raise AirflowFailException(f"stages failed: {outcome['failed_stages']}; see {outcome['mlflow_run']}")
+        return outcome
+
+    planned = plan()
+    rules = {"export": "none_failed"}  # ingest skips itself when no batch is new
+    stages = {name: stage_operator(name, CONFIG, HOME, CONFIG_PATHS, trigger_rule=rules.get(name, "all_success"))
+              for name in planning.STAGES}  # fmt: skip
+    decision = gate(planned)
+    skipped = not_published()
+    planned >> stages["ingest"] >> stages["export"] >> stages["finetune"] >> stages["patch"] >> stages["evaluate"]
+    stages["evaluate"] >> decision >> [stages["publish"], skipped]
+    [stages["publish"], skipped] >> summary(planned)

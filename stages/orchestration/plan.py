@@ -1,0 +1,246 @@
+"""One run of the pipeline DAG, decided before any stage starts, and read back at the end.
+
+``make_plan`` validates the run's form (the Airflow Params) into config overrides, checks the
+merged configuration, finds the batches to ingest (those the triggering asset events name, or
+every completed batch not yet ingested) and names the run's folder. ``stage_arguments`` turns
+the plan into each stage's command line. ``gate_passed`` and ``summarize`` read the stages'
+own manifests (``decision.json``, ``result.json``), so the DAG's XComs stay small.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import chdir
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote_plus
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stages.config import ConfigError, PipelineConfig, load_pipeline_config
+from stages.landing import COMPLETE_MARKER
+from stages.manifest import RESULT_FILE
+
+T = TypeVar("T")
+STAGES = ("ingest", "export", "finetune", "patch", "evaluate", "publish")
+
+
+class RunForm(BaseModel):
+    """The manual-trigger form (and what a scheduled run takes from the config's defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(min_length=1, description="a folder or s3:// URI of the model to finetune")
+    doc_types: list[str] = Field(min_length=1, description="document types to train and evaluate")
+    max_steps: int = Field(ge=1)
+    learning_rate: float = Field(gt=0, lt=1)
+    gpus: int = Field(ge=0, le=64, description="GPUs per node for finetune (0: CPU)")
+    batches: list[str] = Field([], description="landed batches to ingest; empty: every new completed batch")
+    skip_publish: bool = False
+    dry_run: bool = Field(False, description="validate and plan, run no stage")
+
+    def overrides(self) -> dict[str, Any]:
+        """The form as a config overlay: what each stage gets in ``--overrides``."""
+        return {
+            "model": {"base": self.base_model},
+            "doc_types": self.doc_types,
+            "training": {"max_steps": self.max_steps, "learning_rate": self.learning_rate,
+                         "launch": {"gpus_per_node": max(self.gpus, 1)}},
+        }  # fmt: skip
+
+
+def form_defaults(config: PipelineConfig) -> dict[str, Any]:
+    """The form's defaults, from the deployment's configuration."""
+    return RunForm(
+        base_model=config.model.base, doc_types=config.doc_types, max_steps=config.training.max_steps,
+        learning_rate=config.training.learning_rate, gpus=config.training.launch.gpus_per_node,
+        skip_publish=not config.orchestration.publish,
+    ).model_dump()  # fmt: skip
+
+
+class Plan(BaseModel):
+    """What a run does; small JSON, passed between tasks by XCom."""
+
+    run_name: str
+    run_uri: str
+    datasets_uri: str
+    batches: list[str]
+    overrides: dict[str, Any]
+    gpus: int
+    skip_publish: bool
+    dry_run: bool
+    mlflow_run_id: str | None = None
+    tracking_uri: str
+
+
+def in_home(home: Path, function: Callable[..., T], *args: Any) -> T:
+    """Call ``function`` from the project's root, where the stages run: relative paths in the
+    configuration (``configs/doctypes``, ``data/landing``) mean the same to the DAG."""
+    with chdir(home):
+        return function(*args)
+
+
+def load_config(home: Path, paths: list[str], overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """The pipeline configuration as the stages see it."""
+    return in_home(home, load_pipeline_config, [Path(p) for p in paths], overrides)
+
+
+def asset_uri(home: Path, location: str) -> str:
+    """An asset URI for a storage location: ``s3://...`` as it is, a folder as ``file://``."""
+    return location if "://" in location else (home / location).resolve().as_uri()
+
+
+def _batch_of(key: str) -> str | None:
+    """The batch folder of a completion marker's key, or None for any other key."""
+    return key[: -len(COMPLETE_MARKER) - 1] if key.endswith(f"/{COMPLETE_MARKER}") else None
+
+
+def batches_from_events(events: Mapping[Any, Iterable[Any]]) -> list[str]:
+    """Batches named by triggering asset events: the polling watcher's ``{"batch": uri}``, or an
+    S3 event notification (``ObjectCreated`` of a ``_COMPLETE`` marker) that the SQS watcher
+    passed on as its trigger's payload."""
+    found: list[str] = []
+    for asset_events in events.values():
+        for event in asset_events:
+            extra = getattr(event, "extra", None) or {}
+            if extra.get("batch"):
+                found.append(extra["batch"])
+            for message in (extra.get("payload") or {}).get("message_batch", []):
+                found.extend(_batches_in_notification(message.get("Body", "")))
+    return list(dict.fromkeys(found))
+
+
+def _batches_in_notification(body: str) -> list[str]:
+    try:
+        records = json.loads(body).get("Records", [])
+    except (ValueError, AttributeError):
+        return []
+    batches = []
+    for record in records:
+        s3 = record.get("s3", {}) if record.get("eventName", "").startswith("ObjectCreated") else {}
+        batch = _batch_of(unquote_plus(s3.get("object", {}).get("key", "")))
+        if batch:
+            batches.append(f"s3://{s3['bucket']['name']}/{batch}")
+    return batches
+
+
+def completed_batches(config: PipelineConfig) -> list[str]:
+    """Every batch under the landing location whose completion marker is written."""
+    from stages.storage import open_storage
+
+    landing = open_storage(config.storage.landing_uri, config.storage.s3)
+    return [landing.child(batch).uri for key in landing.list() if (batch := _batch_of(key)) and "/" not in batch]
+
+
+def ingested_batches(config: PipelineConfig) -> set[str]:
+    """Batches some dataset version already read (the ``sources`` of every version's card)."""
+    from stages.dataset import DatasetCard
+    from stages.storage import open_storage
+
+    datasets = open_storage(config.storage.datasets_uri, config.storage.s3)
+    cards = (key for key in datasets.list("versions") if key.endswith("/card.json"))
+    return {source for key in cards for source in DatasetCard.model_validate_json(datasets.read_bytes(key)).sources}
+
+
+def new_batches(home: Path, config: PipelineConfig, announced: set[str] = frozenset()) -> list[str]:
+    """Completed batches that no dataset version has read and no watcher has announced yet."""
+    done = in_home(home, ingested_batches, config) | set(announced)
+    return [batch for batch in in_home(home, completed_batches, config) if batch not in done]
+
+
+def run_folder_name(run_id: str) -> str:
+    """A folder name from an Airflow run id (``manual__2026-11-25T10:00:00+00:00``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_")
+
+
+def make_plan(home: Path, paths: list[str], params: Mapping[str, Any], event_batches: list[str], run_id: str) -> Plan:
+    """Validate the form and the merged configuration, and decide what the run does.
+
+    Raises ``ConfigError`` naming the form field or the config key that is wrong.
+    """
+    try:
+        form = RunForm.model_validate(dict(params))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"the run's form: {problems}") from None
+    overrides = form.overrides()
+    config = load_config(home, paths, overrides)
+    chosen = list(dict.fromkeys(form.batches or event_batches))
+    done = in_home(home, ingested_batches, config)
+    batches = [batch for batch in chosen if batch not in done] if chosen else new_batches(home, config)
+    name = run_folder_name(run_id)
+    run_uri = f"{config.storage.runs_uri.rstrip('/')}/{name}"
+    return Plan(
+        run_name=name, run_uri=run_uri, datasets_uri=config.storage.datasets_uri, batches=batches,
+        overrides=overrides, gpus=form.gpus, skip_publish=form.skip_publish, dry_run=form.dry_run,
+        tracking_uri=config.tracking.tracking_uri,
+    )  # fmt: skip
+
+
+OUTPUT_FOLDERS = {"patch": "model"}  # patch writes the complete model folder
+
+
+def stage_output(plan: Plan, stage: str) -> str:
+    """Where a stage writes: ingest the datasets location, the others a folder of the run's."""
+    return plan.datasets_uri if stage == "ingest" else f"{plan.run_uri}/{OUTPUT_FOLDERS.get(stage, stage)}"
+
+
+def stage_arguments(stage: str, plan: Plan, config_paths: list[str]) -> list[str]:
+    """The command line of ``python -m stages.<stage>`` for this run."""
+    out = {name: stage_output(plan, name) for name in STAGES}
+    inputs = {
+        "ingest": [flag for batch in plan.batches for flag in ("--batch", batch)],
+        "export": ["--dataset", plan.datasets_uri],
+        "finetune": ["--data", out["export"]],
+        "patch": ["--finetune", out["finetune"]],
+        "evaluate": ["--data", out["export"], "--model", out["patch"]],
+        "publish": ["--model", out["patch"], "--evaluation", out["evaluate"]],
+    }
+    configs = [flag for path in config_paths for flag in ("--config", path)]
+    return [*configs, "--overrides", json.dumps(plan.overrides, ensure_ascii=False), *inputs[stage],
+            "--output", out[stage]]  # fmt: skip
+
+
+def _read_json(uri: str, config: PipelineConfig) -> dict | None:
+    from stages.storage import StorageError, open_storage
+
+    folder, name = uri.rsplit("/", 1)
+    store = open_storage(folder, config.storage.s3)
+    try:
+        return json.loads(store.read_bytes(name)) if store.exists(name) else None
+    except (StorageError, ValueError):
+        return None
+
+
+def gate_passed(plan: Plan, config: PipelineConfig) -> tuple[bool, list[str]]:
+    """The evaluate stage's decision: passed, and its reasons."""
+    decision = _read_json(f"{plan.run_uri}/evaluate/decision.json", config)
+    if decision is None:
+        return False, [f"{plan.run_uri}/evaluate/decision.json: missing or unreadable"]
+    return bool(decision.get("passed")), list(decision.get("reasons", []))
+
+
+def summarize(plan: Plan, config: PipelineConfig) -> dict[str, Any]:
+    """Each stage's status from its ``result.json``: a stage the run needed whose manifest is
+    missing or failed makes the run failed."""
+    needed = list(STAGES[1:5]) + (["ingest"] if plan.batches else [])
+    passed, reasons = gate_passed(plan, config)
+    if passed and not plan.skip_publish:
+        needed.append("publish")
+    stages: dict[str, dict[str, Any]] = {}
+    for stage in (s for s in STAGES if s in needed):
+        uri = f"{stage_output(plan, stage)}/{RESULT_FILE}"
+        result = _read_json(uri, config) or {"status": "missing", "error": f"{uri} was not written"}
+        stages[stage] = {key: result.get(key) for key in ("status", "error", "mlflow_run_id", "metrics", "outputs")}
+    failed = [stage for stage, result in stages.items() if result["status"] != "succeeded"]
+    return {"succeeded": not failed, "failed_stages": failed, "gate_passed": passed, "gate_reasons": reasons,
+            "stages": stages}  # fmt: skip
+
+
+def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to look at the run: the MLflow UI's page for a server, or the store and id otherwise."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"run {run_id} in {tracking_uri} (mlflow ui --backend-store-uri {tracking_uri})"

@@ -1,0 +1,350 @@
+"""The Airflow DAGs (dags/doc_extraction.py): they parse, fast and light; their structure and
+each launcher's arguments; the form; the watchers; and the whole pipeline run end to end with
+``airflow dags test``, once with the local launcher and once with the docker launcher, whose
+stages run in containers built from docker/.
+
+What stands in for what: podman's Docker API for the Docker engine; moto's server for S3 and
+SQS (S3 event notifications included); no Kubernetes cluster exists here, so the pod the
+kubernetes launcher would start is checked as the operator builds it, not run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+import yaml
+
+from stages.config import ConfigError, SyntheticConfig
+from stages.doctypes import load_registry
+from stages.landing import write_batch
+from stages.orchestration import plan as planning
+from stages.orchestration.launchers import stage_operator
+from stages.storage import open_storage
+from stages.synthetic import generate
+from tests.conftest import EMBEDDED, PIPELINE, ROOT, run_stage
+
+HEAVY = ("torch", "transformers", "deepspeed", "mlflow", "boto3", "kubernetes", "docker", "PIL")
+
+
+def dag_environment(home: Path, configs: list[Path]) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AIRFLOW"))}
+    return {**env, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "DOC_EXTRACTION_HOME": str(ROOT),
+            "DOC_EXTRACTION_CONFIG": os.pathsep.join(str(path) for path in configs)}  # fmt: skip
+
+
+def in_dag_process(script: str, env: dict[str, str]) -> dict:
+    """Run ``script`` in a fresh interpreter (clean sys.modules); it prints one JSON line last."""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+PARSE = """
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag()
+dag = bag.dags["doc_extraction"]
+condition = dag.timetable.asset_condition
+print(json.dumps({
+    "errors": {k: str(v) for k, v in bag.import_errors.items()},
+    "dags": sorted(bag.dags),
+    "heavy": [m for m in %r if m in sys.modules],
+    "edges": sorted([t.task_id, d] for t in dag.tasks for d in t.downstream_task_ids),
+    "rules": {t.task_id: t.trigger_rule.value for t in dag.tasks},
+    "retries": {t.task_id: t.retries for t in dag.tasks},
+    "timeouts": {t.task_id: t.execution_timeout.total_seconds() for t in dag.tasks if t.execution_timeout},
+    "params": {k: dag.params[k] for k in dag.params},
+    "schedule": sorted(a.name for a in getattr(condition, "objects", [condition])),
+    "operators": {t.task_id: type(t).__name__ for t in dag.tasks},
+}))
+""" % (HEAVY,)  # noqa: UP031
+
+
+@pytest.fixture
+def dag_configs(overlay, tmp_path) -> list[Path]:
+    """The embedded default in this test's folder, stages retried once."""
+    extra = tmp_path / "dag.yaml"
+    extra.write_text("orchestration: {retries: 1}\nevaluation: {ocr_baseline: false}\n")
+    return [*overlay, extra]
+
+
+def test_dags_parse_without_errors_or_heavy_imports(dag_configs, tmp_path):
+    parsed = in_dag_process(PARSE, dag_environment(tmp_path / "airflow", dag_configs))
+    assert parsed["errors"] == {}
+    assert parsed["dags"] == ["doc_extraction", "doc_extraction_landing_watcher"]
+    assert parsed["heavy"] == []
+    chain = ["plan", "ingest", "export", "finetune", "patch", "evaluate", "gate"]
+    assert set(map(tuple, parsed["edges"])) == {
+        *zip(chain, chain[1:], strict=False), ("gate", "publish"), ("gate", "not_published"),
+        ("publish", "summary"), ("not_published", "summary"), ("plan", "gate"), ("plan", "summary"),
+    }  # fmt: skip
+    assert parsed["rules"]["export"] == "none_failed" and parsed["rules"]["summary"] == "all_done"
+    assert {parsed["retries"][s] for s in planning.STAGES} == {1}
+    assert parsed["timeouts"]["finetune"] == 4320 * 60
+    assert parsed["operators"]["finetune"] == "LocalStageOperator"
+    assert parsed["params"]["max_steps"] == 12 and parsed["params"]["skip_publish"] is True
+    assert parsed["schedule"] == ["landed-batches"]
+
+
+def test_the_sqs_watcher_schedules_the_dag_too(dag_configs, tmp_path):
+    sqs = tmp_path / "sqs.yaml"
+    sqs.write_text("orchestration: {sqs_queue: 'https://sqs.us-east-1.amazonaws.com/123456789012/landing'}\n")
+    parsed = in_dag_process(PARSE, dag_environment(tmp_path / "airflow", [*dag_configs, sqs]))
+    assert parsed["errors"] == {} and parsed["heavy"] == ["boto3"]  # the SQS trigger's provider needs it
+    assert parsed["schedule"] == ["landed-batches", "landing-notifications"]
+
+
+def test_a_bad_form_fails_the_plan_naming_the_field(dag_configs, tmp_path):
+    config = planning.load_config(ROOT, [str(p) for p in dag_configs])
+    form = {**planning.form_defaults(config), "max_steps": 0}
+    with pytest.raises(ConfigError, match="the run's form: max_steps: Input should be greater than or equal to 1"):
+        planning.make_plan(ROOT, [str(p) for p in dag_configs], form, [], "manual__1")
+    form = {**planning.form_defaults(config), "doc_types": ["passport"]}
+    with pytest.raises(ConfigError, match=r"--overrides: doc_types: .*unknown document type"):
+        planning.make_plan(ROOT, [str(p) for p in dag_configs], form, [], "manual__1")
+
+
+def test_batches_come_from_the_polling_watcher_and_from_s3_notifications():
+    def record(event: str, key: str) -> dict:
+        return {"eventName": event, "s3": {"bucket": {"name": "land"}, "object": {"key": key}}}
+
+    created = {"Records": [record("ObjectCreated:Put", "in/batch+7/_COMPLETE"),  # keys arrive URL-encoded
+                           record("ObjectCreated:Put", "in/batch-8/labels.jsonl"),
+                           record("ObjectRemoved:Delete", "in/b9/_COMPLETE")]}  # fmt: skip
+    events = {
+        "landed-batches": [SimpleNamespace(extra={"batch": "/data/landing/batch-1"})],
+        "landing-notifications": [SimpleNamespace(extra={"from_trigger": True, "payload": {
+            "status": "success", "message_batch": [{"Body": json.dumps(created)}, {"Body": "not json"}]}})],
+    }  # fmt: skip
+    assert planning.batches_from_events(events) == ["/data/landing/batch-1", "s3://land/in/batch 7"]
+
+
+def _land(store_uri: Path | str, count: int = 8, seed: int = 0, doc_types=("receipt_en",), s3=None) -> str:
+    registry = load_registry(ROOT / "configs" / "doctypes")
+    documents = generate([registry[t] for t in doc_types], SyntheticConfig(count=count, seed=seed))
+    store = open_storage(store_uri, s3)
+    write_batch(store, [(record, image) for record, image, _ in documents], producer="test")
+    return store.uri
+
+
+def test_new_batches_leave_out_ingested_announced_and_incomplete_ones(dag_configs, tmp_path):
+    config = planning.load_config(ROOT, [str(p) for p in dag_configs])
+    first, second, third = (_land(tmp_path / "landing" / f"batch-{n}", seed=n) for n in (1, 2, 3))
+    (tmp_path / "landing" / "batch-4").mkdir()
+    (tmp_path / "landing" / "batch-4" / "labels.jsonl").write_text("")  # still being written: no marker
+    assert planning.new_batches(ROOT, config) == [first, second, third]
+    assert run_stage("ingest", dag_configs, "--output", str(tmp_path / "datasets"), "--batch", first) == 0
+    assert planning.new_batches(ROOT, config, {third}) == [second]
+    plan = planning.make_plan(ROOT, [str(p) for p in dag_configs], planning.form_defaults(config), [first], "r1")
+    assert plan.batches == []  # the event named a batch already ingested
+
+
+def test_docker_launcher_hands_gpus_shm_ulimits_and_nccl_to_the_container(dag_configs, tmp_path):
+    docker = tmp_path / "docker.yaml"
+    docker.write_text("orchestration: {launcher: docker, mounts: {/srv/data: /data}, network_mode: pipeline}\n")
+    config = planning.load_config(ROOT, [str(p) for p in [*dag_configs, docker]])
+    plan = planning.Plan(
+        run_name="r",
+        run_uri="/data/runs/r",
+        datasets_uri="/data/ds",
+        batches=[],
+        overrides={},
+        gpus=2,
+        skip_publish=False,
+        dry_run=False,
+        mlflow_run_id="abc",
+        tracking_uri="http://m:5000",
+    )
+    finetune = stage_operator("finetune", config, ROOT, [])
+    finetune.container_settings_for(plan)
+    assert finetune.image == config.gpu_container.image and finetune.mount_tmp_dir is False
+    assert finetune.command[:3] == ["python", "-m", "stages.finetune"] and "--overrides" in finetune.command
+    (request,) = finetune.device_requests
+    assert request["Count"] == 2 and request["Capabilities"] == [["gpu"]]
+    assert finetune.shm_size == 32 * 2**30
+    assert {u["Name"]: u["Hard"] for u in finetune.ulimits} == {"memlock": -1, "stack": 67108864}
+    assert {"NCCL_DEBUG": "WARN", "NCCL_IB_DISABLE": "0", "MLFLOW_RUN_ID": "abc",
+            "MLFLOW_TRACKING_URI": "http://m:5000"}.items() <= finetune.environment.items()  # fmt: skip
+    assert [(m["Source"], m["Target"]) for m in finetune.mounts] == [("/srv/data", "/data")]
+    ingest = stage_operator("ingest", config, ROOT, [])
+    ingest.container_settings_for(plan)
+    assert ingest.image == config.orchestration.stage_image and not ingest.device_requests
+    assert ingest.network_mode == "pipeline"
+
+
+def test_kubernetes_launcher_asks_for_gpus_and_a_memory_backed_shm(dag_configs, tmp_path):
+    kube = tmp_path / "kube.yaml"
+    kube.write_text("orchestration: {launcher: kubernetes, kubernetes: {namespace: ml, data_claim: pipeline-data}}\n")
+    config = planning.load_config(ROOT, [str(p) for p in [*dag_configs, kube]])
+    plan = planning.Plan(
+        run_name="r",
+        run_uri="/data/runs/r",
+        datasets_uri="/data/ds",
+        batches=[],
+        overrides={},
+        gpus=4,
+        skip_publish=False,
+        dry_run=False,
+        mlflow_run_id="abc",
+        tracking_uri="http://m:5000",
+    )
+    finetune = stage_operator("finetune", config, ROOT, [])
+    finetune.pod_spec_for(plan)
+    assert finetune.namespace == "ml" and finetune.cmds == ["python"]
+    assert finetune.arguments[:2] == ["-m", "stages.finetune"]
+    assert finetune.container_resources.limits == {"nvidia.com/gpu": "4"}
+    shm = {v.name: v for v in finetune.volumes}["dshm"].empty_dir
+    assert shm.medium == "Memory" and shm.size_limit == "32Gi"
+    assert {m.mount_path for m in finetune.volume_mounts} == {"/dev/shm", "/data"}
+    assert {"NCCL_DEBUG": "WARN", "MLFLOW_RUN_ID": "abc"}.items() <= {
+        e.name: e.value for e in finetune.env_vars
+    }.items()
+    export = stage_operator("export", config, ROOT, [])
+    export.pod_spec_for(plan)
+    assert export.container_resources is None and "dshm" not in {v.name for v in export.volumes}
+
+
+@pytest.mark.integration
+def test_the_sqs_watchers_trigger_reports_a_completed_batch(s3_endpoint, bucket, monkeypatch):
+    """S3 notifies SQS of each new object (moto's server does both); the DAG's MessageQueueTrigger
+    receives the marker's notification, and the plan turns it into the batch to ingest."""
+    import boto3
+    from airflow.providers.common.messaging.triggers.msg_queue import MessageQueueTrigger
+
+    sqs = boto3.client("sqs", endpoint_url=s3_endpoint)
+    queue = sqs.create_queue(QueueName="landing")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={"QueueConfigurations": [
+        {"QueueArn": arn, "Events": ["s3:ObjectCreated:*"],
+         "Filter": {"Key": {"FilterRules": [{"Name": "suffix", "Value": "_COMPLETE"}]}}}]})  # fmt: skip
+    sqs.purge_queue(QueueUrl=queue)  # moto sends a test event when notifications are configured
+    s3.put_object(Bucket=bucket, Key="landing/batch-9/labels.jsonl", Body=b"")
+    s3.put_object(Bucket=bucket, Key="landing/batch-9/_COMPLETE", Body=b"{}")
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_LOOPBACK", json.dumps(
+        {"conn_type": "aws", "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}}))  # fmt: skip
+    trigger = MessageQueueTrigger(scheme="sqs", sqs_queue=queue, aws_conn_id="aws_loopback", waiter_delay=1)
+
+    async def first_event():
+        return await asyncio.wait_for(anext(trigger.trigger.run()), timeout=60)
+
+    event = asyncio.run(first_event())
+    extra = {"from_trigger": True, "payload": event.payload}  # what the triggerer records on the asset event
+    assert planning.batches_from_events({"landing-notifications": [SimpleNamespace(extra=extra)]}) == [
+        f"s3://{bucket}/landing/batch-9"
+    ]
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory) -> Path:
+    """An Airflow metadata database (sqlite) for ``airflow dags test``."""
+    home = tmp_path_factory.mktemp("airflow")
+    env = dag_environment(home, [PIPELINE, EMBEDDED])
+    done = subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return home
+
+
+def airflow(home: Path, configs: list[Path], *args: str, umask: int | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), *args], cwd=ROOT, env=dag_environment(home, configs),
+        capture_output=True, text=True, timeout=900, preexec_fn=None if umask is None else (lambda: os.umask(umask)),
+    )  # fmt: skip
+
+
+def _pipeline_runs(tracking_uri: str, experiment: str = "doc-extraction") -> tuple[object, dict[str, object]]:
+    """The one parent run of the experiment, and its child runs by stage."""
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("pipeline.role") == "parent"]
+    children = {r.data.tags["pipeline.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}  # fmt: skip
+    return parent, children
+
+
+@pytest.mark.integration
+def test_the_dag_runs_end_to_end_with_the_local_launcher(airflow_home, dag_configs, tmp_path, tiny_model):
+    config = yaml.safe_load(dag_configs[2].read_text())
+    Path(config["model"]["base"]).parent.mkdir(parents=True)
+    Path(config["model"]["base"]).symlink_to(tiny_model)
+    batch = _land(tmp_path / "landing" / "batch-1", count=16, doc_types=("receipt_en", "thsr_ticket"))
+
+    watched = airflow(airflow_home, dag_configs, "dags", "test", "doc_extraction_landing_watcher")
+    assert watched.returncode == 0, watched.stdout[-3000:]
+    assert f"Returned value was: ['{batch}']" in watched.stdout + watched.stderr
+
+    done = airflow(airflow_home, dag_configs, "dags", "test", "doc_extraction")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    assert "gate passed" in output and "Marking run" in output and "successful" in output
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "evaluate" / "decision.json").read_text())["passed"] is True
+    assert not (run / "publish").exists()  # the embedded default publishes nothing
+    parent, children = _pipeline_runs(f"sqlite:///{tmp_path}/mlflow/mlflow.db")
+    assert parent.info.status == "FINISHED"
+    assert set(children) == {"ingest", "export", "finetune", "patch", "evaluate"}
+    assert all(child.info.status == "FINISHED" for child in children.values())
+    card = json.loads((tmp_path / "datasets" / "result.json").read_text())
+    assert card["inputs"] and batch in json.dumps(card)
+
+    dry = airflow(airflow_home, dag_configs, "dags", "test", "doc_extraction", "--conf", '{"dry_run": true}')
+    assert dry.returncode == 0 and "dry run; would run:" in dry.stdout + dry.stderr
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # nothing ran
+
+
+@pytest.mark.integration
+@pytest.mark.container
+def test_the_dag_runs_end_to_end_in_containers(airflow_home, tmp_path, tiny_model, docker_client, stage_image,
+                                               train_image, mlflow_server):  # fmt: skip
+    """Every stage in a container of the project's images through podman's Docker API, tracking
+    into a real MLflow server (as compose does); the data folder is mounted at the same path, so
+    the one overlay serves the worker and the containers. The sandbox forbids raising ulimits,
+    so the GPU stages run without them here."""
+    work = tmp_path / "work"
+    work.mkdir()
+    experiment = f"dag-in-containers-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(tiny_model, work / "model")
+    overlay = work / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({
+        "doctypes_dir": "configs/doctypes",
+        "storage": {"landing_uri": str(work / "landing"), "datasets_uri": str(work / "datasets"),
+                    "runs_uri": str(work / "runs")},
+        "tracking": {"tracking_uri": mlflow_server, "experiment": experiment, "artifact_location": None},
+        "model": {"base": str(work / "model")},
+        "evaluation": {"ocr_baseline": False},
+        "gpu_container": {"image": train_image, "ulimits": None, "shm_size": "1g"},
+        "orchestration": {"launcher": "docker", "stage_image": stage_image, "docker_url": docker_client.docker_host,
+                          "network_mode": "host", "mounts": {str(work): str(work)}, "retries": 0,
+                          "container_configs": ["configs/pipeline.yaml", "configs/overlays/embedded.yaml",
+                                                str(overlay)]},
+    }))  # fmt: skip
+    configs = [PIPELINE, EMBEDDED, overlay]
+    _land(work / "landing" / "batch-1", count=12)
+    for path in [work, *work.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o666)
+
+    no_gpu = json.dumps({"gpus": 0})  # the form's GPU count: no device request (there is no GPU here)
+    done = airflow(airflow_home, configs, "dags", "test", "doc_extraction", "--conf", no_gpu, umask=0)
+    output = done.stdout + done.stderr
+    (tmp_path / "airflow.log").write_text(output)  # the whole run's log, when the tail below is not enough
+    assert done.returncode == 0, output[-5000:]
+    (run,) = (work / "runs").iterdir()
+    finetune = json.loads((run / "finetune" / "result.json").read_text())
+    assert finetune["status"] == "succeeded" and finetune["versions"]["torch"].startswith("2.13.0")
+    ingest = json.loads((work / "datasets" / "result.json").read_text())
+    assert ingest["counts"]["accepted"] == 12 and "torch" not in ingest["versions"]  # the CPU image: no torch
+    parent, children = _pipeline_runs(mlflow_server, experiment)
+    assert parent.info.status == "FINISHED" and set(children) == {"ingest", "export", "finetune", "patch", "evaluate"}
