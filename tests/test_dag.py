@@ -151,22 +151,22 @@ def test_new_batches_leave_out_ingested_announced_and_incomplete_ones(dag_config
     assert plan.batches == []  # the event named a batch already ingested
 
 
+def _plan(gpus: int) -> planning.Plan:
+    """A run's plan as the launchers receive it from the plan task."""
+    return planning.Plan(run_name="r", run_uri="/data/runs/r", datasets_uri="/data/ds", batches=[], overrides={},
+                         gpus=gpus, skip_publish=False, dry_run=False, mlflow_run_id="abc",
+                         tracking_uri="http://m:5000")  # fmt: skip
+
+
+def _config_with(configs: list[Path], tmp_path: Path, overlay: str):
+    path = tmp_path / "launcher.yaml"
+    path.write_text(overlay)
+    return planning.load_config(ROOT, [str(p) for p in [*configs, path]])
+
+
 def test_docker_launcher_hands_gpus_shm_ulimits_and_nccl_to_the_container(dag_configs, tmp_path):
-    docker = tmp_path / "docker.yaml"
-    docker.write_text("orchestration: {launcher: docker, mounts: {/srv/data: /data}, network_mode: pipeline}\n")
-    config = planning.load_config(ROOT, [str(p) for p in [*dag_configs, docker]])
-    plan = planning.Plan(
-        run_name="r",
-        run_uri="/data/runs/r",
-        datasets_uri="/data/ds",
-        batches=[],
-        overrides={},
-        gpus=2,
-        skip_publish=False,
-        dry_run=False,
-        mlflow_run_id="abc",
-        tracking_uri="http://m:5000",
-    )
+    settings = "orchestration: {launcher: docker, mounts: {/srv/data: /data}, network_mode: pipeline}\n"
+    config, plan = _config_with(dag_configs, tmp_path, settings), _plan(gpus=2)
     finetune = stage_operator("finetune", config, ROOT, [])
     finetune.container_settings_for(plan)
     assert finetune.image == config.gpu_container.image and finetune.mount_tmp_dir is False
@@ -185,21 +185,8 @@ def test_docker_launcher_hands_gpus_shm_ulimits_and_nccl_to_the_container(dag_co
 
 
 def test_kubernetes_launcher_asks_for_gpus_and_a_memory_backed_shm(dag_configs, tmp_path):
-    kube = tmp_path / "kube.yaml"
-    kube.write_text("orchestration: {launcher: kubernetes, kubernetes: {namespace: ml, data_claim: pipeline-data}}\n")
-    config = planning.load_config(ROOT, [str(p) for p in [*dag_configs, kube]])
-    plan = planning.Plan(
-        run_name="r",
-        run_uri="/data/runs/r",
-        datasets_uri="/data/ds",
-        batches=[],
-        overrides={},
-        gpus=4,
-        skip_publish=False,
-        dry_run=False,
-        mlflow_run_id="abc",
-        tracking_uri="http://m:5000",
-    )
+    settings = "orchestration: {launcher: kubernetes, kubernetes: {namespace: ml, data_claim: pipeline-data}}\n"
+    config, plan = _config_with(dag_configs, tmp_path, settings), _plan(gpus=4)
     finetune = stage_operator("finetune", config, ROOT, [])
     finetune.pod_spec_for(plan)
     assert finetune.namespace == "ml" and finetune.cmds == ["python"]

@@ -63,7 +63,7 @@ def test_demo_fails_when_a_stage_fails(overlay, tmp_path):
     """Every document is longer than this model_max_length: finetune refuses to train, the DAG
     run fails, and so do the demo and the pipeline's MLflow run."""
     short = tmp_path / "short.yaml"
-    short.write_text("training: {model_max_length: 8}\nevaluation: {ocr_baseline: false}\n")
+    short.write_text("training: {model_max_length: 64}\nevaluation: {ocr_baseline: false}\n")
     done = run_module("stages.demo", *config_flags([*overlay, short]), "--count", "4",
                       "--airflow-home", str(tmp_path / "af"))  # fmt: skip
     assert done.returncode == 1

@@ -243,4 +243,4 @@ def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """Where to look at the run: the MLflow UI's page for a server, or the store and id otherwise."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"run {run_id} in {tracking_uri} (mlflow ui --backend-store-uri {tracking_uri})"
+    return f"{run_id} in {tracking_uri} (mlflow ui --backend-store-uri {tracking_uri})"
