@@ -11,6 +11,14 @@ from typing import Any
 from stages.config import GpuContainerConfig
 
 
+def gpu_environment(settings: GpuContainerConfig) -> dict[str, str]:
+    """The environment every GPU stage gets, whatever starts it: NCCL switches, visible devices."""
+    environment = dict(settings.environment)
+    if settings.cuda_visible_devices is not None:
+        environment["CUDA_VISIBLE_DEVICES"] = settings.cuda_visible_devices
+    return environment
+
+
 def gpu_run_arguments(settings: GpuContainerConfig, gpus: int | list[str] | None) -> dict[str, Any]:
     """Keyword arguments for docker-py's ``containers.run``/``create`` (and DockerOperator's
     equivalents): shared memory, IPC, ulimits, NCCL environment and the GPUs to hand over.
@@ -19,13 +27,10 @@ def gpu_run_arguments(settings: GpuContainerConfig, gpus: int | list[str] | None
     """
     from docker.types import DeviceRequest, Ulimit
 
-    environment = dict(settings.environment)
-    if settings.cuda_visible_devices is not None:
-        environment["CUDA_VISIBLE_DEVICES"] = settings.cuda_visible_devices
     arguments: dict[str, Any] = {
         "shm_size": settings.shm_size,
         "ulimits": [Ulimit(name=name, soft=limit, hard=limit) for name, limit in (settings.ulimits or {}).items()],
-        "environment": environment,
+        "environment": gpu_environment(settings),
     }
     if settings.ipc_mode:
         arguments["ipc_mode"] = settings.ipc_mode

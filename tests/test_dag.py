@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from stages.config import ConfigError, SyntheticConfig
+from stages.demo import airflow_environment
 from stages.doctypes import load_registry
 from stages.landing import write_batch
 from stages.orchestration import plan as planning
@@ -34,13 +35,6 @@ from stages.synthetic import generate
 from tests.conftest import EMBEDDED, PIPELINE, ROOT, run_stage
 
 HEAVY = ("torch", "transformers", "deepspeed", "mlflow", "boto3", "kubernetes", "docker", "PIL")
-
-
-def dag_environment(home: Path, configs: list[Path]) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "AIRFLOW"))}
-    return {**env, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "DOC_EXTRACTION_HOME": str(ROOT),
-            "DOC_EXTRACTION_CONFIG": os.pathsep.join(str(path) for path in configs)}  # fmt: skip
 
 
 def in_dag_process(script: str, env: dict[str, str]) -> dict:
@@ -81,7 +75,7 @@ def dag_configs(overlay, tmp_path) -> list[Path]:
 
 
 def test_dags_parse_without_errors_or_heavy_imports(dag_configs, tmp_path):
-    parsed = in_dag_process(PARSE, dag_environment(tmp_path / "airflow", dag_configs))
+    parsed = in_dag_process(PARSE, airflow_environment(tmp_path / "airflow", dag_configs))
     assert parsed["errors"] == {}
     assert parsed["dags"] == ["doc_extraction", "doc_extraction_landing_watcher"]
     assert parsed["heavy"] == []
@@ -101,7 +95,7 @@ def test_dags_parse_without_errors_or_heavy_imports(dag_configs, tmp_path):
 def test_the_sqs_watcher_schedules_the_dag_too(dag_configs, tmp_path):
     sqs = tmp_path / "sqs.yaml"
     sqs.write_text("orchestration: {sqs_queue: 'https://sqs.us-east-1.amazonaws.com/123456789012/landing'}\n")
-    parsed = in_dag_process(PARSE, dag_environment(tmp_path / "airflow", [*dag_configs, sqs]))
+    parsed = in_dag_process(PARSE, airflow_environment(tmp_path / "airflow", [*dag_configs, sqs]))
     assert parsed["errors"] == {} and parsed["heavy"] == ["boto3"]  # the SQS trigger's provider needs it
     assert parsed["schedule"] == ["landed-batches", "landing-notifications"]
 
@@ -238,7 +232,7 @@ def test_the_sqs_watchers_trigger_reports_a_completed_batch(s3_endpoint, bucket,
 def airflow_home(tmp_path_factory) -> Path:
     """An Airflow metadata database (sqlite) for ``airflow dags test``."""
     home = tmp_path_factory.mktemp("airflow")
-    env = dag_environment(home, [PIPELINE, EMBEDDED])
+    env = airflow_environment(home, [PIPELINE, EMBEDDED])
     done = subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -247,7 +241,7 @@ def airflow_home(tmp_path_factory) -> Path:
 
 def airflow(home: Path, configs: list[Path], *args: str, umask: int | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(Path(sys.executable).with_name("airflow")), *args], cwd=ROOT, env=dag_environment(home, configs),
+        [str(Path(sys.executable).with_name("airflow")), *args], cwd=ROOT, env=airflow_environment(home, configs),
         capture_output=True, text=True, timeout=900, preexec_fn=None if umask is None else (lambda: os.umask(umask)),
     )  # fmt: skip
 

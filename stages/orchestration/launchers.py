@@ -29,6 +29,7 @@ from airflow.sdk import BaseOperator
 
 from stages.cli import EXIT_BAD_INPUT
 from stages.config import PipelineConfig
+from stages.launch import gpu_environment
 from stages.orchestration.plan import Plan, stage_arguments
 from stages.tracking import PARENT_RUN_ENV
 
@@ -161,9 +162,7 @@ def _kubernetes_stage_operator(**kwargs):
             environment = {**{v.name: v.value for v in self.env_vars or []}, **self.run_environment(plan)}
             if self.gpu_config is not None:
                 settings = self.gpu_config.gpu_container
-                environment.update(settings.environment)
-                if settings.cuda_visible_devices is not None:
-                    environment["CUDA_VISIBLE_DEVICES"] = settings.cuda_visible_devices
+                environment.update(gpu_environment(settings))
                 if plan.gpus:
                     self.container_resources = k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": str(plan.gpus)})
                 shm = k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=settings.shm_size.upper() + "i")
