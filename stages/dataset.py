@@ -28,6 +28,11 @@ LATEST = "LATEST"
 Split = Literal["train", "eval"]
 
 
+def image_key(sha256: str, extension: str) -> str:
+    """Where the image with this content hash is stored, relative to the datasets location."""
+    return f"images/{sha256}.{extension}"
+
+
 class DatasetRecord(BaseModel):
     """One document of a dataset version."""
 

@@ -152,9 +152,22 @@ class DocType(BaseModel):
     def field(self, name: str) -> FieldSpec:
         return next(f for f in self.fields if f.name == name)
 
+    @functools.cached_property
+    def _variant_table(self) -> dict[int, str]:
+        return str.maketrans(self.variants)
+
+    @functools.cached_property
+    def _enum_values(self) -> dict[str, dict[str, str]]:
+        """Per enum field: folded value -> the value as configured (the first where two fold alike)."""
+        table: dict[str, dict[str, str]] = {}
+        for spec in self.fields:
+            for value in reversed(spec.values or []):
+                table.setdefault(spec.name, {})[self.fold(value)] = value
+        return table
+
     def fold(self, value: str) -> str:
         """Text with character variants folded and case ignored, for comparisons."""
-        return clean_text(value).translate(str.maketrans(self.variants)).casefold()
+        return clean_text(value).translate(self._variant_table).casefold()
 
     def canonical_value(self, spec: FieldSpec, raw: str) -> str:
         """The canonical form of one raw value; ValueError says why it is not valid."""
@@ -184,10 +197,10 @@ class DocType(BaseModel):
             if not re.fullmatch(spec.pattern, compact):
                 raise ValueError(f"{compact!r} does not match {spec.pattern!r}")
             return compact
-        matches = [v for v in spec.values if self.fold(v) == self.fold(text)]  # enum
-        if not matches:
+        match = self._enum_values.get(spec.name, {}).get(self.fold(text))  # enum
+        if match is None:
             raise ValueError(f"{text!r} is not one of {spec.values}")
-        return matches[0]
+        return match
 
     def compare_key(self, field_name: str, value: str | None) -> str:
         """What evaluation compares: canonical value, numbers as numbers, variants folded.

@@ -19,7 +19,7 @@ import os
 import sys
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +33,7 @@ from stages.dataset import (
     DatasetCard,
     DatasetRecord,
     QuarantinedRecord,
+    image_key,
     latest_version,
     manifest_bytes,
     read_manifest,
@@ -41,7 +42,7 @@ from stages.dataset import (
     write_version,
 )
 from stages.doctypes import DocType, LabelError, load_registry
-from stages.images import CheckedImage, ImageRejected, check_image
+from stages.images import ImageRejected, check_image
 from stages.importers import FORMATS, Candidate, ImportMapping, SourceError, read_source
 from stages.manifest import StageOutput
 from stages.storage import Storage, StorageError, open_storage
@@ -66,17 +67,14 @@ class Accepted:
 
     batch: str
     candidate: Candidate
-    doc_type: str
-    fields: dict[str, str | None]
-    image: CheckedImage
+    record: DatasetRecord
 
 
 @dataclass
 class Verdict:
-    """A record's outcome: its canonical fields and checked image, or why it was rejected."""
+    """A record's outcome: the dataset record it makes, or why it was rejected."""
 
-    fields: dict[str, str | None] | None = None
-    image: CheckedImage | None = None
+    record: DatasetRecord | None = None
     rejected: tuple[str, str] | None = None  # (kind, reason)
 
 
@@ -121,10 +119,19 @@ def _check_record(batch: str, candidate: Candidate) -> Verdict:
         checked = check_image(data, _worker["limits"])
     except ImageRejected as exc:
         return Verdict(rejected=("image", str(exc)))
-    stored = f"images/{checked.sha256}.{checked.extension}"
+    stored = image_key(checked.sha256, checked.extension)
     if not _worker["output"].exists(stored):
         _worker["output"].write_bytes(stored, checked.upright or data, durable=False)
-    return Verdict(fields, checked)
+    limits: DatasetConfig = _worker["limits"]
+    return Verdict(DatasetRecord(
+        id=checked.sha256, image=stored, doc_type=candidate.doc_type, fields=fields,
+        split=split_for(checked.sha256, limits.split_salt, limits.eval_fraction),
+        source=f"{batch}/{candidate.image}", width=checked.width, height=checked.height,
+    ))  # fmt: skip
+
+
+def _label(record: DatasetRecord) -> tuple:
+    return record.doc_type, frozenset(record.fields.items())
 
 
 class Ingest:
@@ -161,41 +168,27 @@ class Ingest:
             if verdict.rejected:
                 self.reject(batch, candidate, *verdict.rejected)
             else:
-                self.accepted.append(Accepted(batch, candidate, candidate.doc_type, verdict.fields, verdict.image))
+                self.accepted.append(Accepted(batch, candidate, verdict.record))
 
     def merge(self, existing: list[DatasetRecord]) -> tuple[list[DatasetRecord], int]:
         """Existing records plus the new ones; conflicting labels for one image are quarantined."""
         records = {r.id: r for r in existing}
         by_id: dict[str, list[Accepted]] = defaultdict(list)
         for item in self.accepted:
-            by_id[item.image.sha256].append(item)
+            by_id[item.record.id].append(item)
         added = 0
         for document_id, items in by_id.items():
-            labels = {(i.doc_type, json.dumps(i.fields, ensure_ascii=False)) for i in items}
             known = records.get(document_id)
-            if known:
-                labels.add((known.doc_type, json.dumps(known.fields, ensure_ascii=False)))
+            labels = {_label(r) for r in [*(i.record for i in items), *([known] if known else [])]}
             if len(labels) > 1:
                 others = ", ".join(sorted({i.candidate.source for i in items} | ({known.source} if known else set())))
                 for item in items:
-                    if not known or (item.doc_type, item.fields) != (known.doc_type, known.fields):
+                    if not known or _label(item.record) != _label(known):
                         self.reject(item.batch, item.candidate, "conflict",
                                     f"image {document_id[:12]} has conflicting labels in {others}")  # fmt: skip
-                continue
-            if known:
-                continue
-            first = items[0]
-            records[document_id] = DatasetRecord(
-                id=document_id,
-                image=f"images/{document_id}.{first.image.extension}",
-                doc_type=first.doc_type,
-                fields=first.fields,
-                split=split_for(document_id, self.config.dataset.split_salt, self.config.dataset.eval_fraction),
-                source=f"{first.batch}/{first.candidate.image}",
-                width=first.image.width,
-                height=first.image.height,
-            )  # fmt: skip
-            added += 1
+            elif not known:
+                records[document_id] = items[0].record
+                added += 1
         return list(records.values()), added
 
     def write_quarantine(self) -> None:
@@ -246,7 +239,8 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     existing = read_manifest(output, parent) if parent else []
     workers = config.dataset.workers or os.cpu_count() or 1
     settings = (output.uri, config.storage.s3, config.dataset, config.doctypes_dir)
-    with ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=settings) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=settings)
+    try:
         ingest = Ingest(config, output, pool, workers)
         for uri in args.batch:
             store = open_storage(uri, config.storage.s3)
@@ -254,16 +248,21 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
                 ingest.read_batch(store, read_source(store, args.format, mapping))
             except SourceError as exc:
                 raise BadInputError(str(exc)) from exc
-    records, added = ingest.merge(existing)
-    ingest.write_quarantine()
-    if failed := ingest.failures():
-        raise BadInputError("too many bad records, no version written: " + "; ".join(failed))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # the workers wind down while the version is made
+    with ThreadPoolExecutor(max_workers=1) as background:
+        # the images, written by the workers without fsync, become durable while the manifest is made
+        synced = background.submit(output.sync)
+        records, added = ingest.merge(existing)
+        ingest.write_quarantine()
+        if failed := ingest.failures():
+            raise BadInputError("too many bad records, no version written: " + "; ".join(failed))
+        manifest = manifest_bytes(records)
+        synced.result()
 
-    manifest = manifest_bytes(records)
     version = version_id(manifest)
     changed = version != parent
     if changed:
-        output.sync()  # the images, written by the workers without fsync, are durable before the manifest
         card = _card(records, version, parent, added, ingest, list(args.batch))
         write_version(output, manifest, card)
         for warning in card.warnings:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
@@ -22,24 +21,16 @@ from stages.config import S3Config
 _CHUNK = 1 << 20
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp's files are 0600
-
-
 class StorageError(OSError):
     """A storage operation failed; the message names the URI."""
 
 
 def _check_key(key: str) -> str:
-    parts = PurePosixPath(key).parts
-    if not key or key.startswith("/") or ".." in parts:
+    """``key`` normalised (no empty or ``.`` parts); StorageError where it would leave the root."""
+    parts = [part for part in key.split("/") if part not in ("", ".")]
+    if not parts or key.startswith("/") or ".." in parts:
         raise StorageError(f"invalid key {key!r}: keys are relative paths without '..'")
-    return str(PurePosixPath(*parts))
+    return "/".join(parts)
 
 
 class Storage(Protocol):
@@ -61,37 +52,44 @@ class LocalStorage:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.uri = str(self.root)
-        self._folders: set[Path] = set()  # folders known to exist: one mkdir each, not one per write
+        self._folders: set[str] = set()  # folders known to exist: one mkdir each, not one per write
+        self._real_root: str | None = None
 
     def uri_of(self, key: str) -> str:
-        return str(self.root / _check_key(key))
+        return os.path.join(self.uri, _check_key(key))
 
     def child(self, key: str) -> LocalStorage:
         return LocalStorage(self.root / _check_key(key))
 
-    def _inside(self, key: str) -> Path:
+    def _inside(self, key: str) -> str:
         """The path of ``key``, refusing symbolic links that lead outside the root."""
-        path = self.root / _check_key(key)
-        if not path.resolve().is_relative_to(self.root.resolve()):
+        path = self.uri_of(key)
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.uri)
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, self._real_root]) != self._real_root:
             raise StorageError(f"{path}: a symbolic link pointing outside {self.root}")
         return path
 
     def read_bytes(self, key: str) -> bytes:
         try:
-            return self._inside(key).read_bytes()
+            with open(self._inside(key), "rb") as handle:
+                return handle.read()
         except OSError as exc:
             raise StorageError(f"{self.uri_of(key)}: cannot read: {exc.strerror or exc}") from exc
 
     def write_bytes(self, key: str, data: bytes, durable: bool = True) -> None:
         """Write through a temporary file renamed into place. ``durable=False`` skips the fsync
         for bulk writes that a later ``sync()`` makes durable before anything refers to them."""
-        target = self.root / _check_key(key)
-        if target.parent not in self._folders:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._folders.add(target.parent)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        target = self.uri_of(key)
+        folder, name = os.path.split(target)
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+        # a name no other writer picks (a crashed run may have left one); the mode open() would give
+        tmp = os.path.join(folder, f".{name}.{os.urandom(6).hex()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         try:
-            os.fchmod(fd, _FILE_MODE)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
@@ -106,7 +104,7 @@ class LocalStorage:
         os.sync()
 
     def exists(self, key: str) -> bool:
-        return (self.root / _check_key(key)).is_file()
+        return os.path.isfile(self.uri_of(key))
 
     def list(self, prefix: str = "") -> Iterator[str]:
         base = self.root / _check_key(prefix) if prefix else self.root

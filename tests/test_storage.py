@@ -63,6 +63,22 @@ def test_keys_cannot_escape_the_root(store, key):
         store.write_bytes(key, b"x")
 
 
+def test_keys_are_normalised(store):
+    store.write_bytes("a//./b.bin", b"x")
+    assert store.read_bytes("a/b.bin") == b"x" and list(store.list()) == ["a/b.bin"]
+
+
+def test_local_symlinks_may_point_inside_the_root_only(tmp_path):
+    (tmp_path / "outside.bin").write_bytes(b"secret")
+    store = LocalStorage(tmp_path / "root")
+    store.write_bytes("data/real.bin", b"inside")
+    (tmp_path / "root" / "inner.bin").symlink_to(tmp_path / "root" / "data" / "real.bin")
+    (tmp_path / "root" / "outer.bin").symlink_to(tmp_path / "outside.bin")
+    assert store.read_bytes("inner.bin") == b"inside"
+    with pytest.raises(StorageError, match="outer.bin: a symbolic link pointing outside"):
+        store.read_bytes("outer.bin")
+
+
 def test_local_write_is_atomic(tmp_path, monkeypatch):
     """A write that fails half-way leaves the old content and no temporary file."""
     store = LocalStorage(tmp_path)
