@@ -159,11 +159,8 @@ class DocType(BaseModel):
     @functools.cached_property
     def _enum_values(self) -> dict[str, dict[str, str]]:
         """Per enum field: folded value -> the value as configured (the first where two fold alike)."""
-        table: dict[str, dict[str, str]] = {}
-        for spec in self.fields:
-            for value in reversed(spec.values or []):
-                table.setdefault(spec.name, {})[self.fold(value)] = value
-        return table
+        return {spec.name: {self.fold(value): value for value in reversed(spec.values)}
+                for spec in self.fields if spec.values}  # fmt: skip
 
     def fold(self, value: str) -> str:
         """Text with character variants folded and case ignored, for comparisons."""

@@ -19,7 +19,7 @@ import os
 import sys
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,6 +97,7 @@ def _check_record(batch: str, candidate: Candidate) -> Verdict:
     Images are written without fsync; the run syncs once before a version refers to them.
     """
     registry: dict[str, DocType] = _worker["registry"]
+    limits: DatasetConfig = _worker["limits"]
     if candidate.problem:
         return Verdict(rejected=("unreadable", candidate.problem))
     if not candidate.image:
@@ -116,13 +117,12 @@ def _check_record(batch: str, candidate: Candidate) -> Verdict:
     except StorageError as exc:
         return Verdict(rejected=("image_path", str(exc)))
     try:
-        checked = check_image(data, _worker["limits"])
+        checked = check_image(data, limits)
     except ImageRejected as exc:
         return Verdict(rejected=("image", str(exc)))
     stored = image_key(checked.sha256, checked.extension)
     if not _worker["output"].exists(stored):
         _worker["output"].write_bytes(stored, checked.upright or data, durable=False)
-    limits: DatasetConfig = _worker["limits"]
     return Verdict(DatasetRecord(
         id=checked.sha256, image=stored, doc_type=candidate.doc_type, fields=fields,
         split=split_for(checked.sha256, limits.split_salt, limits.eval_fraction),
@@ -239,8 +239,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     existing = read_manifest(output, parent) if parent else []
     workers = config.dataset.workers or os.cpu_count() or 1
     settings = (output.uri, config.storage.s3, config.dataset, config.doctypes_dir)
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=settings)
-    try:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=settings) as pool:
         ingest = Ingest(config, output, pool, workers)
         for uri in args.batch:
             store = open_storage(uri, config.storage.s3)
@@ -248,21 +247,16 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
                 ingest.read_batch(store, read_source(store, args.format, mapping))
             except SourceError as exc:
                 raise BadInputError(str(exc)) from exc
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # the workers wind down while the version is made
-    with ThreadPoolExecutor(max_workers=1) as background:
-        # the images, written by the workers without fsync, become durable while the manifest is made
-        synced = background.submit(output.sync)
-        records, added = ingest.merge(existing)
-        ingest.write_quarantine()
-        if failed := ingest.failures():
-            raise BadInputError("too many bad records, no version written: " + "; ".join(failed))
-        manifest = manifest_bytes(records)
-        synced.result()
+    records, added = ingest.merge(existing)
+    ingest.write_quarantine()
+    if failed := ingest.failures():
+        raise BadInputError("too many bad records, no version written: " + "; ".join(failed))
 
+    manifest = manifest_bytes(records)
     version = version_id(manifest)
     changed = version != parent
     if changed:
+        output.sync()  # the images, written by the workers without fsync, are durable before the manifest
         card = _card(records, version, parent, added, ingest, list(args.batch))
         write_version(output, manifest, card)
         for warning in card.warnings:

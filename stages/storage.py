@@ -9,6 +9,7 @@ environment.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterator
@@ -53,7 +54,6 @@ class LocalStorage:
         self.root = Path(root)
         self.uri = str(self.root)
         self._folders: set[str] = set()  # folders known to exist: one mkdir each, not one per write
-        self._real_root: str | None = None
 
     def uri_of(self, key: str) -> str:
         return os.path.join(self.uri, _check_key(key))
@@ -61,11 +61,13 @@ class LocalStorage:
     def child(self, key: str) -> LocalStorage:
         return LocalStorage(self.root / _check_key(key))
 
+    @functools.cached_property
+    def _real_root(self) -> str:
+        return os.path.realpath(self.uri)
+
     def _inside(self, key: str) -> str:
         """The path of ``key``, refusing symbolic links that lead outside the root."""
         path = self.uri_of(key)
-        if self._real_root is None:
-            self._real_root = os.path.realpath(self.uri)
         real = os.path.realpath(path)
         if os.path.commonpath([real, self._real_root]) != self._real_root:
             raise StorageError(f"{path}: a symbolic link pointing outside {self.root}")
