@@ -98,11 +98,10 @@ with DAG(
 
         events = planning.batches_from_events(triggering_asset_events or {})
         try:
-            decided = planning.make_plan(HOME, CONFIG_PATHS, params, events, run_id)
+            decided, config = planning.make_plan(HOME, CONFIG_PATHS, params, events, run_id)
         except ConfigError as exc:
             raise AirflowFailException(str(exc)) from None
         if not decided.dry_run:
-            config = planning.load_config(HOME, CONFIG_PATHS, decided.overrides)
             logged = {"config": config.model_dump(mode="json"), "form": dict(params)}
             tags = {"airflow.dag_run_id": run_id, "run.folder": decided.run_uri}
             decided.mlflow_run_id = planning.in_home(

@@ -141,7 +141,7 @@ def test_new_batches_leave_out_ingested_announced_and_incomplete_ones(dag_config
     assert planning.new_batches(ROOT, config) == [first, second, third]
     assert run_stage("ingest", dag_configs, "--output", str(tmp_path / "datasets"), "--batch", first) == 0
     assert planning.new_batches(ROOT, config, {third}) == [second]
-    plan = planning.make_plan(ROOT, [str(p) for p in dag_configs], planning.form_defaults(config), [first], "r1")
+    plan, _ = planning.make_plan(ROOT, [str(p) for p in dag_configs], planning.form_defaults(config), [first], "r1")
     assert plan.batches == []  # the event named a batch already ingested
 
 

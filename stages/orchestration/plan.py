@@ -155,8 +155,11 @@ def run_folder_name(run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_")
 
 
-def make_plan(home: Path, paths: list[str], params: Mapping[str, Any], event_batches: list[str], run_id: str) -> Plan:
-    """Validate the form and the merged configuration, and decide what the run does.
+def make_plan(
+    home: Path, paths: list[str], params: Mapping[str, Any], event_batches: list[str], run_id: str
+) -> tuple[Plan, PipelineConfig]:
+    """Validate the form and the merged configuration, and decide what the run does; returns the
+    plan and the configuration the stages will see.
 
     Raises ``ConfigError`` naming the form field or the config key that is wrong.
     """
@@ -168,15 +171,19 @@ def make_plan(home: Path, paths: list[str], params: Mapping[str, Any], event_bat
     overrides = form.overrides()
     config = load_config(home, paths, overrides)
     chosen = list(dict.fromkeys(form.batches or event_batches))
-    done = in_home(home, ingested_batches, config)
-    batches = [batch for batch in chosen if batch not in done] if chosen else new_batches(home, config)
+    if chosen:
+        done = in_home(home, ingested_batches, config)
+        batches = [batch for batch in chosen if batch not in done]
+    else:
+        batches = new_batches(home, config)
     name = run_folder_name(run_id)
     run_uri = f"{config.storage.runs_uri.rstrip('/')}/{name}"
-    return Plan(
+    plan = Plan(
         run_name=name, run_uri=run_uri, datasets_uri=config.storage.datasets_uri, batches=batches,
         overrides=overrides, gpus=form.gpus, skip_publish=form.skip_publish, dry_run=form.dry_run,
         tracking_uri=config.tracking.tracking_uri,
     )  # fmt: skip
+    return plan, config
 
 
 OUTPUT_FOLDERS = {"patch": "model"}  # patch writes the complete model folder
