@@ -20,7 +20,7 @@ import mlflow
 import pytest
 
 from stages.publish.image import serve_flags
-from tests.conftest import ROOT, run_stage, write_overlay
+from tests.conftest import ROOT, config_flags, run_stage, write_overlay
 
 STANDIN = "localhost/vllm-standin:test"
 
@@ -50,7 +50,7 @@ def answering(tmp_path_factory, tiny_model) -> dict[str, Path]:
     configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", overlay]
     assert run_stage("ingest", configs, "--output", str(root / "ds"), "--batch", str(root / "landing")) == 0
     assert run_stage("export", configs, "--output", str(root / "export")) == 0
-    flags = [f for p in configs for f in ("--config", str(p))]
+    flags = config_flags(configs)
     for stage, extra in (("finetune", ["--data", str(root / "export")]), ("patch", ["--finetune", str(root / "ft")])):
         out = root / ("ft" if stage == "finetune" else "model")
         done = subprocess.run([sys.executable, "-m", f"stages.{stage}", *flags, *extra, "--output", str(out)],
@@ -63,6 +63,10 @@ def _evaluate(config: list[Path], model: Path, export: Path, out: Path) -> Path:
     code = run_stage("evaluate", config, "--data", str(export), "--model", str(model), "--output", str(out))
     assert code == 0
     return out
+
+
+def _publish(config, model: Path, evaluation: Path, out: Path) -> int:
+    return run_stage("publish", config, "--model", str(model), "--evaluation", str(evaluation), "--output", str(out))
 
 
 @pytest.fixture
@@ -95,8 +99,7 @@ def test_a_failed_gate_registers_a_challenger_and_serves_nothing(publish_config,
     config = [*publish_config, strict]
     evaluation = _evaluate(config, answering["random"], answering["export"], tmp_path / "evaluate")
     out = tmp_path / "publish"
-    assert run_stage("publish", config, "--model", str(answering["random"]), "--evaluation", str(evaluation),
-                     "--output", str(out)) == 0  # fmt: skip
+    assert _publish(config, answering["random"], evaluation, out) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["counts"]["served"] == 0 and result["outputs"]["version"] == "1"
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow/mlflow.db")
@@ -111,10 +114,6 @@ def vllm_standin(docker_client, train_image) -> str:
     docker_client.images.build(path=str(ROOT / "tests" / "fixtures" / "vllm-standin"), tag=STANDIN, rm=True,
                                buildargs={"BASE_IMAGE": train_image})  # fmt: skip
     return STANDIN
-
-
-def _publish(config, model: Path, evaluation: Path, out: Path) -> int:
-    return run_stage("publish", config, "--model", str(model), "--evaluation", str(evaluation), "--output", str(out))
 
 
 @pytest.fixture
@@ -144,7 +143,7 @@ def test_publish_pushes_smoke_tests_and_promotes(publish_config, answering, tmp_
     assert run.data.tags["serving.digest"] == result["outputs"]["digest"]
 
     rolled = subprocess.run([sys.executable, "-m", "stages.publish.rollback",
-                             *[f for p in publish_config for f in ("--config", str(p))]],
+                             *config_flags(publish_config)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert rolled.returncode == 0 and "champion 2 -> 1" in rolled.stdout, rolled.stderr
     assert str(client.get_model_version_by_alias("receipts", "champion").version) == "1"

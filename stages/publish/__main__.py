@@ -51,10 +51,9 @@ def _json(store: Storage, name: str) -> dict:
         raise BadInputError(f"{store.uri_of(name)}: {exc}") from exc
 
 
-def lineage(evaluation: Storage, config: PipelineConfig, parent_run: str | None) -> dict[str, str]:
-    """Tags of the model version: where it came from and how it scored."""
-    result, decision, metrics = (_json(evaluation, n) for n in ("result.json", "decision.json", "metrics.json"))
-    data = open_storage(result["inputs"]["data"], config.storage.s3)
+def lineage(evaluation: Storage, data: Storage, parent_run: str | None) -> dict[str, str]:
+    """Tags of the model version: where it came from (``data``: the evaluated export) and how it scored."""
+    decision, metrics = (_json(evaluation, n) for n in ("decision.json", "metrics.json"))
     card = DatasetCard.model_validate_json(data.read_bytes("card.json")) if data.exists("card.json") else None
     overall = metrics["metrics"]["overall"]
     return {
@@ -100,7 +99,8 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     if not (args.model / "config.json").is_file():
         raise BadInputError(f"--model {args.model}: not a model folder (no config.json)")
     evaluation = open_storage(args.evaluation, config.storage.s3)
-    tags = lineage(evaluation, config, mlflow.active_run().data.tags.get("mlflow.parentRunId"))
+    data = open_storage(_json(evaluation, "result.json")["inputs"]["data"], config.storage.s3)
+    tags = lineage(evaluation, data, mlflow.active_run().data.tags.get("mlflow.parentRunId"))
     passed = tags["gate.passed"] == "true"
 
     mlflow.log_artifacts(str(args.model), "model")
@@ -111,7 +111,6 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     if not passed:
         return StageOutput(outputs=outputs, counts={"served": 0}, metrics={"gate_passed": 0.0})
 
-    data = open_storage(_json(evaluation, "result.json")["inputs"]["data"], config.storage.s3)
     example = read_examples(data.read_bytes("eval.json"), data.uri_of("eval.json"))[0]
     request = Request(example, load_registry(config.doctypes_dir)[example.doc_type])
     client = docker.from_env(timeout=ENGINE_TIMEOUT_S)

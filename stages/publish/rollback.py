@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from stages.cli import EXIT_BAD_INPUT
 from stages.config import ConfigError, load_pipeline_config
 from stages.publish.registry import Registry
 
@@ -22,13 +23,13 @@ def main(argv: list[str] | None = None) -> int:
         config = load_pipeline_config(args.config)
     except ConfigError as exc:
         print(f"rollback: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     registry = Registry(config.tracking.tracking_uri, config.publish.registered_model)
     try:
         was, now = registry.rollback()
     except LookupError as exc:
         print(f"rollback: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     image = registry.client.get_model_version(registry.name, now).tags.get("serving.image", "no image recorded")
     print(f"{registry.name}: champion {was} -> {now} ({image})")
     return 0
