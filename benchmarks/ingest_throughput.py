@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from stages.cli import main
+from stages.cli import config_flags, main
 from stages.config import SyntheticConfig
 from stages.dataset import image_key
 from stages.doctypes import load_registry
@@ -64,8 +64,9 @@ def ingest_rate(tmp: Path, files: list[Path], attempt: int) -> float:
         "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "artifacts")},
     }))  # fmt: skip
     configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", overlay]
-    flags = [flag for path in configs for flag in ("--config", str(path))]
-    code = main(STAGE, build_parser(), run, [*flags, "--output", str(datasets), "--batch", str(tmp / "batch")])
+    code = main(
+        STAGE, build_parser(), run, [*config_flags(configs), "--output", str(datasets), "--batch", str(tmp / "batch")]
+    )
     result = json.loads((datasets / "result.json").read_text())
     assert code == 0 and result["counts"]["documents"] == len(files), result
     return len(files) / result["duration_s"]

@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -47,6 +47,11 @@ def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
         help="a JSON mapping merged over the config files (a run's settings, e.g. from the Airflow form)",
     )  # fmt: skip
     return parser
+
+
+def config_flags(paths: Iterable[str | Path]) -> list[str]:
+    """The ``--config`` flags naming these files, in merge order: how a stage is told its configuration."""
+    return [flag for path in paths for flag in ("--config", str(path))]
 
 
 def _json_mapping(text: str) -> dict:

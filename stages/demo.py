@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from stages import tracking
-from stages.cli import EXIT_BAD_INPUT, EXIT_FAILED
+from stages.cli import EXIT_BAD_INPUT, EXIT_FAILED, config_flags
 from stages.config import ConfigError, load_pipeline_config
 from stages.storage import open_storage
 from stages.tiny_model import build as build_tiny_model
@@ -64,12 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     batch = open_storage(config.storage.landing_uri, config.storage.s3).child(f"batch-{stamp}")
-    config_flags = [flag for path in paths for flag in ("--config", str(path))]
     airflow = str(Path(sys.executable).with_name("airflow"))
     env = airflow_environment(args.airflow_home, paths)
     steps = {
-        "a synthetic batch lands": [sys.executable, "-m", "stages.synthetic", *config_flags, "--output", batch.uri,
-                                    "--count", str(args.count)],
+        "a synthetic batch lands": [sys.executable, "-m", "stages.synthetic", *config_flags(paths),
+                                    "--output", batch.uri, "--count", str(args.count)],
         "Airflow's database": [airflow, "db", "migrate"],
         "the landing watcher": [airflow, "dags", "test", "doc_extraction_landing_watcher"],
         "the pipeline DAG": [airflow, "dags", "test", "doc_extraction"],

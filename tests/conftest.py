@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 import docker
+from stages.cli import config_flags
 from stages.config import S3Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,10 +121,6 @@ def run_module(module: str, *args: str, env: dict | None = None) -> subprocess.C
         text=True,
         timeout=300,
     )
-
-
-def config_flags(paths: list[Path]) -> list[str]:
-    return [flag for path in paths for flag in ("--config", str(path))]
 
 
 @pytest.fixture

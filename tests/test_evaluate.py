@@ -25,7 +25,7 @@ from stages.evaluate.backends import OpenAIBackend, Request, VllmBackend, max_ne
 from stages.evaluate.baseline import Box, Extractor, OcrBaseline, reading_order
 from stages.evaluate.metrics import evaluate_all, score
 from stages.finetune.data import read_examples
-from tests.conftest import ROOT, free_port, run_stage, wait_for_http, write_overlay
+from tests.conftest import ROOT, config_flags, free_port, run_stage, wait_for_http, write_overlay
 
 REGISTRY = load_registry(ROOT / "configs" / "doctypes")
 
@@ -109,7 +109,7 @@ def served(overlay, tiny_model, tmp_path):
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "stages.serve", "--model", str(tiny_model), "--port", str(port),
-         "--served-model-name", "tiny", *[f for p in overlay for f in ("--config", str(p))]],
+         "--served-model-name", "tiny", *config_flags(overlay)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

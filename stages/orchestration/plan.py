@@ -19,6 +19,7 @@ from urllib.parse import unquote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from stages.cli import config_flags
 from stages.config import ConfigError, PipelineConfig, load_pipeline_config
 from stages.landing import COMPLETE_MARKER
 from stages.manifest import RESULT_FILE
@@ -205,8 +206,7 @@ def stage_arguments(stage: str, plan: Plan, config_paths: list[str]) -> list[str
         "evaluate": ["--data", out["export"], "--model", out["patch"]],
         "publish": ["--model", out["patch"], "--evaluation", out["evaluate"]],
     }
-    configs = [flag for path in config_paths for flag in ("--config", path)]
-    return [*configs, "--overrides", json.dumps(plan.overrides, ensure_ascii=False), *inputs[stage],
+    return [*config_flags(config_paths), "--overrides", json.dumps(plan.overrides, ensure_ascii=False), *inputs[stage],
             "--output", out[stage]]  # fmt: skip
 
 
