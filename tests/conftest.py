@@ -284,6 +284,22 @@ def jpeg(seed: int = 0, size=(96, 64), **save_args) -> bytes:
     return buffer.getvalue()
 
 
+def land_synthetic(location: Path | str, count: int, seed: int = 0, doc_types: list[str] | None = None) -> str:
+    """A completed landing batch of ``count`` synthetic documents (every type unless named); its URI."""
+    from stages.config import SyntheticConfig
+    from stages.doctypes import load_registry
+    from stages.landing import write_batch
+    from stages.storage import open_storage
+    from stages.synthetic import generate
+
+    registry = load_registry(ROOT / "configs" / "doctypes")
+    chosen = [registry[name] for name in doc_types] if doc_types else list(registry.values())
+    store = open_storage(location)
+    write_batch(store, [(r, image) for r, image, _ in generate(chosen, SyntheticConfig(count=count, seed=seed))],
+                producer="test")  # fmt: skip
+    return store.uri
+
+
 def write_overlay(tmp_path: Path, name: str, text: str) -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")

@@ -20,14 +20,10 @@ import pytest
 
 import docker
 from stages import tracking
-from stages.config import SyntheticConfig, TrackingConfig, load_pipeline_config
-from stages.doctypes import load_registry
-from stages.landing import write_batch
+from stages.config import TrackingConfig, load_pipeline_config
 from stages.launch import gpu_run_arguments
 from stages.manifest import RESULT_FILE, git_commit
-from stages.storage import open_storage
-from stages.synthetic import generate
-from tests.conftest import LOCAL_BASE, ROOT, run_stage
+from tests.conftest import LOCAL_BASE, ROOT, land_synthetic, run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 
@@ -134,8 +130,7 @@ def test_finetune_and_patch_run_in_the_training_image(docker_client, train_image
                             f"runs_uri: {workdir}/runs}}\ntracking: {{tracking_uri: 'sqlite:///{workdir}/host.db'}}\n"
                             "export: {image_root: /work/datasets}\n")  # fmt: skip
     host_configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", host_overlay]
-    documents = generate(list(load_registry(ROOT / "configs" / "doctypes").values()), SyntheticConfig(count=12))
-    write_batch(open_storage(workdir / "landing"), [(r, image) for r, image, _ in documents], producer="test")
+    land_synthetic(workdir / "landing", 12)
     assert (
         run_stage("ingest", host_configs, "--output", str(workdir / "datasets"), "--batch", str(workdir / "landing"))
         == 0

@@ -24,15 +24,11 @@ import mlflow
 import pytest
 import yaml
 
-from stages.config import ConfigError, SyntheticConfig
+from stages.config import ConfigError
 from stages.demo import airflow_environment
-from stages.doctypes import load_registry
-from stages.landing import write_batch
 from stages.orchestration import plan as planning
 from stages.orchestration.launchers import stage_operator
-from stages.storage import open_storage
-from stages.synthetic import generate
-from tests.conftest import EMBEDDED, PIPELINE, ROOT, run_stage
+from tests.conftest import EMBEDDED, PIPELINE, ROOT, land_synthetic, run_stage
 
 HEAVY = ("torch", "transformers", "deepspeed", "mlflow", "boto3", "kubernetes", "docker", "PIL")
 
@@ -125,17 +121,10 @@ def test_batches_come_from_the_polling_watcher_and_from_s3_notifications():
     assert planning.batches_from_events(events) == ["/data/landing/batch-1", "s3://land/in/batch 7"]
 
 
-def _land(store_uri: Path | str, count: int = 8, seed: int = 0, doc_types=("receipt_en",), s3=None) -> str:
-    registry = load_registry(ROOT / "configs" / "doctypes")
-    documents = generate([registry[t] for t in doc_types], SyntheticConfig(count=count, seed=seed))
-    store = open_storage(store_uri, s3)
-    write_batch(store, [(record, image) for record, image, _ in documents], producer="test")
-    return store.uri
-
-
 def test_new_batches_leave_out_ingested_announced_and_incomplete_ones(dag_configs, tmp_path):
     config = planning.load_config(ROOT, [str(p) for p in dag_configs])
-    first, second, third = (_land(tmp_path / "landing" / f"batch-{n}", seed=n) for n in (1, 2, 3))
+    landing = tmp_path / "landing"
+    first, second, third = (land_synthetic(landing / f"batch-{n}", 8, n, ["receipt_en"]) for n in (1, 2, 3))
     (tmp_path / "landing" / "batch-4").mkdir()
     (tmp_path / "landing" / "batch-4" / "labels.jsonl").write_text("")  # still being written: no marker
     assert planning.new_batches(ROOT, config) == [first, second, third]
@@ -261,7 +250,7 @@ def test_the_dag_runs_end_to_end_with_the_local_launcher(airflow_home, dag_confi
     config = yaml.safe_load(dag_configs[2].read_text())
     Path(config["model"]["base"]).parent.mkdir(parents=True)
     Path(config["model"]["base"]).symlink_to(tiny_model)
-    batch = _land(tmp_path / "landing" / "batch-1", count=16, doc_types=("receipt_en", "thsr_ticket"))
+    batch = land_synthetic(tmp_path / "landing" / "batch-1", 16, doc_types=["receipt_en", "thsr_ticket"])
 
     watched = airflow(airflow_home, dag_configs, "dags", "test", "doc_extraction_landing_watcher")
     assert watched.returncode == 0, watched.stdout[-3000:]
@@ -313,7 +302,7 @@ def test_the_dag_runs_end_to_end_in_containers(airflow_home, tmp_path, tiny_mode
                                                 str(overlay)]},
     }))  # fmt: skip
     configs = [PIPELINE, EMBEDDED, overlay]
-    _land(work / "landing" / "batch-1", count=12)
+    land_synthetic(work / "landing" / "batch-1", 12, doc_types=["receipt_en"])
     for path in [work, *work.rglob("*")]:
         path.chmod(0o777 if path.is_dir() else 0o666)
 

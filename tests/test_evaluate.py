@@ -25,7 +25,7 @@ from stages.evaluate.backends import OpenAIBackend, Request, VllmBackend, max_ne
 from stages.evaluate.baseline import Box, Extractor, OcrBaseline, reading_order
 from stages.evaluate.metrics import evaluate_all, score
 from stages.finetune.data import read_examples
-from tests.conftest import ROOT, config_flags, free_port, run_stage, wait_for_http, write_overlay
+from tests.conftest import ROOT, config_flags, free_port, land_synthetic, run_stage, wait_for_http, write_overlay
 
 REGISTRY = load_registry(ROOT / "configs" / "doctypes")
 
@@ -33,14 +33,8 @@ REGISTRY = load_registry(ROOT / "configs" / "doctypes")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     """An export of 40 synthetic documents; eval.json gets a few of every type."""
-    from stages.config import SyntheticConfig
-    from stages.landing import write_batch
-    from stages.storage import open_storage
-    from stages.synthetic import generate
-
     root = tmp_path_factory.mktemp("exported")
-    documents = generate(list(REGISTRY.values()), SyntheticConfig(count=40, seed=9))
-    write_batch(open_storage(root / "landing"), [(r, image) for r, image, _ in documents], producer="test")
+    land_synthetic(root / "landing", 40, seed=9)
     overlay = write_overlay(root, "o.yaml", json.dumps({
         "storage": {"landing_uri": str(root), "datasets_uri": str(root / "ds"), "runs_uri": str(root)},
         "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"}, "dataset": {"eval_fraction": 0.3},

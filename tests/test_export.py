@@ -8,12 +8,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from stages.config import SyntheticConfig
 from stages.doctypes import load_registry
-from stages.landing import write_batch
-from stages.storage import open_storage
-from stages.synthetic import generate
-from tests.conftest import ROOT, run_stage, write_overlay
+from tests.conftest import ROOT, land_synthetic, run_stage, write_overlay
 
 REGISTRY = load_registry(ROOT / "configs" / "doctypes")
 
@@ -21,9 +17,7 @@ REGISTRY = load_registry(ROOT / "configs" / "doctypes")
 @pytest.fixture
 def dataset(overlay, tmp_path) -> Path:
     """A dataset version of 40 synthetic documents of every type."""
-    write_batch(open_storage(tmp_path / "landing"),
-                [(r, image) for r, image, _ in generate(list(REGISTRY.values()), SyntheticConfig(count=40, seed=2))],
-                producer="test")  # fmt: skip
+    land_synthetic(tmp_path / "landing", 40, seed=2)
     assert run_stage("ingest", overlay, "--output", str(tmp_path / "ds"), "--batch", str(tmp_path / "landing")) == 0
     return tmp_path / "ds"
 

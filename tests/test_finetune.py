@@ -25,7 +25,7 @@ from stages.finetune.__main__ import launch_settings, torchrun_command
 from stages.finetune.adapters import IGNORE_INDEX, load_adapter
 from stages.finetune.data import Example, Sample, read_examples, split_fitting
 from stages.finetune.train import TrainSpec, latest_checkpoint, training_arguments
-from tests.conftest import ROOT, config_flags, run_stage, write_overlay
+from tests.conftest import ROOT, config_flags, land_synthetic, run_stage, write_overlay
 
 DEEPSPEED = ROOT / "configs" / "deepspeed"
 
@@ -33,16 +33,8 @@ DEEPSPEED = ROOT / "configs" / "deepspeed"
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory) -> Path:
     """An export of 24 synthetic documents (ingest and export run for real)."""
-    from stages.config import SyntheticConfig
-    from stages.doctypes import load_registry
-    from stages.landing import write_batch
-    from stages.storage import open_storage
-    from stages.synthetic import generate
-
     root = tmp_path_factory.mktemp("exported")
-    registry = load_registry(ROOT / "configs" / "doctypes")
-    documents = generate(list(registry.values()), SyntheticConfig(count=24, seed=4))
-    write_batch(open_storage(root / "landing"), [(r, image) for r, image, _ in documents], producer="test")
+    land_synthetic(root / "landing", 24, seed=4)
     overlay = write_overlay(root, "o.yaml", json.dumps({
         "doctypes_dir": str(ROOT / "configs" / "doctypes"),
         "storage": {"landing_uri": str(root), "datasets_uri": str(root / "ds"), "runs_uri": str(root)},

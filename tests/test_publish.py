@@ -20,7 +20,7 @@ import mlflow
 import pytest
 
 from stages.publish.image import serve_flags
-from tests.conftest import ROOT, config_flags, run_stage, write_overlay
+from tests.conftest import ROOT, config_flags, land_synthetic, run_stage, write_overlay
 
 STANDIN = "localhost/vllm-standin:test"
 
@@ -30,16 +30,8 @@ def answering(tmp_path_factory, tiny_model) -> dict[str, Path]:
     """A tiny model trained until it answers in its schema (SROIE-style receipts, whose schema a
     small model meets soonest; 16 documents learnt by heart), patched, and its export: what a
     published model looks like, in a minute or two on CPU."""
-    from stages.config import SyntheticConfig
-    from stages.doctypes import load_registry
-    from stages.landing import write_batch
-    from stages.storage import open_storage
-    from stages.synthetic import generate
-
     root = tmp_path_factory.mktemp("answering")
-    registry = load_registry(ROOT / "configs" / "doctypes")
-    documents = generate([registry["receipt_en"]], SyntheticConfig(count=16, seed=3))
-    write_batch(open_storage(root / "landing"), [(r, image) for r, image, _ in documents], producer="test")
+    land_synthetic(root / "landing", 16, seed=3, doc_types=["receipt_en"])
     overlay = write_overlay(root, "o.yaml", json.dumps({
         "doc_types": ["receipt_en"], "model": {"base": str(tiny_model)}, "export": {"prompt_variants": False},
         "storage": {"landing_uri": str(root), "datasets_uri": str(root / "ds"), "runs_uri": str(root)},
