@@ -57,7 +57,7 @@ def main() -> None:
                 "batch_size": batch, "max_new_tokens": args.new_tokens}}))  # fmt: skip
             config = load_pipeline_config([ROOT / "configs" / "pipeline.yaml",
                                            ROOT / "configs" / "overlays" / "embedded.yaml", overlay])  # fmt: skip
-            backend = TransformersBackend(model, config)
+            backend = TransformersBackend.from_folder(model, config)
             backend.predict(requests[: min(batch, 4)])  # warm-up
             started = time.perf_counter()
             backend.predict(requests)

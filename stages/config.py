@@ -218,11 +218,26 @@ class TrainingConfig(_Strict):
     seed: int = 42
     dataloader_num_workers: int = Field(2, ge=0)
     launch: LaunchConfig = LaunchConfig()
+    selection: Literal["field_accuracy", "document_accuracy", "eval_loss"] = Field(
+        "field_accuracy", description="what makes a checkpoint the best one: accuracy of its generated answers, or loss"
+    )
+    selection_documents: int = Field(
+        64, ge=0, description="eval documents answered at every evaluation to score the checkpoint (0: none)"
+    )
 
     @model_validator(mode="after")
     def _something_to_tune(self) -> TrainingConfig:
         if not (self.tune_vision or self.tune_llm):
             raise ValueError("tune_vision and tune_llm are both false: nothing would be trained")
+        return self
+
+    @model_validator(mode="after")
+    def _checkpoints_are_scored(self) -> TrainingConfig:
+        if self.save_steps % self.eval_steps:
+            raise ValueError(f"save_steps {self.save_steps} must be a multiple of eval_steps {self.eval_steps}: "
+                             "every saved checkpoint is scored")  # fmt: skip
+        if self.selection != "eval_loss" and not self.selection_documents:
+            raise ValueError(f"selection {self.selection} needs selection_documents above 0")
         return self
 
 
@@ -245,6 +260,27 @@ class Thresholds(_Strict):
     json_validity: Probability
 
 
+class FitCheckConfig(_Strict):
+    """Training documents answered beside the eval set: train against eval tells under-fitting from
+    over-fitting, and the same documents with their images swapped tell reading from guessing."""
+
+    documents: int = Field(64, ge=0, description="training documents in the fixed sample (0: no fit check)")
+    seed: int = Field(0, description="draws the sample; the same seed and train set give the same sample")
+    image_control: bool = Field(True, description="answer the sample again with each image swapped for another's")
+    thresholds: Thresholds | None = Field(None, description="the gate also needs the fit to reach these")
+    max_control_ratio: Probability | None = Field(
+        None, description="the gate also needs the control's field accuracy at most this share of the fit's"
+    )
+
+    @model_validator(mode="after")
+    def _control_for_ratio(self) -> FitCheckConfig:
+        if self.max_control_ratio is not None and not self.image_control:
+            raise ValueError("max_control_ratio needs image_control")
+        if (self.thresholds or self.max_control_ratio is not None) and not self.documents:
+            raise ValueError("a gate on the fit check needs documents above 0")
+        return self
+
+
 class EvaluationConfig(_Strict):
     """How the eval set is answered, and the accuracy gates: defaults for every type, overrides per type."""
 
@@ -264,6 +300,7 @@ class EvaluationConfig(_Strict):
     regression_tolerance: Probability = Field(
         0.005, description="how far below the champion a challenger may fall and still pass"
     )
+    fit_check: FitCheckConfig = FitCheckConfig()
 
     @model_validator(mode="after")
     def _endpoint_for_openai(self) -> EvaluationConfig:
@@ -330,7 +367,7 @@ class PatchConfig(_Strict):
     """Which checkpoint of a finetune run becomes the model."""
 
     checkpoint: Literal["best", "latest"] = Field(
-        "best", description="best: the lowest eval loss (the latest where no eval ran); latest: the newest"
+        "best", description="best: by training.selection (the latest where no eval ran); latest: the newest"
     )
     max_new_tokens: int = Field(64, ge=1, description="tokens generated from one example to prove the model answers")
 

@@ -3,14 +3,17 @@
 A synthetic labelled batch lands (as a labelling team's export would), the landing watcher
 DAG announces it, and the pipeline DAG (``dags/doc_extraction.py``) runs every stage with the
 local launcher: ingest, export, finetune (the embedded default's tiny random MiniCPM-V 4.6,
-built offline on first use), patch, evaluate and the gate; the embedded default publishes
-nothing (no container engine or registry). Airflow keeps its state in ``data/airflow``
+built offline on first use, learns its training documents by heart), patch, evaluate and the
+gate, which asks the fit check to pass; the embedded default publishes nothing (no container
+engine or registry). It ends by printing the fit, the image control, the eval set's accuracy
+and the gate's decision. Airflow keeps its state in ``data/airflow``
 (sqlite); ``airflow dags test`` runs the DAGs in this process's environment, no scheduler.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(config.model.base)
     if "://" not in config.model.base and not (base / "config.json").exists():
         print(f"== building the tiny model in {base}", flush=True)
-        build_tiny_model(base, config.doctypes_dir)
+        build_tiny_model(base, config.doctypes_dir, size="demo")
 
     started = datetime.now(UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
@@ -97,7 +100,23 @@ def main(argv: list[str] | None = None) -> int:
         f"\nAirflow UI:       {' '.join(f'{k}={env[k]}' for k in AIRFLOW_SETTINGS)} .venv/bin/airflow standalone"
         "  (then http://127.0.0.1:8080)"
     )
+    print(accuracy_summary(Path(run_dir) / "evaluate"))
     return done.returncode and EXIT_FAILED
+
+
+def accuracy_summary(evaluation: Path) -> str:
+    """Fit, image control and eval accuracy, and the gate's decision, as the evaluate stage wrote them."""
+    if not (evaluation / "metrics.json").is_file():
+        return f"\nNo evaluation in {evaluation}."
+    saved = json.loads((evaluation / "metrics.json").read_text())
+    decision = json.loads((evaluation / "decision.json").read_text())
+    rows = [("Fit (training documents)", saved.get("fit")), ("Image control (swapped)", saved.get("image_control")),
+            ("Eval set (unseen)", saved["metrics"])]  # fmt: skip
+    lines = [f"{label + ':':27}field accuracy {m['overall']['field_accuracy']:.3f}, document accuracy "
+             f"{m['overall']['document_accuracy']:.3f}, JSON validity {m['overall']['json_validity']:.3f} "
+             f"({m['overall']['documents']} documents)" for label, m in rows if m]  # fmt: skip
+    verdict = "passed" if decision["passed"] else "failed"
+    return "\n" + "\n".join([*lines, f"Gate: {verdict}: {'; '.join(decision['reasons'])}"])
 
 
 if __name__ == "__main__":

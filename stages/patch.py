@@ -3,14 +3,16 @@
 Trainer checkpoints hold the weights and ``config.json`` but not what loading the processor
 needs (``preprocessor_config.json``, the tokenizer and chat template, and for remote-code
 models ``processing_minicpmv.py``, ``image_processing_minicpmv.py`` and the other ``.py``
-files). This stage takes the finetune run's best or latest checkpoint (``patch.checkpoint``)
-or the one given, copies its weights (consolidating DeepSpeed ZeRO shards into safetensors
+files). This stage takes the finetune run's best checkpoint (by ``training.selection``, as the
+finetune stage's ``selection.json`` says) or its latest (``patch.checkpoint``), or the one
+given, copies its weights (consolidating DeepSpeed ZeRO shards into safetensors
 where the checkpoint has none) and leaves optimizer, scheduler and RNG state behind, adds the
 processor files from the base model, restores what serving keys on in a remote-code
 ``config.json`` (``auto_map``, ``version``) as the base had it, then proves the folder works:
 the processor and the model load from it alone with no missing, unexpected or mismatched
 weights, and the model answers one of the run's examples. ``patch.json`` lists every file
-with its sha256 and where it came from.
+with its sha256 and where it came from, and why that checkpoint was taken (with the finetune
+run's per-checkpoint scores, which the evaluate stage's report draws).
 """
 
 from __future__ import annotations
@@ -46,23 +48,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def chosen_checkpoint(args: argparse.Namespace, choice: str) -> Path:
+def _selection(outputs: dict) -> dict | None:
+    """The finetune run's checkpoint selection (``selection.json``), where it wrote one."""
+    path = Path(outputs.get("selection") or "/nonexistent")
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def chosen_checkpoint(args: argparse.Namespace, choice: str) -> tuple[Path, dict]:
+    """The checkpoint to patch, and why it was taken."""
     if args.checkpoint:
-        checkpoint = args.checkpoint
+        checkpoint, why = args.checkpoint, {"reason": "given with --checkpoint"}
     else:
         path = args.finetune / "result.json"
         try:
             result = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+            outputs = result["outputs"]
+            selection = _selection(outputs)
+        except (OSError, ValueError, KeyError) as exc:
             raise BadInputError(f"{path}: cannot read the finetune result: {exc}") from exc
         if result.get("status") != "succeeded":
             raise BadInputError(f"{path}: the finetune run did not succeed ({result.get('error')})")
-        outputs = result["outputs"]
-        best = outputs.get("best_checkpoint") if choice == "best" else None
-        checkpoint = Path(best or outputs["last_checkpoint"])
+        if choice == "best" and outputs.get("best_checkpoint"):
+            checkpoint = Path(outputs["best_checkpoint"])
+            why = selection or {"reason": "the finetune run's best checkpoint"}
+        else:
+            checkpoint = Path(outputs["last_checkpoint"])
+            why = {**(selection or {}), "reason": f"patch.checkpoint is {choice}: the latest checkpoint"}
     if not (checkpoint / "config.json").is_file():
         raise BadInputError(f"{checkpoint}: not a checkpoint (no config.json)")
-    return checkpoint
+    return checkpoint, why
 
 
 def example_of(run: Path) -> Example:
@@ -145,7 +159,11 @@ def prove(adapter: Adapter, example: Example, config: PipelineConfig) -> str:
 def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
     if not isinstance(output, LocalStorage):
         raise BadInputError(f"--output {output.uri}: the patched model needs a local or mounted folder")
-    checkpoint = chosen_checkpoint(args, config.patch.checkpoint)
+    import mlflow
+
+    checkpoint, why = chosen_checkpoint(args, config.patch.checkpoint)
+    log.info("patching %s: %s", checkpoint, why["reason"])
+    mlflow.set_tag("checkpoint.selection", why["reason"][:5000])
     example = example_of(args.finetune or checkpoint.parent)
     out = Path(output.uri).resolve()
     try:
@@ -153,6 +171,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     except AdapterError as exc:
         raise BadInputError(f"base model: {exc}") from exc
     report = assemble(checkpoint, base, adapter_class(config.model.adapter).processor_files, out)
+    report["selection"] = why
 
     try:
         adapter = load_adapter(out, config.model, config.training)  # the processor loads from the folder alone

@@ -6,7 +6,9 @@ safetensors weights, a byte-level BPE tokenizer (trained here on the document ty
 prompts and sample values) with the placeholders the processor reads, a Qwen-style chat
 template, and the image processor's ``preprocessor_config.json``. Families: ``minicpmv4_6``
 (the default) and ``minicpmv4_7``, the native ones this transformers has (MiniCPM-OCR is not
-in it yet).
+in it yet). Sizes (``SIZES``), each for what it must show: ``smoke`` runs the machinery in
+seconds, ``demo`` learns a handful of documents by heart in CPU minutes (the demo and the
+memorisation test), ``reader`` is the learning benchmark's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from pydantic import BaseModel
 
 from stages.doctypes import load_registry
 
@@ -73,6 +77,29 @@ def build_tokenizer(doctypes_dir: Path, vocab_size: int = 600):
 FAMILIES = ("minicpmv4_6", "minicpmv4_7")
 
 
+class TinySize(BaseModel):
+    """A tiny model's dimensions, and the resolution its image processor scales documents to."""
+
+    text_hidden: int = 64
+    text_layers: tuple[str, ...] = ("full_attention", "linear_attention")  # qwen3.5's two kinds
+    vision_hidden: int = 32
+    vision_layers: int = 1
+    scale_resolution: int = 112  # 112 px: 4 image tokens; 224 px: about 16
+    # Pixels centred on paper white and scaled five times (mean 0.93, std 0.1 instead of 0.5, 0.5): a
+    # page is mostly blank paper, which otherwise dominates every patch a random encoder sees, so that
+    # a tiny model told documents apart only by chance; with ink as the signal it learns them in minutes.
+    ink_contrast: bool = False
+
+
+SIZES = {
+    "smoke": TinySize(),
+    "demo": TinySize(text_hidden=128, text_layers=("full_attention",) * 2, vision_hidden=64, vision_layers=2,
+                     ink_contrast=True),
+    "reader": TinySize(text_hidden=128, text_layers=("full_attention",) * 2, vision_hidden=96, vision_layers=3,
+                       scale_resolution=224, ink_contrast=True),
+}  # fmt: skip
+
+
 def _family_ids(family: str, tokenizer) -> dict[str, int]:
     """Token ids a family's config names beyond the image placeholder (4.7: the image and slice
     delimiters and the newline, for its 2-D positions)."""
@@ -83,24 +110,32 @@ def _family_ids(family: str, tokenizer) -> dict[str, int]:
     return {**ids, "newline_id": tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\n"))[0]}
 
 
-def build(output: Path, doctypes_dir: Path, seed: int = 0, family: str = "minicpmv4_6") -> Path:
+def build(output: Path, doctypes_dir: Path, seed: int = 0, family: str = "minicpmv4_6", size: str = "smoke") -> Path:
     """Write the tiny model folder; returns it."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.models.minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
 
+    dims = SIZES[size]
     tokenizer = build_tokenizer(doctypes_dir)
     text = {
-        "model_type": "qwen3_5_text", "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "layer_types": ["full_attention", "linear_attention"], "num_attention_heads": 4,
+        "model_type": "qwen3_5_text", "vocab_size": len(tokenizer), "hidden_size": dims.text_hidden,
+        "intermediate_size": 2 * dims.text_hidden, "num_hidden_layers": len(dims.text_layers),
+        "layer_types": list(dims.text_layers), "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 32, "linear_conv_kernel_dim": 2, "linear_key_head_dim": 16,
         "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 2,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
                             "partial_rotary_factor": 0.25},
         "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
     }  # fmt: skip
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "patch_size": 14, "image_size": 56}  # fmt: skip
+    vision = {
+        "hidden_size": dims.vision_hidden,
+        "intermediate_size": 2 * dims.vision_hidden,
+        "num_hidden_layers": dims.vision_layers,
+        "num_attention_heads": 2,
+        "patch_size": 14,
+        "image_size": 56,
+    }
     config = AutoConfig.for_model(
         family, text_config=text, vision_config=vision, insert_layer_id=0, image_size=56,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["image_token"]),
@@ -114,7 +149,9 @@ def build(output: Path, doctypes_dir: Path, seed: int = 0, family: str = "minicp
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
-    MiniCPMV4_6ImageProcessorPil(scale_resolution=112, max_slice_nums=1, patch_size=14).save_pretrained(output)
+    contrast = {"image_mean": [0.93] * 3, "image_std": [0.1] * 3} if dims.ink_contrast else {}
+    MiniCPMV4_6ImageProcessorPil(scale_resolution=dims.scale_resolution, max_slice_nums=1, patch_size=14,
+                                 **contrast).save_pretrained(output)  # fmt: skip
     processor_class = {"minicpmv4_6": "MiniCPMV4_6Processor", "minicpmv4_7": "MiniCPMV4_7Processor"}[family]
     (output / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}, indent=2))
     return output
@@ -126,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doctypes", type=Path, default=Path("configs/doctypes"), help="document-type folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", choices=FAMILIES, default=FAMILIES[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="smoke", help="smoke, demo or reader (see SIZES)")
     args = parser.parse_args(argv)
-    print(build(args.output, args.doctypes, args.seed, args.family))
+    print(build(args.output, args.doctypes, args.seed, args.family, args.size))
     return 0
 
 

@@ -23,6 +23,7 @@ from stages.config import S3Config
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "configs" / "pipeline.yaml"
 EMBEDDED = ROOT / "configs" / "overlays" / "embedded.yaml"
+SMOKE = ROOT / "tests" / "fixtures" / "smoke.yaml"  # machinery tests: a few steps, no fit gate
 SHARED = Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared"))  # CI clones with shared/ beside the repo
 SROIE = SHARED / "data" / "sroie-sample"
 LOCAL_BASE = "localhost/debian-base:bookworm"  # docker/local-base.sh; stands in for python:3.11-slim-bookworm
@@ -82,8 +83,8 @@ def bucket(s3_config) -> str:
 
 
 @pytest.fixture
-def overlay(tmp_path) -> list[Path]:
-    """Config files for the embedded default, redirected into this test's temporary folder."""
+def embedded(tmp_path) -> list[Path]:
+    """Config files for the embedded default as shipped, redirected into this test's temporary folder."""
     path = tmp_path / "test-overlay.yaml"
     path.write_text(
         yaml.safe_dump(
@@ -103,6 +104,12 @@ def overlay(tmp_path) -> list[Path]:
         )
     )
     return [PIPELINE, EMBEDDED, path]
+
+
+@pytest.fixture
+def overlay(embedded) -> list[Path]:
+    """The embedded default in this test's folder, trained and gated for a machinery test (``SMOKE``)."""
+    return [*embedded, SMOKE]
 
 
 def _environ_without_mlflow() -> dict[str, str]:

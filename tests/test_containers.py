@@ -23,7 +23,7 @@ from stages import tracking
 from stages.config import TrackingConfig, load_pipeline_config
 from stages.launch import gpu_run_arguments
 from stages.manifest import RESULT_FILE, git_commit
-from tests.conftest import LOCAL_BASE, ROOT, land_synthetic, run_stage
+from tests.conftest import LOCAL_BASE, ROOT, SMOKE, land_synthetic, run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 
@@ -34,6 +34,7 @@ def workdir(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     work.chmod(0o777)
+    shutil.copy(SMOKE, work / "smoke.yaml")
     (work / "overlay.yaml").write_text(
         "storage: {landing_uri: /work/landing, datasets_uri: /work/datasets, runs_uri: /work/runs}\n"
         "tracking: {tracking_uri: 'sqlite:////work/mlflow/mlflow.db', artifact_location: /work/mlflow/artifacts}\n"
@@ -42,7 +43,7 @@ def workdir(tmp_path):
 
 
 CONFIG_FLAGS = ["--config", "configs/pipeline.yaml", "--config", "configs/overlays/embedded.yaml",
-                "--config", "/work/overlay.yaml"]  # fmt: skip
+                "--config", "/work/smoke.yaml", "--config", "/work/overlay.yaml"]  # fmt: skip
 
 
 def test_stage_runs_in_its_container_and_continues_the_pipeline_run(docker_client, stage_image, workdir):
@@ -129,7 +130,8 @@ def test_finetune_and_patch_run_in_the_training_image(docker_client, train_image
     host_overlay.write_text(f"storage: {{landing_uri: {workdir}/landing, datasets_uri: {workdir}/datasets, "
                             f"runs_uri: {workdir}/runs}}\ntracking: {{tracking_uri: 'sqlite:///{workdir}/host.db'}}\n"
                             "export: {image_root: /work/datasets}\n")  # fmt: skip
-    host_configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", host_overlay]
+    host_configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", SMOKE,
+                    host_overlay]  # fmt: skip
     land_synthetic(workdir / "landing", 12)
     assert (
         run_stage("ingest", host_configs, "--output", str(workdir / "datasets"), "--batch", str(workdir / "landing"))

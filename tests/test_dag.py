@@ -28,7 +28,7 @@ from stages.config import ConfigError
 from stages.demo import airflow_environment
 from stages.orchestration import plan as planning
 from stages.orchestration.launchers import stage_operator
-from tests.conftest import EMBEDDED, PIPELINE, ROOT, land_synthetic, run_stage
+from tests.conftest import EMBEDDED, PIPELINE, ROOT, SMOKE, land_synthetic, run_stage
 
 HEAVY = ("torch", "transformers", "deepspeed", "mlflow", "boto3", "kubernetes", "docker", "PIL")
 
@@ -287,6 +287,7 @@ def test_the_dag_runs_end_to_end_in_containers(airflow_home, tmp_path, tiny_mode
     work.mkdir()
     experiment = f"dag-in-containers-{uuid.uuid4().hex[:8]}"
     shutil.copytree(tiny_model, work / "model")
+    smoke = shutil.copy(SMOKE, work / "smoke.yaml")
     overlay = work / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({
         "doctypes_dir": "configs/doctypes",
@@ -299,9 +300,9 @@ def test_the_dag_runs_end_to_end_in_containers(airflow_home, tmp_path, tiny_mode
         "orchestration": {"launcher": "docker", "stage_image": stage_image, "docker_url": docker_client.docker_host,
                           "network_mode": "host", "mounts": {str(work): str(work)}, "retries": 0,
                           "container_configs": ["configs/pipeline.yaml", "configs/overlays/embedded.yaml",
-                                                str(overlay)]},
+                                                str(smoke), str(overlay)]},
     }))  # fmt: skip
-    configs = [PIPELINE, EMBEDDED, overlay]
+    configs = [PIPELINE, EMBEDDED, smoke, overlay]
     land_synthetic(work / "landing" / "batch-1", 12, doc_types=["receipt_en"])
     for path in [work, *work.rglob("*")]:
         path.chmod(0o777 if path.is_dir() else 0o666)

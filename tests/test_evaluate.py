@@ -19,10 +19,12 @@ import mlflow
 import pytest
 from PIL import Image
 
-from stages.config import load_pipeline_config
+from stages.config import EvaluationConfig, load_pipeline_config
 from stages.doctypes import load_registry
+from stages.evaluate.__main__ import swapped_images
 from stages.evaluate.backends import OpenAIBackend, Request, VllmBackend, max_new_tokens
 from stages.evaluate.baseline import Box, Extractor, OcrBaseline, reading_order
+from stages.evaluate.gate import decide
 from stages.evaluate.metrics import evaluate_all, score
 from stages.finetune.data import read_examples
 from tests.conftest import ROOT, config_flags, free_port, land_synthetic, run_stage, wait_for_http, write_overlay
@@ -72,9 +74,13 @@ def test_transformers_backend_end_to_end(overlay, exported, tiny_model, tmp_path
     assert len(predictions) == result["counts"]["documents"] and all("answer" in p for p in predictions)
     page = (out / "report.html").read_text()
     assert "Failed documents" in page and "data:image/png;base64," in page and "OCR field acc." in page
+    train = read_examples((exported / "train.json").read_bytes(), "train.json")
+    assert saved["fit"]["overall"]["documents"] == saved["image_control"]["overall"]["documents"] == len(train)
+    assert "Fit check" in page and "swapped images (control)" in page
 
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow/mlflow.db").get_run(result["mlflow_run_id"])
     assert run.data.tags["eval_set"] == saved["eval_set"] and "ocr_baseline.field_accuracy" in run.data.metrics
+    assert {"fit.field_accuracy", "fit.json_validity", "image_control.field_accuracy"} <= set(run.data.metrics)
     for doc_type in saved["metrics"]["per_doc_type"]:
         first_field = REGISTRY[doc_type].fields[0].name
         assert {f"{doc_type}.field_accuracy", f"{doc_type}.per_field_accuracy.{first_field}"} <= set(run.data.metrics)
@@ -179,3 +185,37 @@ def test_ocr_baseline_reads_a_synthetic_document(exported):
     fields, seconds = OcrBaseline().read(request.doc_type, Image.open(request.example.image))
     expected = json.loads(request.example.answer)
     assert seconds > 0 and sum(fields[k] == v for k, v in expected.items()) >= 2
+
+
+def test_swapped_images_give_each_document_another_documents_image(exported):
+    requests = _requests(exported)
+    single = requests[:1] + [r for r in requests if r.doc_type.id != requests[0].doc_type.id]  # a type with one
+    for chosen in (requests, single):
+        images = {r.example.image: r for r in chosen}
+        for before, after in zip(chosen, swapped_images(chosen), strict=True):
+            assert (after.example.id, after.example.answer) == (before.example.id, before.example.answer)
+            assert after.example.image != before.example.image and after.example.image in images
+            same_type = [r for r in chosen if r.doc_type.id == before.doc_type.id]
+            assert len(same_type) == 1 or images[after.example.image].doc_type.id == before.doc_type.id
+
+
+def _overall(field_accuracy: float, json_validity: float = 1.0) -> dict:
+    values = {"field_accuracy": field_accuracy, "document_accuracy": field_accuracy / 2, "json_validity": json_validity}
+    return {"overall": values, "per_doc_type": {"thsr_ticket": values}}
+
+
+def test_the_fit_check_gates_the_fit_and_the_image_dependence():
+    zero = {"field_accuracy": 0.0, "document_accuracy": 0.0, "json_validity": 0.0}
+    config = EvaluationConfig(thresholds=zero, fit_check={
+        "thresholds": {"field_accuracy": 0.9, "document_accuracy": 0.4, "json_validity": 1.0},
+        "max_control_ratio": 0.5})  # fmt: skip
+    decision = lambda fit, control: decide(_overall(0.1), config, "set", fit=fit, control=control)  # noqa: E731
+    assert decision(_overall(0.96), _overall(0.3)).passed
+    guessed = decision(_overall(0.96), _overall(0.6))
+    assert not guessed.passed and "do not depend enough on the image" in guessed.reasons[0]
+    under = decision(_overall(0.5), _overall(0.1))
+    assert not under.passed and any(r == "train sample: field_accuracy 0.5000 < 0.9000 (the fit threshold)"
+                                    for r in under.reasons)  # fmt: skip
+    assert "nothing shows that the answers depend on the image" in decision(_overall(0.0), _overall(0.0)).reasons[-1]
+    assert "no training document was answered" in decision(None, None).reasons[0]
+    assert decide(_overall(0.1), EvaluationConfig(thresholds=zero), "set").passed  # no fit rules: not required

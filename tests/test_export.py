@@ -28,7 +28,8 @@ def export(config: list[Path], dataset: Path, out: Path, *extra: str) -> tuple[i
 
 
 def test_conversations_follow_the_finetune_format(overlay, dataset, tmp_path):
-    code, result = export(overlay, dataset, tmp_path / "export")
+    variants = write_overlay(tmp_path, "variants.yaml", "export: {prompt_variants: true}\n")
+    code, result = export([*overlay, variants], dataset, tmp_path / "export")
     assert code == 0
     train = json.loads((tmp_path / "export" / "train.json").read_text())
     evaluation = json.loads((tmp_path / "export" / "eval.json").read_text())

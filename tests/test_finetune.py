@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.config import LaunchConfig, S3Config, TrainingConfig, load_pipeline_config
+from stages.config import EvaluationConfig, LaunchConfig, S3Config, TrainingConfig, load_pipeline_config
 from stages.finetune.__main__ import launch_settings, torchrun_command
 from stages.finetune.adapters import IGNORE_INDEX, load_adapter
 from stages.finetune.data import Example, Sample, read_examples, split_fitting
@@ -160,13 +160,15 @@ def test_deepspeed_configs_leave_the_schedule_to_the_trainer():
 
 def test_training_arguments_follow_the_config(tmp_path):
     offload = str(DEEPSPEED / "zero2_offload.json")
-    spec = TrainSpec(model_dir="m", model={"base": "m"}, training=TrainingConfig(), train_file="t", eval_file="e",
-                     output_dir=str(tmp_path), deepspeed_config=offload, s3=S3Config())  # fmt: skip
+    spec = TrainSpec(model_dir="m", model={"base": "m"}, training=TrainingConfig(), evaluation=EvaluationConfig(),
+                     doctypes_dir="d", train_file="t", eval_file="e", output_dir=str(tmp_path),
+                     deepspeed_config=offload, s3=S3Config())  # fmt: skip
     args = training_arguments(spec, use_cpu=True, has_eval=True)
     assert args.prediction_loss_only  # evaluation keeps the loss, never every batch's logits
     assert (args.lr_scheduler_type, args.learning_rate, args.warmup_steps) == ("cosine", 1e-6, 0.01)
     assert (args.weight_decay, args.adam_beta2, args.max_steps, args.save_total_limit) == (0.1, 0.95, 10000, 5)
-    assert args.metric_for_best_model == "eval_loss" and args.gradient_checkpointing
+    assert args.metric_for_best_model == "eval_field_accuracy" and args.greater_is_better  # kept from rotation
+    assert args.gradient_checkpointing
 
 
 def test_launch_layout_from_config_or_environment():
@@ -237,8 +239,11 @@ def test_finetune_trains_saves_and_tracks(finetune_config, exported, tmp_path):
     assert len(losses) == 12 and losses[-1] < losses[0]
     assert len(history("eval_loss")) == 2 and history("tokens_per_second") and history("samples_per_second")
     assert run.data.params["dataset.version"] == result["inputs"]["dataset_version"]
-    assert not any(k.startswith("eval_") and k not in {"eval_loss", "eval_runtime", "eval_samples_per_second",
-                                                        "eval_steps_per_second"} for k in run.data.metrics)  # fmt: skip
+    for key in ("eval_field_accuracy", "eval_document_accuracy", "eval_json_validity"):  # each checkpoint's answers
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [6, 12]
+    selection = json.loads((tmp_path / "ft" / "selection.json").read_text())
+    assert result["outputs"]["best_checkpoint"] == selection["checkpoint"] and selection["documents"] == 4
+    assert [point["step"] for point in selection["curve"]] == [6, 12] and run.data.tags["checkpoint.selection"]
     _assert_cosine(history("learning_rate"), peak=1e-3)
 
 

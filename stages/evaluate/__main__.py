@@ -5,9 +5,13 @@ on the model folder, ``openai`` against ``evaluation.endpoint``, ``vllm`` on a G
 JSON in each answer, scores each field against the label with the document type's
 normalisation, runs the OCR baseline on the same documents (``evaluation.ocr_baseline``), and
 applies the gate: thresholds per type and, with ``--champion-metrics``, no regression against
-the champion measured on the same eval set. Writes ``predictions.jsonl``, ``metrics.json``,
-``decision.json`` and ``report.html``; the stage succeeds whatever the decision (a failed
-gate is an outcome, not an error) and reports it as ``metrics.gate_passed`` for the DAG.
+the champion measured on the same eval set. The fit check (``evaluation.fit_check``) answers a
+fixed sample of ``train.json`` the same way, then again with each image swapped for another
+document's: train against eval tells under-fitting from over-fitting, and the control tells
+answers read from the pixels from answers guessed from the prompt; the gate can require both.
+Writes ``predictions.jsonl``, ``metrics.json``, ``decision.json`` and ``report.html``; the
+stage succeeds whatever the decision (a failed gate is an outcome, not an error) and reports
+it as ``metrics.gate_passed`` for the DAG.
 """
 
 from __future__ import annotations
@@ -22,11 +26,10 @@ from pathlib import Path
 from stages.cli import BadInputError, main, stage_parser
 from stages.config import PipelineConfig
 from stages.doctypes import DocType, load_registry
-from stages.evaluate.backends import Backend, Request, Response
+from stages.evaluate.backends import Backend, Request
 from stages.evaluate.gate import decide
-from stages.evaluate.metrics import Scored, evaluate_all, score
-from stages.evaluate.parsing import extract_json
-from stages.finetune.data import DataError, read_examples
+from stages.evaluate.metrics import Scored, evaluate_all, measure, score
+from stages.finetune.data import DataError, fixed_sample, read_examples
 from stages.manifest import StageOutput
 from stages.storage import Storage, StorageError, open_storage
 
@@ -41,21 +44,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def eval_requests(data: Storage, registry: dict[str, DocType]) -> tuple[list[Request], str]:
-    """The eval documents, and the eval set's version (the hash of eval.json)."""
+def read_requests(data: Storage, name: str, registry: dict[str, DocType]) -> tuple[list[Request], str]:
+    """The documents of an examples file, and the file's version (its hash)."""
     try:
-        raw = data.read_bytes("eval.json")
-        examples = read_examples(raw, data.uri_of("eval.json"))
+        raw = data.read_bytes(name)
+        examples = read_examples(raw, data.uri_of(name))
     except (StorageError, DataError) as exc:
         raise BadInputError(str(exc)) from exc
     if not examples:
-        raise BadInputError(f"{data.uri_of('eval.json')}: no eval documents")
+        raise BadInputError(f"{data.uri_of(name)}: no documents")
     if any(e.doc_type is None for e in examples):
-        raise BadInputError(f"{data.uri_of('eval.json')}: documents without a doc_type; export them again")
+        raise BadInputError(f"{data.uri_of(name)}: documents without a doc_type; export them again")
     unknown = sorted({e.doc_type for e in examples if e.doc_type not in registry})
     if unknown:
-        raise BadInputError(f"{data.uri_of('eval.json')}: document types {unknown} are not in the registry")
+        raise BadInputError(f"{data.uri_of(name)}: document types {unknown} are not in the registry")
     return [Request(e, registry[e.doc_type]) for e in examples], hashlib.sha256(raw).hexdigest()[:16]
+
+
+def fit_sample(data: Storage, registry: dict[str, DocType], size: int, seed: int) -> list[Request]:
+    """The fit check's fixed sample of training documents (the same for the same train.json and seed)."""
+    requests, _ = read_requests(data, "train.json", registry)
+    chosen = {e.id for e in fixed_sample([r.example for r in requests], size, seed)}
+    return [r for r in requests if r.example.id in chosen]
+
+
+def swapped_images(requests: list[Request]) -> list[Request]:
+    """The image control: each document asked about with the image of the next document of its type
+    (of the next document at all, where its type has one document only), so no answer can be read
+    from its own pixels. A model that reads scores near what guessing the values would."""
+    by_type: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+        by_type.setdefault(request.doc_type.id, []).append(index)
+    donor = {}
+    for indices in by_type.values():
+        pool = indices if len(indices) > 1 else list(range(len(requests)))
+        for index in indices:
+            donor[index] = pool[(pool.index(index) + 1) % len(pool)]
+    return [Request(r.example.model_copy(update={"image": requests[donor[i]].example.image}), r.doc_type)
+            for i, r in enumerate(requests)]  # fmt: skip
 
 
 def open_backend(args: argparse.Namespace, config: PipelineConfig) -> Backend:
@@ -72,12 +98,7 @@ def open_backend(args: argparse.Namespace, config: PipelineConfig) -> Backend:
         return VllmBackend(Path(args.model), config)
     from stages.evaluate.backends import TransformersBackend
 
-    return TransformersBackend(Path(args.model), config)
-
-
-def scored(requests: list[Request], responses: list[Response]) -> list[Scored]:
-    return [score(r.doc_type, r.example.id, json.loads(r.example.answer), extract_json(a.answer), a.answer,
-                  a.latency_s) for r, a in zip(requests, responses, strict=True)]  # fmt: skip
+    return TransformersBackend.from_folder(Path(args.model), config)
 
 
 def ocr_baseline(requests: list[Request], config: PipelineConfig) -> tuple[list[Scored], float]:
@@ -104,6 +125,12 @@ def _flat(metrics: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
+def _selection(model: str | None) -> dict | None:
+    """How the patched model's checkpoint was chosen (``patch.json``), for the report's curve."""
+    path = Path(model or "/nonexistent") / "patch.json"
+    return json.loads(path.read_text()).get("selection") if path.is_file() else None
+
+
 def _champion(uri: str | None, config: PipelineConfig) -> tuple[dict | None, str | None]:
     if not uri:
         return None, None
@@ -121,36 +148,45 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     from stages.evaluate.report import render
 
     registry = load_registry(config.doctypes_dir)
+    settings, fit_check = config.evaluation, config.evaluation.fit_check
     data = open_storage(args.data, config.storage.s3)
-    requests, eval_set = eval_requests(data, registry)
+    requests, eval_set = read_requests(data, "eval.json", registry)
+    train_sample = fit_sample(data, registry, fit_check.documents, fit_check.seed) if fit_check.documents else []
     champion, champion_eval_set = _champion(args.champion_metrics, config)
     backend = open_backend(args, config)
 
-    started = time.perf_counter()
-    documents = scored(requests, backend.predict(requests))
-    metrics = evaluate_all(documents, registry, time.perf_counter() - started)
+    documents, metrics = measure(backend, requests, registry)
+    fit = control = None
+    if train_sample:
+        _, fit = measure(backend, train_sample, registry)
+        if fit_check.image_control and len(train_sample) > 1:
+            _, control = measure(backend, swapped_images(train_sample), registry)
     baseline = None
-    if config.evaluation.ocr_baseline:
+    if settings.ocr_baseline:
         baseline_documents, seconds = ocr_baseline(requests, config)
         baseline = evaluate_all(baseline_documents, registry, seconds)
-    decision = decide(metrics, config.evaluation, eval_set, champion, champion_eval_set)
+    decision = decide(metrics, settings, eval_set, champion, champion_eval_set, fit, control)
+    selection = _selection(args.model)
 
     predictions = [{"id": d.id, "doc_type": d.doc_type, "expected": d.expected, "predicted": d.predicted,
                     "answer": d.answer, "latency_s": d.latency_s, "correct": d.correct} for d in documents]  # fmt: skip
     output.write_bytes("predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n"
                                                     for p in predictions).encode("utf-8"))  # fmt: skip
     saved = {"eval_set": eval_set, "model": args.model or config.evaluation.endpoint, "metrics": metrics,
-             "baseline": baseline}  # fmt: skip
+             "baseline": baseline, "fit": fit, "image_control": control}  # fmt: skip
     output.write_bytes("metrics.json", json.dumps(saved, indent=2, ensure_ascii=False).encode("utf-8"))
     output.write_bytes("decision.json", decision.model_dump_json(indent=2).encode("utf-8"))
     images = {r.example.id: r.example.image for r in requests}
     page = render(model=args.model or config.evaluation.endpoint, backend=config.evaluation.backend,
-                  eval_set=eval_set, metrics=metrics, baseline=baseline, decision=decision.model_dump(),
+                  eval_set=eval_set, metrics=metrics, baseline=baseline, fit=fit, control=control,
+                  selection=selection, decision=decision.model_dump(),
                   documents=documents, images=images, gallery_size=config.evaluation.gallery_size,
                   s3=config.storage.s3)  # fmt: skip
     output.write_bytes("report.html", page.encode("utf-8"))
 
-    mlflow.log_metrics(_flat(metrics) | (_flat(baseline, "ocr_baseline.") if baseline else {}))
+    mlflow.log_metrics(_flat(metrics) | {key: value for part, prefix in ((baseline, "ocr_baseline."), (fit, "fit."),
+                                                                         (control, "image_control.")) if part
+                                         for key, value in _flat(part, prefix).items()})  # fmt: skip
     mlflow.set_tags({"eval_set": eval_set, "gate.passed": str(decision.passed).lower()})
     mlflow.log_text(page, f"{STAGE}/report.html")
     mlflow.log_dict(decision.model_dump(mode="json"), f"{STAGE}/decision.json")
@@ -165,7 +201,10 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         counts={"documents": len(documents), "unparsed": sum(d.predicted is None for d in documents)},
         metrics={"gate_passed": float(decision.passed), **{k: overall[k] for k in (
             "field_accuracy", "document_accuracy", "json_validity", "docs_per_s")},
-            **({"ocr_baseline.field_accuracy": baseline["overall"]["field_accuracy"]} if baseline else {})},
+            **({"ocr_baseline.field_accuracy": baseline["overall"]["field_accuracy"]} if baseline else {}),
+            **({f"fit.{k}": fit["overall"][k] for k in ("field_accuracy", "document_accuracy", "json_validity")}
+               if fit else {}),
+            **({"image_control.field_accuracy": control["overall"]["field_accuracy"]} if control else {})},
     )  # fmt: skip
 
 

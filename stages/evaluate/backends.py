@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from stages.config import EvaluationConfig, PipelineConfig
+from stages.config import EvaluationConfig, PipelineConfig, S3Config
 from stages.doctypes import DocType
 from stages.finetune.data import IMAGE_PLACEHOLDER, Example, Sample, load_image
 
@@ -88,28 +88,31 @@ def response_format(doc_type: DocType) -> dict:
 
 
 class TransformersBackend:
-    """Batched greedy generation through the model family's adapter."""
+    """Batched greedy generation through the model family's adapter, with a model in memory: the
+    patched folder's (``from_folder``) or the one being trained (checkpoint selection)."""
 
-    def __init__(self, model_dir: Path, config: PipelineConfig):
+    def __init__(self, adapter, model, settings: EvaluationConfig, s3: S3Config):
+        self.adapter, self.model, self.settings, self.s3 = adapter, model, settings, s3
+
+    @classmethod
+    def from_folder(cls, model_dir: Path, config: PipelineConfig) -> TransformersBackend:
         import torch
 
         from stages.finetune.adapters import load_adapter
 
-        self.config = config
-        self.adapter = load_adapter(model_dir, config.model, config.training)
+        adapter = load_adapter(model_dir, config.model, config.training)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.model = self.adapter.from_pretrained(dtype).to(device).eval()
+        return cls(adapter, adapter.from_pretrained(dtype).to(device).eval(), config.evaluation, config.storage.s3)
 
     def predict(self, requests: list[Request]) -> list[Response]:
         import torch
 
-        settings: EvaluationConfig = self.config.evaluation
         responses = []
-        for batch in batches(requests, settings.batch_size):
+        for batch in batches(requests, self.settings.batch_size):
             started = time.perf_counter()
-            samples = [Sample(r.example, load_image(r.example.image, self.config.storage.s3)) for r in batch]
-            budget = max(max_new_tokens(r.doc_type, settings.max_new_tokens) for r in batch)
+            samples = [Sample(r.example, load_image(r.example.image, self.s3)) for r in batch]
+            budget = max(max_new_tokens(r.doc_type, self.settings.max_new_tokens) for r in batch)
             with torch.no_grad():
                 answers = self.adapter.generate(self.model, samples, budget)
             elapsed = time.perf_counter() - started

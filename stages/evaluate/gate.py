@@ -1,5 +1,7 @@
-"""The accuracy gate: thresholds per document type, and no regression against the champion
-evaluated on the same eval-set version. The DAG branches on ``passed``; reasons say why."""
+"""The accuracy gate: thresholds per document type, no regression against the champion evaluated
+on the same eval-set version and, where configured, the fit check: the training sample reaches
+its thresholds and its image control falls far enough below it (the answers come from the
+pixels). The DAG branches on ``passed``; reasons say why."""
 
 from __future__ import annotations
 
@@ -12,12 +14,23 @@ NO_REGRESSION = ("field_accuracy", "document_accuracy")
 
 
 class Check(BaseModel):
-    rule: str  # "threshold" or "no_regression"
-    scope: str  # a document type, or "overall"
+    rule: str  # "threshold", "no_regression", "fit_threshold" or "image_dependence"
+    scope: str  # a document type, "overall", or "train sample"
     metric: str
     value: float
-    limit: float
+    limit: float  # the least the value may be; for image_dependence, the most
     passed: bool
+
+    @property
+    def failure(self) -> str:
+        if self.rule == "image_dependence" and not self.limit:
+            return f"{self.scope}: the fit's {self.metric} is 0: nothing shows that the answers depend on the image"
+        if self.rule == "image_dependence":
+            return (f"{self.scope}: {self.metric} with swapped images {self.value:.4f} > {self.limit:.4f} (the "
+                    "fit's share allowed): the answers do not depend enough on the image")  # fmt: skip
+        against = {"no_regression": "the champion's less the tolerance", "fit_threshold": "the fit threshold"}
+        limit = against.get(self.rule, "the threshold")
+        return f"{self.scope}: {self.metric} {self.value:.4f} < {self.limit:.4f} ({limit})"
 
 
 class Decision(BaseModel):
@@ -29,8 +42,10 @@ class Decision(BaseModel):
 
 
 def decide(metrics: dict, config: EvaluationConfig, eval_set: str | None, champion: dict | None = None,
-           champion_eval_set: str | None = None) -> Decision:  # fmt: skip
-    """Apply the thresholds and, where a champion's metrics are given, the no-regression rule."""
+           champion_eval_set: str | None = None, fit: dict | None = None,
+           control: dict | None = None) -> Decision:  # fmt: skip
+    """Apply the thresholds, the no-regression rule where a champion's metrics are given, and the fit
+    check's rules where ``evaluation.fit_check`` sets them."""
     checks: list[Check] = []
     reasons: list[str] = []
     for doc_type, values in metrics["per_doc_type"].items():
@@ -52,11 +67,32 @@ def decide(metrics: dict, config: EvaluationConfig, eval_set: str | None, champi
                     limit = theirs[metric] - config.regression_tolerance
                     checks.append(Check(rule="no_regression", scope=scope, metric=metric, value=mine[metric],
                                         limit=limit, passed=mine[metric] >= limit))  # fmt: skip
-    for check in checks:
-        if not check.passed:
-            against = "the champion's less the tolerance" if check.rule == "no_regression" else "the threshold"
-            reasons.append(f"{check.scope}: {check.metric} {check.value:.4f} < {check.limit:.4f} ({against})")
+    checks += _fit_checks(config, fit, control, reasons)
+    reasons += [check.failure for check in checks if not check.passed]
     if not metrics["per_doc_type"]:
         reasons.append("no document was evaluated")
     return Decision(passed=not reasons, reasons=reasons or ["every check passed"], checks=checks,
                     eval_set=eval_set, champion_eval_set=champion_eval_set)  # fmt: skip
+
+
+def _fit_checks(config: EvaluationConfig, fit: dict | None, control: dict | None, reasons: list[str]) -> list[Check]:
+    """The fit check's rules; a rule whose measurement is missing fails with a reason."""
+    settings, scope, checks = config.fit_check, "train sample", []
+    if settings.thresholds is not None:
+        if fit is None:
+            reasons.append("evaluation.fit_check.thresholds is set but no training document was answered")
+        else:
+            for metric in GATED:
+                value, limit = fit["overall"][metric], getattr(settings.thresholds, metric)
+                checks.append(Check(rule="fit_threshold", scope=scope, metric=metric, value=value, limit=limit,
+                                    passed=value >= limit))  # fmt: skip
+    if settings.max_control_ratio is not None:
+        if fit is None or control is None:
+            reasons.append("evaluation.fit_check.max_control_ratio is set but no image control ran (it needs two "
+                           "or more training documents)")  # fmt: skip
+        else:
+            value = control["overall"]["field_accuracy"]
+            limit = settings.max_control_ratio * fit["overall"]["field_accuracy"]
+            checks.append(Check(rule="image_dependence", scope=scope, metric="field_accuracy", value=value,
+                                limit=limit, passed=limit > 0 and value <= limit))  # fmt: skip
+    return checks

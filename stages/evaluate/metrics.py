@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -20,6 +22,8 @@ from rapidfuzz.distance import Levenshtein
 from zss import Node, simple_distance
 
 from stages.doctypes import DocType
+from stages.evaluate.backends import Backend, Request
+from stages.evaluate.parsing import extract_json
 
 
 @dataclass
@@ -130,3 +134,13 @@ def evaluate_all(documents: list[Scored], registry: dict[str, DocType], duration
            for key in ("donut_field_f1", "donut_ted_accuracy")},
     }  # fmt: skip
     return {"overall": overall, "per_doc_type": per_type}
+
+
+def measure(backend: Backend, requests: list[Request], registry: dict[str, DocType]) -> tuple[list[Scored], dict]:
+    """Answer ``requests`` through ``backend`` and score every answer: the documents and their metrics."""
+    started = time.perf_counter()
+    responses = backend.predict(requests)
+    duration = time.perf_counter() - started
+    documents = [score(r.doc_type, r.example.id, json.loads(r.example.answer), extract_json(a.answer), a.answer,
+                       a.latency_s) for r, a in zip(requests, responses, strict=True)]  # fmt: skip
+    return documents, evaluate_all(documents, registry, duration)

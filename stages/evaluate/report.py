@@ -1,6 +1,8 @@
-"""The HTML report: per-type table beside the OCR baseline, an accuracy plot, the fields most
-often wrong, and a gallery of failed documents with expected and predicted values, the
-differences marked. One self-contained file (images inline)."""
+"""The HTML report: per-type table beside the OCR baseline, the fit check (a sample of training
+documents, and the same with swapped images), the finetune run's per-checkpoint accuracy with the
+chosen checkpoint, an accuracy plot, the fields most often wrong, and a gallery of failed
+documents with expected and predicted values, the differences marked. One self-contained file
+(images inline)."""
 
 from __future__ import annotations
 
@@ -24,12 +26,43 @@ def _png_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def accuracy_plot(metrics: dict, baseline: dict | None) -> str:
-    """Field and document accuracy per type (and the OCR baseline's), as a PNG data URL."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure_url(figure) -> str:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=96)
+    _pyplot().close(figure)
+    return _png_url(buffer.getvalue())
+
+
+def selection_plot(selection: dict) -> str | None:
+    """The finetune run's accuracy per evaluated step, the chosen checkpoint marked, as a PNG data URL."""
+    curve = [point for point in selection.get("curve", []) if point.get("field_accuracy") is not None]
+    if not curve:
+        return None
+    figure, axes = _pyplot().subplots(figsize=(6.4, 3.2))
+    steps = [point["step"] for point in curve]
+    for metric in ("field_accuracy", "document_accuracy", "json_validity"):
+        axes.plot(steps, [point[metric] for point in curve], marker="o", label=metric.replace("_", " "))
+    if selection.get("step") is not None:
+        axes.axvline(selection["step"], color="grey", linestyle="--", label=f"chosen: step {selection['step']}")
+    axes.set_xlabel("step")
+    axes.set_ylim(0, 1.02)
+    axes.legend(loc="lower right", fontsize=8)
+    return _figure_url(figure)
+
+
+def accuracy_plot(metrics: dict, baseline: dict | None) -> str:
+    """Field and document accuracy per type (and the OCR baseline's), as a PNG data URL."""
+    plt = _pyplot()
 
     names = list(metrics["per_doc_type"])
     series = {"field acc.": [metrics["per_doc_type"][n]["field_accuracy"] for n in names],
@@ -43,11 +76,7 @@ def accuracy_plot(metrics: dict, baseline: dict | None) -> str:
     axes.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(names))], names)
     axes.set_ylim(0, 1)
     axes.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=96)
-    plt.close(figure)
-    return _png_url(buffer.getvalue())
+    return _figure_url(figure)
 
 
 def marked_difference(expected: str, predicted: str) -> str:
@@ -85,8 +114,9 @@ def _failed(documents: list[Scored], images: dict[str, str], limit: int, s3: S3C
     return shown
 
 
-def render(*, model: str, backend: str, eval_set: str, metrics: dict, baseline: dict | None, decision: dict,
-           documents: list[Scored], images: dict[str, str], gallery_size: int, s3: S3Config) -> str:  # fmt: skip
+def render(*, model: str, backend: str, eval_set: str, metrics: dict, baseline: dict | None, fit: dict | None,
+           control: dict | None, selection: dict | None, decision: dict, documents: list[Scored],
+           images: dict[str, str], gallery_size: int, s3: S3Config) -> str:  # fmt: skip
     """The report's HTML. ``images`` maps document ids to their image URIs."""
     worst = sorted(({"doc_type": t, "field": f, "accuracy": a, "cer": m["per_field_cer"][f]}
                     for t, m in metrics["per_doc_type"].items() for f, a in m["per_field_accuracy"].items()),
@@ -95,5 +125,6 @@ def render(*, model: str, backend: str, eval_set: str, metrics: dict, baseline: 
     return environment.get_template(TEMPLATE).render(
         model=model, backend=backend, eval_set=eval_set, overall=metrics["overall"], per_type=metrics["per_doc_type"],
         baseline=baseline, decision=decision, plot=accuracy_plot(metrics, baseline), worst_fields=worst,
+        fit=fit, control=control, selection=selection, selection_plot=selection and selection_plot(selection),
         failed=_failed(documents, images, gallery_size, s3), failed_total=sum(not d.all_correct for d in documents),
     )  # fmt: skip

@@ -7,6 +7,8 @@ do not are listed in ``unfit.jsonl`` with the reason, never cut; more than
 then runs ``stages.finetune.train`` under torchrun (``training.launch``, or GPUS_PER_NODE,
 NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT from the environment). Checkpoints land in the
 output folder, which must be local or mounted: a retried run continues from the latest one.
+Every evaluation also scores the answers the model generates for a fixed sample of eval
+documents; ``selection.json`` names the best checkpoint by ``training.selection`` and why.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from stages.manifest import StageOutput
 from stages.storage import LocalStorage, Storage, StorageError, open_storage
 
 STAGE = "finetune"
+SELECTION = "selection.json"
 LAUNCH_ENV = {"gpus_per_node": "GPUS_PER_NODE", "nnodes": "NNODES", "node_rank": "NODE_RANK",
               "master_addr": "MASTER_ADDR", "master_port": "MASTER_PORT"}  # fmt: skip
 
@@ -87,6 +90,10 @@ def _fitting_examples(data: Storage, adapter: Adapter, config: PipelineConfig, o
         raise BadInputError(f"{len(unfit_train)} of {len(train) + len(unfit_train)} train documents cannot be "
                             f"trained on ({share:.1%} > max_unfit_fraction {training.max_unfit_fraction:.1%}); "
                             f"reasons in {output.uri_of('unfit.jsonl')}")  # fmt: skip
+    untyped = [e.id for e in evaluation if e.doc_type not in config.doc_types]
+    if untyped and training.selection_documents:
+        raise BadInputError(f"{data.uri_of('eval.json')}: documents {untyped[:5]} have no doc_type of "
+                            f"{config.doc_types}: checkpoints cannot be scored on them (export again)")  # fmt: skip
     (out / "data").mkdir(parents=True, exist_ok=True)
     write_examples(out / "data" / "train.json", train)
     if evaluation:
@@ -116,8 +123,8 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         mlflow.log_param("dataset.version", version)
     run_id = mlflow.active_run().info.run_id
     spec = TrainSpec(
-        model_dir=str(model_dir.resolve()), model=config.model, training=training,
-        train_file=str(out / "data" / "train.json"),
+        model_dir=str(model_dir.resolve()), model=config.model, training=training, evaluation=config.evaluation,
+        doctypes_dir=str(config.doctypes_dir.resolve()), train_file=str(out / "data" / "train.json"),
         eval_file=str(out / "data" / "eval.json") if evaluation else None, output_dir=str(out),
         deepspeed_config=str((config.deepspeed_dir / f"{training.deepspeed}.json").resolve())
         if training.deepspeed else None,
@@ -135,18 +142,24 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     if launch.node_rank != 0:
         return StageOutput(outputs={"checkpoints": str(out)})  # node 0 reports the run
     result = json.loads((out / RESULT).read_text())
+    selection = result["selection"]
+    output.write_bytes(SELECTION, json.dumps(selection, indent=2).encode("utf-8"))
     mlflow.log_artifact(str(out / "unfit.jsonl"), STAGE)
+    mlflow.log_dict(selection, f"{STAGE}/{SELECTION}")
+    mlflow.set_tags({"checkpoint.selected": selection["checkpoint"] or "", "checkpoint.selection": selection["reason"]})
     return StageOutput(
         inputs={"data": data.uri, "base_model": args.base_model or config.model.base,
                 **({"dataset_version": version} if version else {})},
         outputs={"checkpoints": str(out), "tensorboard": str(out / "tensorboard"),
-                 "last_checkpoint": result["last_checkpoint"], "best_checkpoint": result["best_checkpoint"] or "",
+                 "last_checkpoint": result["last_checkpoint"], "best_checkpoint": selection["checkpoint"] or "",
+                 "selection": output.uri_of(SELECTION),
                  "resumed_from": result["resumed_from"] or "", "unfit": output.uri_of("unfit.jsonl")},
         counts={"train": len(train), "eval": len(evaluation), "unfit_train": len(unfit_train),
                 "unfit_eval": len(unfit_eval), "global_step": result["global_step"],
                 "input_tokens_seen": result["input_tokens_seen"]},
         metrics={"train_loss": result["train_loss"], "train_runtime_s": result["train_runtime_s"],
-                 **({"best_eval_loss": result["best_eval_loss"]} if result["best_eval_loss"] is not None else {})},
+                 **({f"selected.{selection['metric']}": selection["value"], "selected.step": selection["step"]}
+                    if selection["value"] is not None else {})},
     )  # fmt: skip
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,13 @@ def read_examples(data: bytes, path: str) -> list[Example]:
             raise DataError(f"{path}: [{index}] {example.id}: need a user turn with one {IMAGE_PLACEHOLDER} "
                             f"and an assistant answer, got roles {roles}")  # fmt: skip
     return examples
+
+
+def fixed_sample(examples: list[Example], size: int, seed: int) -> list[Example]:
+    """At most ``size`` examples drawn by ``seed``, whatever the order of ``examples``: the same
+    documents at every checkpoint and in every evaluation of the same set."""
+    ordered = sorted(examples, key=lambda example: example.id)
+    return ordered if size >= len(ordered) else sorted(random.Random(seed).sample(ordered, size), key=lambda e: e.id)
 
 
 def write_examples(path: Path, examples: list[Example]) -> None:

@@ -2,9 +2,10 @@
 
 The stage (``python -m stages.finetune``) writes the spec and launches this under torchrun.
 HF Trainer does the work: DeepSpeed from ``configs/deepspeed/`` (which leave the learning-rate
-schedule to the Trainer), evaluation that keeps only the loss, checkpoints every
-``save_steps``, and resume from the latest complete checkpoint in the output folder, so a
-retried task continues where the last attempt stopped.
+schedule to the Trainer), evaluation of the loss and of the answers the model generates for a
+fixed sample of eval documents (``selection``), checkpoints every ``save_steps``, the best one
+chosen by ``training.selection``, and resume from the latest complete checkpoint in the output
+folder, so a retried task continues where the last attempt stopped.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from stages.config import ModelConfig, S3Config, TrainingConfig
+from stages.config import EvaluationConfig, ModelConfig, S3Config, TrainingConfig
 from stages.finetune.adapters import load_adapter
 from stages.finetune.data import ExampleDataset, read_examples
+from stages.finetune.selection import CHECKPOINT_PREFIX, SelectionScorer, choose, curve
 
 log = logging.getLogger("stages.finetune")
 RESULT = "train_result.json"
-CHECKPOINT_PREFIX = "checkpoint-"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -39,6 +40,8 @@ class TrainSpec(BaseModel):
     model_dir: str
     model: ModelConfig
     training: TrainingConfig
+    evaluation: EvaluationConfig  # how checkpoints answer: batch size, token budget
+    doctypes_dir: str
     train_file: str
     eval_file: str | None
     output_dir: str  # checkpoints, TensorBoard events, train_result.json
@@ -86,7 +89,6 @@ def training_arguments(spec: TrainSpec, use_cpu: bool, has_eval: bool):
     from transformers import TrainingArguments
 
     t = spec.training
-    best_by_eval = has_eval and t.save_steps % t.eval_steps == 0
     return TrainingArguments(
         output_dir=spec.output_dir,
         learning_rate=t.learning_rate,
@@ -106,7 +108,7 @@ def training_arguments(spec: TrainSpec, use_cpu: bool, has_eval: bool):
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        metric_for_best_model="eval_loss" if best_by_eval else None,
+        metric_for_best_model=f"eval_{t.selection}" if has_eval else None,  # kept from checkpoint rotation
         logging_steps=1,
         include_num_input_tokens_seen="non_padding",
         report_to=["tensorboard"],
@@ -118,8 +120,9 @@ def training_arguments(spec: TrainSpec, use_cpu: bool, has_eval: bool):
     )
 
 
-def adapter_trainer(adapter, **kwargs):
-    """HF Trainer that takes the loss from the adapter where the model does not compute it."""
+def adapter_trainer(adapter, scorer: SelectionScorer | None, **kwargs):
+    """HF Trainer that takes the loss from the adapter where the model does not compute it, and
+    whose evaluations also score the answers the model generates (``scorer``)."""
     from transformers import Trainer
 
     class AdapterTrainer(Trainer):
@@ -128,6 +131,12 @@ def adapter_trainer(adapter, **kwargs):
             if loss is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return (loss, {"loss": loss}) if return_outputs else loss
+
+        def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+            output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+            if scorer is not None:  # every process answers (ZeRO-3 generates collectively); rank 0 logs
+                output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in scorer(self.model).items()})
+            return output
 
     return AdapterTrainer(**kwargs)
 
@@ -150,8 +159,13 @@ def train(spec: TrainSpec) -> dict:
         eval_set = ExampleDataset(read_examples(Path(spec.eval_file).read_bytes(), spec.eval_file), spec.s3)
     args = training_arguments(spec, use_cpu, has_eval=bool(eval_set))
     callbacks = [MlflowMetrics(spec.tracking_uri, spec.mlflow_run_id)] if spec.mlflow_run_id else []
-    trainer = adapter_trainer(adapter, model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                              data_collator=adapter.collate, callbacks=callbacks)  # fmt: skip
+    t = spec.training
+    scorer = None
+    if eval_set and t.selection_documents:
+        scorer = SelectionScorer(adapter, eval_set.examples, t.selection_documents, t.seed, Path(spec.doctypes_dir),
+                                 spec.evaluation, spec.s3)  # fmt: skip
+    trainer = adapter_trainer(adapter, scorer, model=model, args=args, train_dataset=train_set,
+                              eval_dataset=eval_set, data_collator=adapter.collate, callbacks=callbacks)  # fmt: skip
     resume = latest_checkpoint(output_dir)
     if resume:
         log.info("resuming from %s", resume)
@@ -159,16 +173,16 @@ def train(spec: TrainSpec) -> dict:
     outcome = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     state = trainer.state
     last = latest_checkpoint(output_dir)
+    scored = len(scorer.requests) if scorer else 0
+    selection = choose(curve(state.log_history, output_dir), t.selection, scored, str(last) if last else None)
     return {
         "global_step": state.global_step,
         "resumed_from": str(resume) if resume else None,
         "last_checkpoint": str(last) if last else None,
-        "best_checkpoint": state.best_model_checkpoint,
-        "best_eval_loss": state.best_metric,
+        "selection": selection.model_dump(),
         "train_loss": outcome.training_loss,
         "train_runtime_s": round(time.perf_counter() - started, 3),
         "input_tokens_seen": state.num_input_tokens_seen,
-        "eval_losses": [e["eval_loss"] for e in state.log_history if "eval_loss" in e],
         "learning_rates": [e["learning_rate"] for e in state.log_history if "learning_rate" in e],
         "is_world_process_zero": trainer.is_world_process_zero(),
     }

@@ -1,0 +1,103 @@
+"""Checkpoint selection by what users care about: the accuracy of the answers a checkpoint generates.
+
+At every evaluation the Trainer runs (``training.eval_steps``; each saved checkpoint is one),
+``SelectionScorer`` has the model being trained answer a fixed sample of eval documents with
+the evaluate stage's own generation and scoring, so field accuracy, document accuracy and JSON
+validity sit beside the eval loss in the Trainer's log, its TensorBoard events and MLflow.
+After training, ``choose`` picks among the checkpoints still on disk by ``training.selection``
+(ties go to the later step) and says why; the patch stage takes that checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from stages.config import EvaluationConfig, S3Config
+from stages.doctypes import load_registry
+from stages.finetune.data import Example, fixed_sample
+
+ACCURACY = ("field_accuracy", "document_accuracy", "json_validity")
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class SelectionScorer:
+    """Answers and scores a fixed sample of eval documents with the model in memory."""
+
+    def __init__(self, adapter: Any, examples: list[Example], documents: int, seed: int, doctypes_dir: Path,
+                 settings: EvaluationConfig, s3: S3Config):  # fmt: skip
+        from stages.evaluate.backends import Request
+
+        self.registry = load_registry(Path(doctypes_dir))
+        self.requests = [Request(e, self.registry[e.doc_type]) for e in fixed_sample(examples, documents, seed)]
+        self.adapter, self.settings, self.s3 = adapter, settings, s3
+
+    def __call__(self, model: Any) -> dict[str, float]:
+        from stages.evaluate.backends import TransformersBackend
+        from stages.evaluate.metrics import measure
+
+        _, metrics = measure(TransformersBackend(self.adapter, model.eval(), self.settings, self.s3), self.requests,
+                             self.registry)  # fmt: skip
+        return {name: metrics["overall"][name] for name in ACCURACY}
+
+
+class CheckpointScore(BaseModel):
+    """One evaluation of the run: its step, the checkpoint saved there (if still on disk), its scores."""
+
+    step: int
+    checkpoint: str | None = None
+    eval_loss: float | None = None
+    field_accuracy: float | None = None
+    document_accuracy: float | None = None
+    json_validity: float | None = None
+
+
+class Selection(BaseModel):
+    """The checkpoint chosen, by which metric, and why; the whole curve beside it."""
+
+    metric: str
+    documents: int
+    checkpoint: str | None
+    step: int | None
+    value: float | None
+    reason: str
+    curve: list[CheckpointScore]
+
+
+def curve(log_history: list[dict], output_dir: Path) -> list[CheckpointScore]:
+    """Each evaluation in the Trainer's log (the last one per step), with the checkpoint saved at its step."""
+    by_step: dict[int, CheckpointScore] = {}
+    for entry in log_history:
+        if "eval_loss" not in entry:
+            continue
+        step = int(entry["step"])
+        folder = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        by_step[step] = CheckpointScore(
+            step=step, checkpoint=str(folder) if (folder / "trainer_state.json").is_file() else None,
+            eval_loss=entry["eval_loss"], **{name: entry.get(f"eval_{name}") for name in ACCURACY},
+        )  # fmt: skip
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def choose(scores: list[CheckpointScore], metric: str, documents: int, latest: str | None) -> Selection:
+    """The best saved checkpoint by ``metric`` (highest accuracy, or lowest eval loss); ties go to the
+    later step. Where no saved checkpoint was scored by it, the latest checkpoint, and the reason says so."""
+    scored = [s for s in scores if s.checkpoint and getattr(s, metric) is not None]
+    if not scored:
+        return Selection(metric=metric, documents=documents, checkpoint=latest,
+                         step=int(Path(latest).name.removeprefix(CHECKPOINT_PREFIX)) if latest else None, value=None,
+                         reason=f"no saved checkpoint was scored by {metric} (no eval documents, or save and eval "
+                                "steps never met): the latest checkpoint", curve=scores)  # fmt: skip
+    sign = -1 if metric == "eval_loss" else 1
+    best = max(scored, key=lambda s: (sign * getattr(s, metric), s.step))
+    value = getattr(best, metric)
+    tied = [s.step for s in scored if getattr(s, metric) == value and s.step != best.step]
+    on = "" if metric == "eval_loss" else f" on {documents} eval documents"
+    reason = (
+        f"step {best.step}: {metric} {value:.4f}{on}, the {'lowest' if sign < 0 else 'highest'} of "
+        f"{len(scored)} saved checkpoints" + (f" (tied with steps {tied}: the later one wins)" if tied else "")
+    )
+    return Selection(metric=metric, documents=documents, checkpoint=best.checkpoint, step=best.step, value=value,
+                     reason=reason, curve=scores)  # fmt: skip
