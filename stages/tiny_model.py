@@ -8,7 +8,7 @@ template, and the image processor's ``preprocessor_config.json``. Families: ``mi
 (the default) and ``minicpmv4_7``, the native ones this transformers has (MiniCPM-OCR is not
 in it yet). Sizes (``SIZES``), each for what it must show: ``smoke`` runs the machinery in
 seconds, ``demo`` learns a handful of documents by heart in CPU minutes (the demo and the
-memorisation test), ``reader`` is the learning benchmark's.
+memorisation test), ``reader`` and ``reader_large`` are the learning benchmark's (CPU, GPU).
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ SIZES = {
                      ink_contrast=True),
     "reader": TinySize(text_hidden=128, text_layers=("full_attention",) * 2, vision_hidden=96, vision_layers=3,
                        scale_resolution=224, ink_contrast=True),
+    "reader_large": TinySize(text_hidden=512, text_layers=("full_attention",) * 4, vision_hidden=256,
+                             vision_layers=4, scale_resolution=448, ink_contrast=True),
 }  # fmt: skip
 
 
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doctypes", type=Path, default=Path("configs/doctypes"), help="document-type folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", choices=FAMILIES, default=FAMILIES[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="smoke", help="smoke, demo or reader (see SIZES)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="smoke", help="see SIZES")
     args = parser.parse_args(argv)
     print(build(args.output, args.doctypes, args.seed, args.family, args.size))
     return 0

@@ -19,20 +19,27 @@ from tests.conftest import config_flags, run_module
 pytestmark = pytest.mark.integration
 
 
-def test_demo_generates_a_batch_and_leaves_mlflow_runs(overlay, tmp_path):
-    done = run_module("stages.demo", *config_flags(overlay), "--count", "8", "--airflow-home", str(tmp_path / "af"))
+def test_demo_generates_a_batch_and_leaves_mlflow_runs(embedded, tmp_path):
+    """The embedded default as shipped: the model learns its documents, and the gate says so."""
+    done = run_module("stages.demo", *config_flags(embedded), "--count", "12", "--airflow-home", str(tmp_path / "af"))
     assert done.returncode == 0, done.stderr
 
     batch_uri = re.search(r"Labelled batch:\s+(\S+)", done.stdout).group(1)
     assert batch_uri.startswith(str(tmp_path / "landing" / "batch-"))
-    assert read_marker(open_storage(batch_uri)).records == 8
+    assert read_marker(open_storage(batch_uri)).records == 12
     outputs = Path(re.search(r"Run outputs:\s+(\S+)", done.stdout).group(1))
     examples = json.loads((outputs / "export" / "train.json").read_text()) + json.loads(
         (outputs / "export" / "eval.json").read_text()
     )
-    assert len(examples) == 8 and all(Path(e["image"]).is_file() for e in examples)
+    assert len(examples) == 12 and all(Path(e["image"]).is_file() for e in examples)
     finetuned = json.loads((outputs / "finetune" / "result.json").read_text())
-    assert finetuned["counts"]["global_step"] == 12 and (outputs / "model" / "preprocessor_config.json").is_file()
+    assert finetuned["counts"]["global_step"] == 300 and (outputs / "model" / "preprocessor_config.json").is_file()
+    saved = json.loads((outputs / "evaluate" / "metrics.json").read_text())
+    fit = re.search(r"Fit \(training documents\): +field accuracy (\S+),", done.stdout).group(1)
+    assert float(fit) == pytest.approx(saved["fit"]["overall"]["field_accuracy"], abs=5e-4) and float(fit) >= 0.9
+    assert re.search(r"Image control \(swapped\): +field accuracy", done.stdout)
+    assert re.search(r"Eval set \(unseen\): +field accuracy", done.stdout)
+    assert "Gate: passed: every check passed" in done.stdout
     report = Path(re.search(r"Report:\s+(\S+)", done.stdout).group(1))
     assert report == outputs / "evaluate" / "report.html" and "Gate:" in report.read_text()
 

@@ -167,8 +167,11 @@ def test_training_arguments_follow_the_config(tmp_path):
     assert args.prediction_loss_only  # evaluation keeps the loss, never every batch's logits
     assert (args.lr_scheduler_type, args.learning_rate, args.warmup_steps) == ("cosine", 1e-6, 0.01)
     assert (args.weight_decay, args.adam_beta2, args.max_steps, args.save_total_limit) == (0.1, 0.95, 10000, 5)
-    assert args.metric_for_best_model == "eval_field_accuracy" and args.greater_is_better  # kept from rotation
+    assert args.metric_for_best_model == "field_accuracy" and args.greater_is_better  # kept from rotation
     assert args.gradient_checkpointing
+    by_loss = spec.model_copy(update={"training": TrainingConfig(selection="eval_loss")})
+    args = training_arguments(by_loss, use_cpu=True, has_eval=True)
+    assert args.metric_for_best_model == "eval_loss" and not args.greater_is_better
 
 
 def test_launch_layout_from_config_or_environment():
@@ -261,6 +264,9 @@ def test_deepspeed_keeps_the_trainers_cosine_schedule(finetune_config, exported,
     assert result["counts"]["global_step"] == 8
     shards = list((tmp_path / "ft" / "checkpoint-8").glob("global_step8/*optim_states.pt"))  # DeepSpeed's own state
     assert len(shards) == processes  # ZeRO-2: the optimizer state is split across the processes
+    selection = json.loads((tmp_path / "ft" / "selection.json").read_text())  # scored under DeepSpeed too
+    assert selection["step"] == 8 and selection["value"] is not None
+    assert selection["curve"][0]["json_validity"] is not None
     client, run = _stage_run(tmp_path, result)
     rates = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "learning_rate"), key=lambda m: m.step)]
     _assert_cosine(rates, peak=1e-3)

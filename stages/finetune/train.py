@@ -108,7 +108,7 @@ def training_arguments(spec: TrainSpec, use_cpu: bool, has_eval: bool):
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        metric_for_best_model=f"eval_{t.selection}" if has_eval else None,  # kept from checkpoint rotation
+        metric_for_best_model=t.selection if has_eval else None,  # the Trainer keeps its best from rotation
         logging_steps=1,
         include_num_input_tokens_seen="non_padding",
         report_to=["tensorboard"],
