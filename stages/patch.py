@@ -62,12 +62,15 @@ def chosen_checkpoint(args: argparse.Namespace, choice: str) -> tuple[Path, dict
         path = args.finetune / "result.json"
         try:
             result = json.loads(path.read_text())
-            outputs = result["outputs"]
-            selection = _selection(outputs)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError) as exc:
             raise BadInputError(f"{path}: cannot read the finetune result: {exc}") from exc
         if result.get("status") != "succeeded":
             raise BadInputError(f"{path}: the finetune run did not succeed ({result.get('error')})")
+        outputs = result["outputs"]
+        try:
+            selection = _selection(outputs)
+        except (OSError, ValueError) as exc:
+            raise BadInputError(f"{outputs['selection']}: cannot read the checkpoint selection: {exc}") from exc
         if choice == "best" and outputs.get("best_checkpoint"):
             checkpoint = Path(outputs["best_checkpoint"])
             why = selection or {"reason": "the finetune run's best checkpoint"}

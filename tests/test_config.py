@@ -32,7 +32,7 @@ def test_defaults_mirror_the_practitioner_recipe():
 
 def test_overlay_overrides_only_its_keys():
     base, embedded = load_pipeline_config([PIPELINE]), load_pipeline_config([PIPELINE, EMBEDDED])
-    assert embedded.training.max_steps == 12 and embedded.model.base == "data/models/tiny-minicpmv4_6"
+    assert embedded.training.max_steps == 300 and embedded.model.base == "data/models/tiny-minicpmv4_6-demo"
     assert embedded.training.weight_decay == base.training.weight_decay  # untouched key kept
     assert embedded.storage == base.storage
 

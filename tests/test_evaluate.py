@@ -75,7 +75,8 @@ def test_transformers_backend_end_to_end(overlay, exported, tiny_model, tmp_path
     page = (out / "report.html").read_text()
     assert "Failed documents" in page and "data:image/png;base64," in page and "OCR field acc." in page
     train = read_examples((exported / "train.json").read_bytes(), "train.json")
-    assert saved["fit"]["overall"]["documents"] == saved["image_control"]["overall"]["documents"] == len(train)
+    sample = min(load_pipeline_config(config).evaluation.fit_check.documents, len(train))
+    assert saved["fit"]["overall"]["documents"] == saved["image_control"]["overall"]["documents"] == sample
     assert "Fit check" in page and "swapped images (control)" in page
 
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow/mlflow.db").get_run(result["mlflow_run_id"])

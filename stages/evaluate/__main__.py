@@ -184,9 +184,10 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
                   s3=config.storage.s3)  # fmt: skip
     output.write_bytes("report.html", page.encode("utf-8"))
 
-    mlflow.log_metrics(_flat(metrics) | {key: value for part, prefix in ((baseline, "ocr_baseline."), (fit, "fit."),
-                                                                         (control, "image_control.")) if part
-                                         for key, value in _flat(part, prefix).items()})  # fmt: skip
+    logged = _flat(metrics)
+    for part, prefix in ((baseline, "ocr_baseline."), (fit, "fit."), (control, "image_control.")):
+        logged |= _flat(part, prefix) if part else {}
+    mlflow.log_metrics(logged)
     mlflow.set_tags({"eval_set": eval_set, "gate.passed": str(decision.passed).lower()})
     mlflow.log_text(page, f"{STAGE}/report.html")
     mlflow.log_dict(decision.model_dump(mode="json"), f"{STAGE}/decision.json")

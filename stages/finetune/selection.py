@@ -88,8 +88,8 @@ def choose(scores: list[CheckpointScore], metric: str, documents: int, latest: s
     if not scored:
         return Selection(metric=metric, documents=documents, checkpoint=latest,
                          step=int(Path(latest).name.removeprefix(CHECKPOINT_PREFIX)) if latest else None, value=None,
-                         reason=f"no saved checkpoint was scored by {metric} (no eval documents, or save and eval "
-                                "steps never met): the latest checkpoint", curve=scores)  # fmt: skip
+                         reason=f"no saved checkpoint was scored by {metric} (no eval documents, or "
+                                "selection_documents 0): the latest checkpoint", curve=scores)  # fmt: skip
     sign = -1 if metric == "eval_loss" else 1
     best = max(scored, key=lambda s: (sign * getattr(s, metric), s.step))
     value = getattr(best, metric)
