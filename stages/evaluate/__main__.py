@@ -28,7 +28,7 @@ from stages.config import PipelineConfig
 from stages.doctypes import DocType, load_registry
 from stages.evaluate.backends import Backend, Request
 from stages.evaluate.gate import decide
-from stages.evaluate.metrics import Scored, evaluate_all, measure, score
+from stages.evaluate.metrics import HEADLINE, Scored, evaluate_all, measure, score
 from stages.finetune.data import DataError, fixed_sample, read_examples
 from stages.manifest import StageOutput
 from stages.storage import Storage, StorageError, open_storage
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         metrics={"gate_passed": float(decision.passed), **{k: overall[k] for k in (
             "field_accuracy", "document_accuracy", "json_validity", "docs_per_s")},
             **({"ocr_baseline.field_accuracy": baseline["overall"]["field_accuracy"]} if baseline else {}),
-            **({f"fit.{k}": fit["overall"][k] for k in ("field_accuracy", "document_accuracy", "json_validity")}
+            **({f"fit.{k}": fit["overall"][k] for k in HEADLINE}
                if fit else {}),
             **({"image_control.field_accuracy": control["overall"]["field_accuracy"]} if control else {})},
     )  # fmt: skip

@@ -8,8 +8,9 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from stages.config import EvaluationConfig
+from stages.evaluate.metrics import HEADLINE
 
-GATED = ("field_accuracy", "document_accuracy", "json_validity")
+GATED = HEADLINE
 NO_REGRESSION = ("field_accuracy", "document_accuracy")
 
 

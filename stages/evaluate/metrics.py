@@ -25,6 +25,8 @@ from stages.doctypes import DocType
 from stages.evaluate.backends import Backend, Request
 from stages.evaluate.parsing import extract_json
 
+HEADLINE = ("field_accuracy", "document_accuracy", "json_validity")  # what gates, selection and reports show
+
 
 @dataclass
 class Scored:

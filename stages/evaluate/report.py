@@ -15,7 +15,7 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from stages.config import S3Config
-from stages.evaluate.metrics import Scored
+from stages.evaluate.metrics import HEADLINE, Scored
 from stages.finetune.data import load_image
 
 TEMPLATE = "report.html.j2"
@@ -50,7 +50,7 @@ def selection_plot(selection: dict) -> str | None:
         return None
     figure, axes = _pyplot().subplots(figsize=(6.4, 3.2))
     steps = [point["step"] for point in curve]
-    for metric in ("field_accuracy", "document_accuracy", "json_validity"):
+    for metric in HEADLINE:
         axes.plot(steps, [point[metric] for point in curve], marker="o", label=metric.replace("_", " "))
     if selection.get("step") is not None:
         axes.axvline(selection["step"], color="grey", linestyle="--", label=f"chosen: step {selection['step']}")

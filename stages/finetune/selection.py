@@ -17,9 +17,9 @@ from pydantic import BaseModel
 
 from stages.config import EvaluationConfig, S3Config
 from stages.doctypes import load_registry
+from stages.evaluate.metrics import HEADLINE, measure
 from stages.finetune.data import Example, fixed_sample
 
-ACCURACY = ("field_accuracy", "document_accuracy", "json_validity")
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -36,11 +36,10 @@ class SelectionScorer:
 
     def __call__(self, model: Any) -> dict[str, float]:
         from stages.evaluate.backends import TransformersBackend
-        from stages.evaluate.metrics import measure
 
         _, metrics = measure(TransformersBackend(self.adapter, model.eval(), self.settings, self.s3), self.requests,
                              self.registry)  # fmt: skip
-        return {name: metrics["overall"][name] for name in ACCURACY}
+        return {name: metrics["overall"][name] for name in HEADLINE}
 
 
 class CheckpointScore(BaseModel):
@@ -76,7 +75,7 @@ def curve(log_history: list[dict], output_dir: Path) -> list[CheckpointScore]:
         folder = output_dir / f"{CHECKPOINT_PREFIX}{step}"
         by_step[step] = CheckpointScore(
             step=step, checkpoint=str(folder) if (folder / "trainer_state.json").is_file() else None,
-            eval_loss=entry["eval_loss"], **{name: entry.get(f"eval_{name}") for name in ACCURACY},
+            eval_loss=entry["eval_loss"], **{name: entry.get(f"eval_{name}") for name in HEADLINE},
         )  # fmt: skip
     return [by_step[step] for step in sorted(by_step)]
 
