@@ -138,7 +138,14 @@ class S3Config(_Strict):
 
     endpoint_url: str | None = Field(None, description="MinIO, moto or another S3-compatible endpoint")
     region: str = "us-east-1"
-    max_attempts: int = Field(5, ge=1, le=20, description="attempts per S3 call, the first included")
+    max_attempts: int = Field(3, ge=1, le=20, description="attempts per S3 call, the first included")
+    connect_timeout_s: float = Field(5, gt=0, description="seconds to open a connection to the S3 endpoint")
+    read_timeout_s: float = Field(15, gt=0, description="seconds an S3 endpoint may stay silent within a call")
+
+    def call_bound_s(self) -> float:
+        """The longest one S3 call can take before it fails: every attempt timing out, plus backoff."""
+        backoff = sum(min(2.0**retry, 20.0) for retry in range(self.max_attempts - 1))  # botocore's standard mode
+        return self.max_attempts * (self.connect_timeout_s + self.read_timeout_s) + backoff
 
 
 class StorageConfig(_Strict):
@@ -156,6 +163,8 @@ class TrackingConfig(_Strict):
     artifact_location: str | None = Field(
         None, description="artifact root for a new experiment (local path or s3:// URI)"
     )
+    request_timeout_s: int = Field(20, ge=1, description="seconds one call to a tracking server may take")
+    max_retries: int = Field(2, ge=0, le=10, description="retries of a failed call to a tracking server")
 
 
 class ModelConfig(_Strict):
@@ -394,6 +403,10 @@ class PublishConfig(_Strict):
     serving: ServingConfig = ServingConfig()
     smoke_gpus: int = Field(1, ge=0, description="GPUs the smoke-test container gets (0 where there is none)")
     smoke_timeout_s: int = Field(900, ge=10, description="how long the server may take to become healthy")
+    engine_timeout_s: int = Field(
+        600, ge=10, description="seconds the container engine may stay silent within one call (a build streams "
+        "progress; a stalled engine fails the stage after this)",
+    )  # fmt: skip
 
 
 class KubernetesConfig(_Strict):

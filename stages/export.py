@@ -21,7 +21,7 @@ from stages.config import PipelineConfig
 from stages.dataset import DatasetRecord, latest_version, read_manifest
 from stages.doctypes import DocType, load_registry
 from stages.manifest import StageOutput
-from stages.storage import Storage, StorageError, open_storage
+from stages.storage import Storage, StorageError, StorageUnavailable, open_storage
 
 STAGE = "export"
 
@@ -65,6 +65,8 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         raise BadInputError(f"{dataset.uri}: no dataset version yet (run stages.ingest first)")
     try:
         records = read_manifest(dataset, version)
+    except StorageUnavailable:
+        raise
     except StorageError as exc:
         raise BadInputError(f"dataset version {version!r} not found: {exc}") from exc
 

@@ -3,8 +3,10 @@
 ``open_storage(uri)`` returns a store rooted at ``uri``; keys are ``/``-separated paths
 relative to that root. Writes are atomic (a local temp file renamed into place; an S3
 PUT is atomic by nature). S3 calls retry with backoff through botocore's standard retry
-mode; the endpoint is configurable for MinIO or moto, credentials come from the
-environment.
+mode and every attempt is bounded by connect and read timeouts (``S3Config``), so a store
+that stops answering fails a call within ``S3Config.call_bound_s()``; such failures raise
+``StorageUnavailable``, which callers must not mistake for a missing or bad object. The
+endpoint is configurable for MinIO or moto, credentials come from the environment.
 """
 
 from __future__ import annotations
@@ -13,17 +15,24 @@ import functools
 import hashlib
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
 from stages.config import S3Config
+from stages.locking import LOCK_SUFFIX
 
 _CHUNK = 1 << 20
+_MISSING = ("404", "NoSuchKey", "NotFound")  # how S3 APIs say an object is not there
 
 
 class StorageError(OSError):
     """A storage operation failed; the message names the URI."""
+
+
+class StorageUnavailable(StorageError):
+    """The store did not answer, or failed on its side, after every attempt: nothing is known of the object."""
 
 
 def _check_key(key: str) -> str:
@@ -42,6 +51,7 @@ class Storage(Protocol):
     def read_bytes(self, key: str) -> bytes: ...
     def write_bytes(self, key: str, data: bytes, durable: bool = True) -> None: ...
     def sync(self) -> None: ...
+    def delete(self, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> Iterator[str]: ...
     def sha256(self, key: str) -> str: ...
@@ -105,6 +115,9 @@ class LocalStorage:
     def sync(self) -> None:
         os.sync()
 
+    def delete(self, key: str) -> None:
+        Path(self._inside(key)).unlink(missing_ok=True)
+
     def exists(self, key: str) -> bool:
         return os.path.isfile(self.uri_of(key))
 
@@ -113,7 +126,7 @@ class LocalStorage:
         if not base.is_dir():
             return
         for path in sorted(base.rglob("*")):
-            if path.is_file() and not path.name.endswith(".tmp"):
+            if path.is_file() and not path.name.endswith((".tmp", LOCK_SUFFIX)):  # not writes in progress, locks
                 yield path.relative_to(self.root).as_posix()
 
     def sha256(self, key: str) -> str:
@@ -128,7 +141,7 @@ class LocalStorage:
 
 
 def s3_client(settings: S3Config):
-    """A boto3 S3 client with standard-mode retries (exponential backoff with jitter)."""
+    """A boto3 S3 client with standard-mode retries (exponential backoff with jitter) and timeouts."""
     import boto3
     from botocore.config import Config
 
@@ -136,8 +149,29 @@ def s3_client(settings: S3Config):
         "s3",
         endpoint_url=settings.endpoint_url,
         region_name=settings.region,
-        config=Config(retries={"mode": "standard", "total_max_attempts": settings.max_attempts}),
+        config=Config(
+            retries={"mode": "standard", "total_max_attempts": settings.max_attempts},
+            connect_timeout=settings.connect_timeout_s,
+            read_timeout=settings.read_timeout_s,
+        ),
     )
+
+
+@contextmanager
+def _s3_errors(uri: str, action: str) -> Iterator[None]:
+    """botocore's errors as StorageError naming ``uri``; StorageUnavailable where the store itself failed."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        detail = f"{error.get('Code')} {error.get('Message', '')}".rstrip()
+        kind = StorageUnavailable if status >= 500 else StorageError
+        raise kind(f"{uri}: cannot {action}: {detail}") from exc
+    except BotoCoreError as exc:  # no connection, a timeout, a cut-off response: after every attempt
+        raise StorageUnavailable(f"{uri}: cannot {action}: {exc}") from exc
 
 
 class S3Storage:
@@ -159,60 +193,49 @@ class S3Storage:
     def child(self, key: str) -> S3Storage:
         return S3Storage(self.bucket, self._key(key), self.client)
 
-    def _call(self, uri: str, action: str, method, **kwargs):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return method(Bucket=self.bucket, **kwargs)
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            detail = f"{error.get('Code')} {error.get('Message', '')}".rstrip()
-            raise StorageError(f"{uri}: cannot {action}: {detail}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"{uri}: cannot {action}: {exc}") from exc
-
     def read_bytes(self, key: str) -> bytes:
-        uri = self.uri_of(key)
-        response = self._call(uri, "read", self.client.get_object, Key=self._key(key))
-        return response["Body"].read()
+        with _s3_errors(self.uri_of(key), "read"):  # reading the body can time out too
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
 
     def write_bytes(self, key: str, data: bytes, durable: bool = True) -> None:
         """A PUT is atomic and durable once it returns, whatever ``durable`` says."""
-        self._call(self.uri_of(key), "write", self.client.put_object, Key=self._key(key), Body=data)
+        with _s3_errors(self.uri_of(key), "write"):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def sync(self) -> None:
         """Nothing to do: every PUT is durable when it returns."""
+
+    def delete(self, key: str) -> None:
+        with _s3_errors(self.uri_of(key), "delete"):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            with _s3_errors(self.uri_of(key), "check"):
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except StorageError as exc:
+            cause = exc.__cause__
+            missing = isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in _MISSING
+            if missing:
                 return False
-            raise StorageError(f"{self.uri_of(key)}: cannot check: {exc}") from exc
+            raise
         return True
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         root = f"{self.prefix}/" if self.prefix else ""
         start = f"{self._key(prefix)}/" if prefix else root
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start)
-        try:
-            for page in pages:
+        with _s3_errors(self.uri, "list"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
                 for item in page.get("Contents", []):
                     yield item["Key"][len(root) :]
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"{self.uri}: cannot list: {exc}") from exc
 
     def sha256(self, key: str) -> str:
-        uri = self.uri_of(key)
-        body = self._call(uri, "read", self.client.get_object, Key=self._key(key))["Body"]
         digest = hashlib.sha256()
-        for chunk in body.iter_chunks(_CHUNK):
-            digest.update(chunk)
+        with _s3_errors(self.uri_of(key), "read"):
+            for chunk in self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].iter_chunks(_CHUNK):
+                digest.update(chunk)
         return digest.hexdigest()
 
 

@@ -31,7 +31,7 @@ from stages.evaluate.gate import decide
 from stages.evaluate.metrics import HEADLINE, Scored, evaluate_all, measure, score
 from stages.finetune.data import DataError, fixed_sample, read_examples
 from stages.manifest import StageOutput
-from stages.storage import Storage, StorageError, open_storage
+from stages.storage import Storage, StorageError, StorageUnavailable, open_storage
 
 STAGE = "evaluate"
 
@@ -49,6 +49,8 @@ def read_requests(data: Storage, name: str, registry: dict[str, DocType]) -> tup
     try:
         raw = data.read_bytes(name)
         examples = read_examples(raw, data.uri_of(name))
+    except StorageUnavailable:
+        raise
     except (StorageError, DataError) as exc:
         raise BadInputError(str(exc)) from exc
     if not examples:
@@ -138,6 +140,8 @@ def _champion(uri: str | None, config: PipelineConfig) -> tuple[dict | None, str
     try:
         saved = json.loads(open_storage(parent, config.storage.s3).read_bytes(name))
         return saved["metrics"], saved["eval_set"]
+    except StorageUnavailable:
+        raise
     except (StorageError, ValueError, KeyError) as exc:
         raise BadInputError(f"--champion-metrics {uri}: not a metrics.json of this stage: {exc}") from exc
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from tqdm import tqdm
 
 from stages.config import S3Config
-from stages.storage import StorageError, open_storage
+from stages.storage import StorageError, StorageUnavailable, open_storage
 
 IMAGE_PLACEHOLDER = "<image>"
 log = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ def load_image(uri: str, s3: S3Config) -> Image.Image:
     parent, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
     try:
         data = open_storage(parent, s3).read_bytes(name)
+    except StorageUnavailable:
+        raise
     except StorageError as exc:
         raise DataError(str(exc)) from exc
     with Image.open(io.BytesIO(data)) as image:

@@ -34,7 +34,6 @@ from stages.publish.registry import Registry
 from stages.storage import Storage, StorageError, open_storage
 
 STAGE = "publish"
-ENGINE_TIMEOUT_S = 1800  # building and pushing an image with GBs of weights baked in is slow; 60 s (the default) is not
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +112,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
 
     example = read_examples(data.read_bytes("eval.json"), data.uri_of("eval.json"))[0]
     request = Request(example, load_registry(config.doctypes_dir)[example.doc_type])
-    client = docker.from_env(timeout=ENGINE_TIMEOUT_S)
+    client = docker.from_env(timeout=config.publish.engine_timeout_s)
     reference = f"{config.publish.image_repository}:v{version}"
     context = build_context(Path(output.uri_of("image-context")), args.model, mlflow.get_artifact_uri("model"), config)
     image = build_and_push(client, context, reference, config.publish.vllm_image, version)

@@ -7,6 +7,7 @@ files serving needs beside the weights. A new family is one new module here and 
 from __future__ import annotations
 
 import importlib
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from stages.config import ModelConfig, S3Config, TrainingConfig
 from stages.finetune.data import Sample
 from stages.storage import LocalStorage, open_storage
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -102,9 +105,13 @@ def resolve_model_dir(uri: str, cache: Path, s3: S3Config) -> Path:
             raise AdapterError(f"{folder}: not a model folder (no config.json)")
         return folder
     source, copied = open_storage(uri, s3), LocalStorage(cache)
-    for key in source.list():
+    keys = list(source.list())
+    for number, key in enumerate(keys, start=1):
         if not copied.exists(key):
-            copied.write_bytes(key, source.read_bytes(key))
+            data = source.read_bytes(key)
+            copied.write_bytes(key, data)
+            log.info("copied %s (%.1f MB, file %d of %d) into %s", source.uri_of(key), len(data) / 1e6, number,
+                     len(keys), cache)  # fmt: skip
     if not copied.exists("config.json"):
         raise AdapterError(f"{uri}: not a model folder (no config.json)")
     return cache
