@@ -1,9 +1,12 @@
 """The stage contract, shared by every ``python -m stages.<name>``.
 
 A stage module defines its flags on ``stage_parser`` and a ``run``; ``main`` loads the
-validated configuration, opens the stage's MLflow run, calls ``run``, writes
+validated configuration, takes the ``--output`` folder for itself (a second run into it is
+refused before anything is written), opens the stage's MLflow run, calls ``run``, writes
 ``result.json`` into the ``--output`` location and maps the outcome to an exit code:
-0 success, 2 bad input or usage (one line naming the file and the problem), 1 failure.
+0 success, 2 bad input, usage or a folder in use (one line naming the file and the problem),
+1 failure. The last stderr line says why, naming the first cause; every text the stage
+writes or logs is redacted (``stages.redaction``).
 """
 
 from __future__ import annotations
@@ -14,14 +17,17 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
 from stages import tracking
 from stages.config import ConfigError, PipelineConfig, load_pipeline_config
 from stages.doctypes import LabelError
+from stages.locking import FolderInUse, exclusive
 from stages.manifest import RESULT_FILE, StageOutput, StageResult, versions
-from stages.storage import Storage, StorageError, open_storage
+from stages.redaction import redact, redact_logs, redact_text
+from stages.storage import LocalStorage, Storage, StorageError, StorageUnavailable, open_storage
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 log = logging.getLogger("stages")
@@ -65,54 +71,75 @@ def _json_mapping(text: str) -> dict:
 
 
 def _one_line(error: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return redact_text("; ".join(line.strip() for line in str(error).splitlines() if line.strip()))
 
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {_one_line(error)}"
 
 
+def _fail(stage: str, message: str, code: int) -> int:
+    print(f"{stage}: error: {redact_text(message)}", file=sys.stderr)  # the last line says why
+    return code
+
+
 def main(stage: str, parser: argparse.ArgumentParser, run: Runner, argv: list[str] | None = None) -> int:
-    """Parse flags, run the stage under MLflow, write ``result.json``; returns the exit code."""
+    """Parse flags, take the output folder, run the stage under MLflow, write ``result.json``;
+    returns the exit code."""
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_logs()
     try:
         config = load_pipeline_config(args.config, args.overrides)
         output = open_storage(args.output, config.storage.s3)
     except (ConfigError, StorageError) as exc:
-        print(f"{stage}: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _fail(stage, _one_line(exc), EXIT_BAD_INPUT)
+    try:
+        with exclusive(Path(output.uri)) if isinstance(output, LocalStorage) else nullcontext():
+            return _tracked(stage, run, args, config, output)
+    except FolderInUse as exc:
+        return _fail(stage, str(exc), EXIT_BAD_INPUT)
 
+
+def _tracked(stage: str, run: Runner, args: argparse.Namespace, config: PipelineConfig, output: Storage) -> int:
+    """The stage under its MLflow run, its manifest written; the first cause of a failure is the one reported."""
     params = {"stage": vars(args), "config": config.model_dump(mode="json")}
+    result, failure = None, None
     try:
         with tracking.stage_run(config.tracking, stage, params) as run_id:
-            result = _execute(stage, run, args, config, output, run_id)
-            output.write_bytes(RESULT_FILE, result.model_dump_json(indent=2).encode("utf-8"))
+            result, failure = _execute(stage, run, args, config, output, run_id)
+            if isinstance(failure, StorageUnavailable) and not isinstance(output, LocalStorage):
+                log.error("%s not written: the store did not answer", output.uri_of(RESULT_FILE))
+            else:
+                output.write_bytes(RESULT_FILE, json.dumps(redact(result.model_dump(mode="json")), indent=2).encode())
             tracking.log_result(result)
     except Exception as exc:  # tracking or the output location failed, around the stage
-        log.exception("stage %s: tracking or output failed", stage)
-        print(f"{stage}: error: {_describe(exc)}", file=sys.stderr)
-        return EXIT_FAILED
+        log.error("stage %s: tracking or output failed: %s", stage, _describe(exc))
+        first = f"{result.error}; then " if result and result.error else ""
+        return _fail(stage, f"{first}{_describe(exc)}", result.exit_code if first else EXIT_FAILED)
     log.info("%s %s in %.1fs; manifest %s", stage, result.status, result.duration_s, output.uri_of(RESULT_FILE))
     if result.error:
-        print(f"{stage}: error: {result.error}", file=sys.stderr)  # the last line says why
+        return _fail(stage, result.error, result.exit_code)
     return result.exit_code
 
 
 def _execute(
     stage: str, run: Runner, args: argparse.Namespace, config: PipelineConfig, output: Storage, run_id: str
-) -> StageResult:
-    """Call the stage's ``run`` and describe the outcome, whatever it was."""
+) -> tuple[StageResult, Exception | None]:
+    """Call the stage's ``run`` and describe the outcome, whatever it was; also the exception, if any."""
     started, clock = datetime.now(UTC), time.perf_counter()
-    error, code, produced = None, EXIT_OK, StageOutput()
+    error, code, produced, failure = None, EXIT_OK, StageOutput(), None
     try:
         produced = run(args, config, output)
     except (BadInputError, ConfigError, LabelError) as exc:
-        error, code = _one_line(exc), EXIT_BAD_INPUT
+        error, code, failure = _one_line(exc), EXIT_BAD_INPUT, exc
+    except StorageUnavailable as exc:  # the cause is the message; a traceback (or a worker's) adds only noise
+        log.error("stage %s failed: %s", stage, _describe(exc))
+        error, code, failure = _describe(exc), EXIT_FAILED, exc
     except Exception as exc:
         log.exception("stage %s failed", stage)
-        error, code = _describe(exc), EXIT_FAILED
-    return StageResult(
+        error, code, failure = _describe(exc), EXIT_FAILED, exc
+    result = StageResult(
         **produced.model_dump(),
         stage=stage,
         status="succeeded" if code == EXIT_OK else "failed",
@@ -124,3 +151,4 @@ def _execute(
         versions=versions(),
         mlflow_run_id=run_id,
     )
+    return result, failure

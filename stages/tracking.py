@@ -3,26 +3,27 @@
 The pipeline's first step starts the parent run and leaves it running; every stage
 process gets its id in ``MLFLOW_RUN_ID`` (and the tracking URI in its config) and logs
 into a child run named after the stage. Parameters are the validated configuration,
-with anything that looks like a secret left out.
+with anything that looks like a secret left out. Every call to a tracking server is bounded by
+``tracking.request_timeout_s`` and ``tracking.max_retries``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import re
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from stages.config import TrackingConfig
 from stages.manifest import RESULT_FILE, StageResult, git_commit
+from stages.redaction import SECRET_NAME, redact, redact_logs, redact_text
 
 PARENT_RUN_ENV = "MLFLOW_RUN_ID"
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private)", re.I)
+log = logging.getLogger(__name__)
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -37,22 +38,24 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _without_userinfo(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return value
-
-
 def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
-    """Flattened parameters with secret-looking keys dropped and URL credentials removed."""
-    return {key: _without_userinfo(str(value)) for key, value in flatten(params).items() if not _SECRET_KEY.search(key)}
+    """Flattened parameters with secret-looking keys dropped and every value redacted."""
+    return {key: str(redact(value)) for key, value in flatten(params).items() if not SECRET_NAME.search(key)}
+
+
+def _bound_requests(config: TrackingConfig) -> None:
+    """Bound every MLflow HTTP call (MLflow reads these per request), and keep MLflow from printing
+    run URLs itself: they may carry credentials; ``stage_run`` logs a redacted one."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(config.request_timeout_s)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(config.max_retries)
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def experiment_id(config: TrackingConfig) -> str:
     """The experiment's id, created (with its artifact location) on first use."""
     import mlflow
 
+    _bound_requests(config)
     mlflow.set_tracking_uri(config.tracking_uri)
     experiment = mlflow.get_experiment_by_name(config.experiment)
     if experiment is not None:
@@ -76,6 +79,7 @@ def start_pipeline_run(
     import mlflow
 
     _prepare_local_store(config)
+    _bound_requests(config)
     client = mlflow.MlflowClient(config.tracking_uri)
     run = client.create_run(
         experiment_id(config),
@@ -91,6 +95,7 @@ def latest_pipeline_run(config: TrackingConfig, since: datetime):
     """The newest pipeline (parent) run started at or after ``since``, or None."""
     import mlflow
 
+    _bound_requests(config)
     client = mlflow.MlflowClient(config.tracking_uri)
     experiment = client.get_experiment_by_name(config.experiment)
     if experiment is None:
@@ -106,6 +111,7 @@ def latest_pipeline_run(config: TrackingConfig, since: datetime):
 def end_pipeline_run(config: TrackingConfig, run_id: str, succeeded: bool) -> None:
     import mlflow
 
+    _bound_requests(config)
     mlflow.MlflowClient(config.tracking_uri).set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
 
 
@@ -119,6 +125,8 @@ def stage_run(config: TrackingConfig, stage: str, params: Mapping[str, Any]) -> 
     import mlflow
 
     _prepare_local_store(config)
+    _bound_requests(config)
+    redact_logs()  # MLflow's own handlers, set up when it was imported
     parent = os.environ.pop(PARENT_RUN_ENV, None)
     mlflow.set_tracking_uri(config.tracking_uri)
     if parent:
@@ -128,6 +136,7 @@ def stage_run(config: TrackingConfig, stage: str, params: Mapping[str, Any]) -> 
     tags = {"pipeline.stage": stage, "mlflow.source.git.commit": git_commit()}
     with mlflow.start_run(experiment_id=experiment, run_name=stage, parent_run_id=parent, tags=tags) as run:
         mlflow.log_params(safe_params(params))
+        log.info("MLflow run %s (%s) at %s", run.info.run_id, stage, redact_text(config.tracking_uri))
         yield run.info.run_id
 
 
@@ -154,7 +163,7 @@ def log_result(result: StageResult) -> None:
 
     mlflow.log_metrics({**{f"count.{k}": v for k, v in result.counts.items()}, **result.metrics,
                         "duration_s": result.duration_s})  # fmt: skip
-    mlflow.log_dict(result.model_dump(mode="json"), f"{result.stage}/{RESULT_FILE}")
+    mlflow.log_dict(redact(result.model_dump(mode="json")), f"{result.stage}/{RESULT_FILE}")
     if result.status == "failed":
-        mlflow.set_tag("pipeline.error", (result.error or "")[:5000])
+        mlflow.set_tag("pipeline.error", redact_text(result.error or "")[:5000])
         mlflow.end_run("FAILED")  # the stage handled its error; the run still failed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -291,7 +292,8 @@ def jpeg(seed: int = 0, size=(96, 64), **save_args) -> bytes:
     return buffer.getvalue()
 
 
-def land_synthetic(location: Path | str, count: int, seed: int = 0, doc_types: list[str] | None = None) -> str:
+def land_synthetic(location: Path | str, count: int, seed: int = 0, doc_types: list[str] | None = None,
+                   s3: S3Config | None = None) -> str:  # fmt: skip
     """A completed landing batch of ``count`` synthetic documents (every type unless named); its URI."""
     from stages.config import SyntheticConfig
     from stages.doctypes import load_registry
@@ -301,7 +303,7 @@ def land_synthetic(location: Path | str, count: int, seed: int = 0, doc_types: l
 
     registry = load_registry(ROOT / "configs" / "doctypes")
     chosen = [registry[name] for name in doc_types] if doc_types else list(registry.values())
-    store = open_storage(location)
+    store = open_storage(location, s3)
     write_batch(store, [(r, image) for r, image, _ in generate(chosen, SyntheticConfig(count=count, seed=seed))],
                 producer="test")  # fmt: skip
     return store.uri
@@ -311,3 +313,34 @@ def write_overlay(tmp_path: Path, name: str, text: str) -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> Path:
+    """An export of 24 synthetic documents (ingest and export run for real)."""
+    root = tmp_path_factory.mktemp("exported")
+    land_synthetic(root / "landing", 24, seed=4)
+    overlay = write_overlay(root, "o.yaml", json.dumps({
+        "doctypes_dir": str(ROOT / "configs" / "doctypes"),
+        "storage": {"landing_uri": str(root), "datasets_uri": str(root / "ds"), "runs_uri": str(root)},
+        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"},
+    }))  # fmt: skip
+    configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", overlay]
+    assert run_stage("ingest", configs, "--output", str(root / "ds"), "--batch", str(root / "landing")) == 0
+    assert run_stage("export", configs, "--output", str(root / "export")) == 0
+    return root / "export"
+
+
+@pytest.fixture
+def finetune_config(overlay, tiny_model, tmp_path) -> list[Path]:
+    return [*overlay, write_overlay(tmp_path, "model.yaml", f"model: {{base: {tiny_model}}}\n")]
+
+
+def finetune(config: list[Path], exported: Path, out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    """The stage as the DAG's local launcher runs it: its own process."""
+    return subprocess.run(
+        [sys.executable, "-m", "stages.finetune", *config_flags(config), "--data", str(exported),
+         "--output", str(out), *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **env},
+    )  # fmt: skip

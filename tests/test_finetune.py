@@ -24,31 +24,10 @@ from stages.config import EvaluationConfig, LaunchConfig, S3Config, TrainingConf
 from stages.finetune.__main__ import launch_settings, torchrun_command
 from stages.finetune.adapters import IGNORE_INDEX, load_adapter
 from stages.finetune.data import Example, Sample, read_examples, split_fitting
-from stages.finetune.train import TrainSpec, latest_checkpoint, training_arguments
-from tests.conftest import ROOT, config_flags, land_synthetic, run_stage, write_overlay
+from stages.finetune.train import TrainSpec, checkpoint_problem, latest_checkpoint, training_arguments
+from tests.conftest import ROOT, config_flags, finetune, run_stage, write_overlay
 
 DEEPSPEED = ROOT / "configs" / "deepspeed"
-
-
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory) -> Path:
-    """An export of 24 synthetic documents (ingest and export run for real)."""
-    root = tmp_path_factory.mktemp("exported")
-    land_synthetic(root / "landing", 24, seed=4)
-    overlay = write_overlay(root, "o.yaml", json.dumps({
-        "doctypes_dir": str(ROOT / "configs" / "doctypes"),
-        "storage": {"landing_uri": str(root), "datasets_uri": str(root / "ds"), "runs_uri": str(root)},
-        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"},
-    }))  # fmt: skip
-    configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", overlay]
-    assert run_stage("ingest", configs, "--output", str(root / "ds"), "--batch", str(root / "landing")) == 0
-    assert run_stage("export", configs, "--output", str(root / "export")) == 0
-    return root / "export"
-
-
-@pytest.fixture
-def finetune_config(overlay, tiny_model, tmp_path) -> list[Path]:
-    return [*overlay, write_overlay(tmp_path, "model.yaml", f"model: {{base: {tiny_model}}}\n")]
 
 
 def examples(exported: Path, name: str = "train.json") -> list[Example]:
@@ -58,16 +37,6 @@ def examples(exported: Path, name: str = "train.json") -> list[Example]:
 def adapter_for(model: Path, **training):
     config = load_pipeline_config([ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml"])
     return load_adapter(model, config.model, config.training.model_copy(update=training))
-
-
-def finetune(config: list[Path], exported: Path, out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
-    """The stage as the DAG's local launcher runs it: its own process."""
-    return subprocess.run(
-        [sys.executable, "-m", "stages.finetune", *config_flags(config), "--data", str(exported),
-         "--output", str(out), *extra],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **env},
-    )  # fmt: skip
 
 
 # --- data handling -------------------------------------------------------------------------
@@ -193,13 +162,52 @@ def test_launch_layout_from_config_or_environment():
         launch_settings(config, {"GPUS_PER_NODE": "0"})
 
 
+def saved_checkpoint(folder: Path, zero: bool = False) -> Path:
+    """A checkpoint laid out as the Trainer saves one (plain, or with DeepSpeed ZeRO shards), tiny tensors."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text('{"global_step": 1}')
+    if zero:
+        (folder / "latest").write_text("global_step1")
+        (folder / "global_step1").mkdir()
+        torch.save({"module": {}}, folder / "global_step1" / "mp_rank_00_model_states.pt")
+        torch.save({"state": {}}, folder / "global_step1" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    else:
+        save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+        torch.save({"state": {}}, folder / "optimizer.pt")
+        torch.save({"last_epoch": 1}, folder / "scheduler.pt")
+    return folder
+
+
 def test_latest_checkpoint_skips_one_cut_off_while_saving(tmp_path):
-    for step in (2, 4, 10):
-        (tmp_path / f"checkpoint-{step}").mkdir()
     for step in (2, 4):
-        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        saved_checkpoint(tmp_path / f"checkpoint-{step}")
+    (tmp_path / "checkpoint-10").mkdir()  # killed before anything was written
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
     assert latest_checkpoint(tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda c: (c / "model.safetensors").unlink(), "no readable model weights"),
+    (lambda c: (c / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"{"), "no readable model weights"),
+    (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]), "no readable optimizer"),
+    (lambda c: (c / "scheduler.pt").unlink(), "no readable scheduler state"),
+    (lambda c: (c / "trainer_state.json").write_text("{"), "trainer_state.json unreadable"),
+])  # fmt: skip
+def test_a_checkpoint_missing_what_resume_needs_is_passed_over(tmp_path, damage, problem, caplog):
+    saved_checkpoint(tmp_path / "checkpoint-2")
+    damage(saved_checkpoint(tmp_path / "checkpoint-4"))
+    assert checkpoint_problem(tmp_path / "checkpoint-4").startswith(problem)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert f"checkpoint-4 is incomplete ({problem}" in caplog.text
+
+
+def test_a_zero_checkpoint_is_complete_with_its_shards(tmp_path):
+    checkpoint = saved_checkpoint(tmp_path / "checkpoint-6", zero=True)
+    assert checkpoint_problem(checkpoint) is None
+    next(checkpoint.glob("global_step1/*optim_states.pt")).unlink()
+    assert checkpoint_problem(checkpoint) == "no readable optimizer state"
 
 
 # --- training, for real ------------------------------------------------------------------------
@@ -304,8 +312,9 @@ def _training_processes(out: Path) -> list[int]:
 
 
 @pytest.mark.integration
-def test_a_killed_run_continues_from_its_last_checkpoint(finetune_config, exported, tmp_path):
-    """An Airflow retry runs the same command into the same folder: it must continue, not restart."""
+def test_a_killed_run_continues_from_its_last_complete_checkpoint(finetune_config, exported, tmp_path):
+    """An Airflow retry runs the same command into the same folder: it must continue, not restart,
+    from the newest checkpoint that holds everything resume needs (here the newest has lost its weights)."""
     long = write_overlay(
         tmp_path, "long.yaml", "training: {max_steps: 60, save_steps: 10, eval_steps: 10, save_total_limit: 3}\n"
     )
@@ -316,8 +325,8 @@ def test_a_killed_run_continues_from_its_last_checkpoint(finetune_config, export
         env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    while not out.exists() or latest_checkpoint(out) is None:
-        assert first.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+    while not out.exists() or len([c for c in out.glob("checkpoint-*") if not checkpoint_problem(c)]) < 2:
+        assert first.poll() is None and time.monotonic() < deadline, "no two checkpoints before the run ended"
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)  # the stage's process group: the stage and torchrun
     first.wait(timeout=30)
@@ -325,16 +334,18 @@ def test_a_killed_run_continues_from_its_last_checkpoint(finetune_config, export
     while (workers := _training_processes(out)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not workers, f"training processes outlived the killed stage: {workers}"
-    killed_at = latest_checkpoint(out)
+    newest = latest_checkpoint(out)
     assert not (out / "result.json").exists()
-    step = int(killed_at.name.split("-")[1])
-    assert 10 <= step < 60
+    (newest / "model.safetensors").unlink()  # lost with the node's disk, say
+    fallback = latest_checkpoint(out)
+    step = int(fallback.name.split("-")[1])
+    assert 10 <= step < int(newest.name.split("-")[1]) < 60
 
     done = finetune(config, exported, out)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{newest} is incomplete (no readable model weights): falling back" in done.stderr
     result = json.loads((out / "result.json").read_text())
-    assert result["outputs"]["resumed_from"].startswith(str(out / "checkpoint-"))
-    assert int(result["outputs"]["resumed_from"].rsplit("-", 1)[1]) >= step
+    assert result["outputs"]["resumed_from"] == str(fallback)
     assert result["counts"]["global_step"] == 60
     state = json.loads((out / "checkpoint-60" / "trainer_state.json").read_text())
     logged = [entry["step"] for entry in state["log_history"] if "loss" in entry]
@@ -375,16 +386,3 @@ def test_an_unknown_or_contradicted_llm_type_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no auto_map: not a remote-code checkpoint"):
         load_adapter(tmp_path, ModelConfig(base=str(tmp_path), adapter="remote_code", llm_type="qwen2"),
                      TrainingConfig())  # fmt: skip
-
-
-def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
-    from stages.finetune.train import exclusive
-
-    with (
-        exclusive(tmp_path),
-        pytest.raises(RuntimeError, match="another training run is writing here"),
-        exclusive(tmp_path),
-    ):
-        pass
-    with exclusive(tmp_path):  # released when the first run ends
-        pass

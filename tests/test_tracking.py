@@ -23,16 +23,24 @@ def tracking_config(tmp_path) -> TrackingConfig:
     )
 
 
-def test_safe_params_drop_secrets_and_url_credentials():
+def test_safe_params_drop_secrets_and_redact_values(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "planted-mlflow-password")
     params = tracking.safe_params(
         {
             "storage": {"s3": {"endpoint_url": "https://user:hunter2@minio:9000", "aws_secret_access_key": "x"}},
             "db_password": "x",
             "api_token": "x",
             "training": {"learning_rate": 1e-6},
+            "mounts": ["s3://b/p", {"uri": "http://u:pw@h/x"}],  # lists and what they hold
+            "note": "logged in with planted-mlflow-password",
         }
     )
-    assert params == {"storage.s3.endpoint_url": "https://minio:9000", "training.learning_rate": "1e-06"}
+    assert params == {
+        "storage.s3.endpoint_url": "https://***@minio:9000",
+        "training.learning_rate": "1e-06",
+        "mounts": "['s3://b/p', {'uri': 'http://***@h/x'}]",
+        "note": "logged in with ***",
+    }
 
 
 def test_stage_run_nests_under_the_pipeline_run(tracking_config, monkeypatch):

@@ -25,9 +25,10 @@ from stages.config import LaunchConfig, PipelineConfig
 from stages.dataset import DatasetCard
 from stages.finetune.adapters import Adapter, AdapterError, load_adapter, resolve_model_dir
 from stages.finetune.data import DataError, Example, Unfit, read_examples, split_fitting, write_examples
-from stages.finetune.train import RESULT, TrainSpec, die_with_parent
+from stages.finetune.train import RESULT, TrainSpec, die_with_parent, location_environment
 from stages.manifest import StageOutput
-from stages.storage import LocalStorage, Storage, StorageError, open_storage
+from stages.redaction import redact
+from stages.storage import LocalStorage, Storage, StorageError, StorageUnavailable, open_storage
 
 STAGE = "finetune"
 SELECTION = "selection.json"
@@ -113,6 +114,8 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     try:
         model_dir = resolve_model_dir(args.base_model or config.model.base, out / "base-model", config.storage.s3)
         adapter = load_adapter(model_dir, config.model, training)
+    except StorageUnavailable:
+        raise
     except (AdapterError, StorageError, OSError) as exc:
         raise BadInputError(f"base model {args.base_model or config.model.base}: {exc}") from exc
     train, evaluation, unfit_train, unfit_eval = _fitting_examples(data, adapter, config, output)
@@ -130,8 +133,8 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         if training.deepspeed else None,
         s3=config.storage.s3, tracking_uri=config.tracking.tracking_uri, mlflow_run_id=run_id,
     )  # fmt: skip
-    output.write_bytes("train_spec.json", spec.model_dump_json(indent=2).encode("utf-8"))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    output.write_bytes("train_spec.json", json.dumps(redact(spec.model_dump(mode="json")), indent=2).encode("utf-8"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **location_environment(spec.tracking_uri, spec.s3)}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU (tests, the embedded demo)
     launch = launch_settings(training.launch, os.environ)

@@ -11,15 +11,14 @@ folder, so a retried task continues where the last attempt stopped.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import json
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+import zipfile
+from contextlib import nullcontext
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -28,6 +27,8 @@ from stages.config import EvaluationConfig, ModelConfig, S3Config, TrainingConfi
 from stages.finetune.adapters import load_adapter
 from stages.finetune.data import ExampleDataset, read_examples
 from stages.finetune.selection import CHECKPOINT_PREFIX, SelectionScorer, choose, curve
+from stages.locking import exclusive
+from stages.redaction import redact_logs
 
 log = logging.getLogger("stages.finetune")
 RESULT = "train_result.json"
@@ -35,7 +36,8 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class TrainSpec(BaseModel):
-    """Everything one training process needs, written by the stage as JSON."""
+    """Everything one training process needs, written by the stage as JSON, redacted: locations
+    that carry credentials reach the processes in their environment (``LOCATION_ENV``)."""
 
     model_dir: str
     model: ModelConfig
@@ -51,6 +53,22 @@ class TrainSpec(BaseModel):
     mlflow_run_id: str | None = None
 
 
+LOCATION_ENV = {"tracking_uri": "MLFLOW_TRACKING_URI", "s3_endpoint_url": "STAGES_S3_ENDPOINT_URL"}
+
+
+def location_environment(tracking_uri: str | None, s3: S3Config) -> dict[str, str]:
+    """The environment that carries the spec's locations, credentials included, to the training processes."""
+    values = {"tracking_uri": tracking_uri, "s3_endpoint_url": s3.endpoint_url}
+    return {LOCATION_ENV[key]: value for key, value in values.items() if value}
+
+
+def with_locations(spec: TrainSpec, environ: dict[str, str]) -> TrainSpec:
+    """The spec with its redacted locations taken back from the environment."""
+    s3 = spec.s3.model_copy(update={"endpoint_url": environ.get(LOCATION_ENV["s3_endpoint_url"], spec.s3.endpoint_url)})
+    return spec.model_copy(update={"tracking_uri": environ.get(LOCATION_ENV["tracking_uri"], spec.tracking_uri),
+                                   "s3": s3})  # fmt: skip
+
+
 def die_with_parent() -> None:
     """Have the kernel kill this process when its parent dies (Linux), so that killing a stage
     (an Airflow task timing out, a retry) never leaves training processes writing behind it:
@@ -59,28 +77,73 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-@contextmanager
-def exclusive(output_dir: Path) -> Iterator[None]:
-    """Hold ``<output>/.train.lock`` for the run: a second run into the same folder fails at once."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / ".train.lock", "w") as lock:
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why resume could not continue from ``checkpoint``, or None when every file it needs is there
+    and readable: trainer state, weights (whole, sharded or ZeRO shards), optimizer and scheduler state.
+    Only headers are read (a torch file's zip directory, a safetensors header), never whole tensors."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json unreadable ({exc.__class__.__name__})"
+    zero = _zero_folder(checkpoint)
+    weights = [checkpoint / "model.safetensors", checkpoint / "pytorch_model.bin", *_shards(checkpoint)]
+    if zero is not None:
+        weights += sorted(zero.glob("*model_states.pt"))
+    if not any(_readable(path) for path in weights):
+        return "no readable model weights"
+    optimizer = [checkpoint / "optimizer.pt", *(sorted(zero.glob("*optim_states.pt")) if zero else [])]
+    if not any(_readable(path) for path in optimizer):
+        return "no readable optimizer state"
+    if zero is None and not _readable(checkpoint / "scheduler.pt"):  # DeepSpeed's checkpoint holds its own
+        return "no readable scheduler state"
+    return None
+
+
+def _zero_folder(checkpoint: Path) -> Path | None:
+    """The DeepSpeed checkpoint folder that ``latest`` names, if any."""
+    try:
+        tag = (checkpoint / "latest").read_text().strip()
+    except OSError:
+        return None
+    return checkpoint / tag if tag and (checkpoint / tag).is_dir() else None
+
+
+def _shards(checkpoint: Path) -> list[Path]:
+    """The shards a sharded checkpoint's index lists, when all of them are readable (else none)."""
+    try:
+        index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
+    except (OSError, ValueError):
+        return []
+    shards = [checkpoint / name for name in sorted(set(index.get("weight_map", {}).values()))]
+    return shards[:1] if shards and all(_readable(shard) for shard in shards) else []
+
+
+def _readable(path: Path) -> bool:
+    """A file whose header is intact: a torch zip archive, or a safetensors file whose header parses."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"{output_dir}: another training run is writing here") from None
-        yield
+            with safe_open(str(path), framework="pt"):
+                return True
+        except Exception:  # safetensors raises its own error types for a cut-off or corrupt header
+            return False
+    return zipfile.is_zipfile(path)  # torch.save writes zip archives; a cut-off one has no central directory
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint that was written completely (its trainer_state.json is written last)."""
+    """The newest complete checkpoint (``checkpoint_problem``); incomplete newer ones are named and skipped."""
     found = sorted(
         (p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()),
         key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)),
     )
     for checkpoint in reversed(found):
-        if (checkpoint / "trainer_state.json").is_file():
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
             return checkpoint
-        log.warning("%s is incomplete (no trainer_state.json): not resuming from it", checkpoint)
+        log.warning("%s is incomplete (%s): falling back to an earlier checkpoint", checkpoint, problem)
     return None
 
 
@@ -196,10 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    redact_logs()
     die_with_parent()
-    spec = TrainSpec.model_validate_json(Path(args[0]).read_text())
+    spec = with_locations(TrainSpec.model_validate_json(Path(args[0]).read_text()), dict(os.environ))
     try:
-        with exclusive(Path(spec.output_dir)) if rank == 0 else nullcontext():
+        with exclusive(Path(spec.output_dir), ".train.lock") if rank == 0 else nullcontext():
             result = train(spec)
         if result.pop("is_world_process_zero"):
             Path(spec.output_dir, RESULT).write_text(json.dumps(result, indent=2))

@@ -19,6 +19,7 @@ provider of the launcher it uses.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -106,7 +107,8 @@ def _docker_stage_operator(**kwargs):
     from airflow.providers.docker.operators.docker import DockerOperator
 
     class DockerStageOperator(StageLaunch, DockerOperator):
-        """A stage in a container of its image; GPU settings resolved per run from the plan."""
+        """A stage in a container of its image; GPU settings resolved per run from the plan. Exit 2
+        (bad input, a folder in use) fails the task without retries, as with the local launcher."""
 
         def __init__(self, *, stage: str, config_paths: list[str], gpu: PipelineConfig | None,
                      pass_environment: list[str], **kwargs):  # fmt: skip
@@ -119,7 +121,16 @@ def _docker_stage_operator(**kwargs):
             self.container_settings_for(plan)
             # credentials from the worker's environment: never rendered, logged or serialized
             self.private_environment = {n: os.environ[n] for n in self.pass_environment if n in os.environ}
-            return super().execute(context)
+            from airflow.providers.docker.exceptions import DockerContainerFailedException
+            from airflow.sdk.exceptions import AirflowFailException
+
+            try:
+                return super().execute(context)
+            except DockerContainerFailedException as exc:  # its message holds the engine's {'StatusCode': N}
+                if re.search(rf"'StatusCode': {EXIT_BAD_INPUT}\b", str(exc)):
+                    last = next((str(line).strip() for line in reversed(exc.logs or []) if str(line).strip()), "")
+                    raise AirflowFailException(f"stages.{self.stage}: bad input (exit 2): {last}") from exc
+                raise
 
         def container_settings_for(self, plan: Plan) -> None:
             """Command, environment and GPU settings of this run's container, set on the operator."""

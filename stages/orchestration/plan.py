@@ -23,6 +23,7 @@ from stages.cli import config_flags
 from stages.config import ConfigError, PipelineConfig, load_pipeline_config
 from stages.landing import COMPLETE_MARKER
 from stages.manifest import RESULT_FILE
+from stages.redaction import redact_text
 
 T = TypeVar("T")
 STAGES = ("ingest", "export", "finetune", "patch", "evaluate", "publish")
@@ -73,7 +74,7 @@ class Plan(BaseModel):
     skip_publish: bool
     dry_run: bool
     mlflow_run_id: str | None = None
-    tracking_uri: str
+    tracking_uri: str  # redacted: where to look, not how to log in
 
 
 def in_home(home: Path, function: Callable[..., T], *args: Any) -> T:
@@ -182,7 +183,7 @@ def make_plan(
     plan = Plan(
         run_name=name, run_uri=run_uri, datasets_uri=config.storage.datasets_uri, batches=batches,
         overrides=overrides, gpus=form.gpus, skip_publish=form.skip_publish, dry_run=form.dry_run,
-        tracking_uri=config.tracking.tracking_uri,
+        tracking_uri=redact_text(config.tracking.tracking_uri),  # a plan is an XCom, shown in the UI
     )  # fmt: skip
     return plan, config
 
@@ -248,6 +249,7 @@ def summarize(plan: Plan, config: PipelineConfig) -> dict[str, Any]:
 
 def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """Where to look at the run: the MLflow UI's page for a server, or the store and id otherwise."""
+    tracking_uri = redact_text(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"{run_id} in {tracking_uri} (mlflow ui --backend-store-uri {tracking_uri})"

@@ -1,0 +1,66 @@
+"""One redaction for every text a user can see: logs, manifests, specs, MLflow, error messages.
+
+``redact`` removes the user:password part of URLs anywhere in a text and the values of the
+environment's secret variables (AWS and MLflow credentials, and any variable whose name says
+secret, password, token, ...), through nested lists and mappings. ``redact_logs`` makes every
+log handler of the process write redacted lines, tracebacks included.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+MASK = "***"
+SECRET_NAME = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private)", re.I)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@?#]+@")
+_MIN_SECRET_LENGTH = 6  # shorter values would mask ordinary words
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of the environment's secret-named variables, longest first."""
+    environ = os.environ if environ is None else environ
+    values = {v for k, v in environ.items() if SECRET_NAME.search(k) and len(v) >= _MIN_SECRET_LENGTH}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact_text(text: str, secrets: list[str] | None = None) -> str:
+    text = _USERINFO.sub(rf"\g<scheme>{MASK}@", text)
+    for secret in secret_values() if secrets is None else secrets:
+        text = text.replace(secret, MASK)
+    return text
+
+
+def redact(value: Any, secrets: list[str] | None = None) -> Any:
+    """``value`` with URL credentials and secret values masked, through lists, tuples and mappings."""
+    secrets = secret_values() if secrets is None else secrets
+    if isinstance(value, str):
+        return redact_text(value, secrets)
+    if isinstance(value, Mapping):
+        return {key: redact(item, secrets) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact(item, secrets) for item in value)
+    return value
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats with the handler's own formatter, then redacts the whole line (tracebacks too)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(self.inner.format(record))
+
+
+def redact_logs() -> None:
+    """Redact what every handler of the root logger and of already-configured loggers writes."""
+    loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):  # placeholders of unconfigured names have none
+            if not isinstance(handler.formatter, RedactingFormatter):
+                handler.setFormatter(RedactingFormatter(handler.formatter))
