@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stages.landing import COMPLETE_MARKER, LABELS_FILE, LabelRecord
+from stages.landing import COMPLETE_MARKER, LABELS_FILE, LabelRecord, marker_mismatch, read_marker
 from stages.storage import Storage
 
 Format = Literal["landing", "image-key", "label-studio", "ppocrlabel"]
@@ -70,11 +70,13 @@ def read_source(store: Storage, fmt: Format, mapping: ImportMapping) -> Iterator
     return readers[fmt](store, mapping)
 
 
-def _lines(store: Storage, name: str) -> Iterator[tuple[str, str | None, str]]:
-    """(source, text or None, problem) for each non-empty line of a UTF-8 text file."""
-    if not store.exists(name):
-        raise SourceError(f"{store.uri_of(name)}: labels file not found")
-    for number, raw in enumerate(store.read_bytes(name).split(b"\n"), start=1):
+def _lines(store: Storage, name: str, data: bytes | None = None) -> Iterator[tuple[str, str | None, str]]:
+    """(source, text or None, problem) for each non-empty line of a UTF-8 text file (``data``: its bytes, read)."""
+    if data is None:
+        if not store.exists(name):
+            raise SourceError(f"{store.uri_of(name)}: labels file not found")
+        data = store.read_bytes(name)
+    for number, raw in enumerate(data.split(b"\n"), start=1):
         source = f"{store.uri_of(name)}:{number}"
         try:
             text = raw.decode("utf-8").strip()
@@ -86,9 +88,19 @@ def _lines(store: Storage, name: str) -> Iterator[tuple[str, str | None, str]]:
 
 
 def _landing(store: Storage, mapping: ImportMapping) -> Iterator[Candidate]:
-    if not store.exists(COMPLETE_MARKER):
+    """The batch's records, once its marker vouches for its labels file (record count and hash)."""
+    try:
+        marker = read_marker(store)
+    except ValidationError as exc:
+        raise SourceError(f"{store.uri_of(COMPLETE_MARKER)}: not a batch marker: {_first_error(exc)}") from exc
+    if marker is None:
         raise SourceError(f"{store.uri}: no {COMPLETE_MARKER} marker, the batch is still being written")
-    for source, text, problem in _lines(store, LABELS_FILE):
+    if not store.exists(LABELS_FILE):
+        raise SourceError(f"{store.uri_of(LABELS_FILE)}: labels file not found")
+    labels = store.read_bytes(LABELS_FILE)
+    if problem := marker_mismatch(marker, labels):
+        raise SourceError(f"{store.uri}: refused: {problem}")
+    for source, text, problem in _lines(store, LABELS_FILE, labels):
         if text is None:
             yield Candidate(source, problem=problem)
             continue

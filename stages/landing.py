@@ -41,6 +41,13 @@ class BatchMarker(BaseModel):
     producer: str
 
 
+def marker_for(labels: bytes, producer: str) -> BatchMarker:
+    """The marker that vouches for this labels file: its record count and hash."""
+    records = sum(1 for line in labels.split(b"\n") if line.strip())
+    return BatchMarker(records=records, labels_sha256=hashlib.sha256(labels).hexdigest(),
+                       created_at=datetime.now(UTC), producer=producer)  # fmt: skip
+
+
 def write_batch(store: Storage, documents: Iterable[tuple[LabelRecord, bytes]], producer: str) -> BatchMarker:
     """Write images, then ``labels.jsonl``, then the marker. A completed batch is never overwritten."""
     if store.exists(COMPLETE_MARKER):
@@ -51,12 +58,7 @@ def write_batch(store: Storage, documents: Iterable[tuple[LabelRecord, bytes]], 
         lines.append(json.dumps(record.model_dump(), ensure_ascii=False))
     labels = ("\n".join(lines) + "\n").encode("utf-8")
     store.write_bytes(LABELS_FILE, labels)
-    marker = BatchMarker(
-        records=len(lines),
-        labels_sha256=hashlib.sha256(labels).hexdigest(),
-        created_at=datetime.now(UTC),
-        producer=producer,
-    )
+    marker = marker_for(labels, producer)
     store.write_bytes(COMPLETE_MARKER, marker.model_dump_json(indent=2).encode("utf-8"))
     return marker
 
@@ -66,3 +68,14 @@ def read_marker(store: Storage) -> BatchMarker | None:
     if not store.exists(COMPLETE_MARKER):
         return None
     return BatchMarker.model_validate_json(store.read_bytes(COMPLETE_MARKER))
+
+
+def marker_mismatch(marker: BatchMarker, labels: bytes) -> str | None:
+    """Why ``labels`` is not the labels file the marker was written for, or None when it is."""
+    found = marker_for(labels, marker.producer)
+    if (found.records, found.labels_sha256) != (marker.records, marker.labels_sha256):
+        records, digest = found.records, found.labels_sha256
+        return (f"{LABELS_FILE} holds {records} records with sha256 {digest[:12]}, but {COMPLETE_MARKER} was written "
+                f"for {marker.records} records with sha256 {marker.labels_sha256[:12]}: the batch changed after it was "
+                "completed")  # fmt: skip
+    return None

@@ -16,7 +16,7 @@ from PIL import Image
 
 from stages.config import S3Config
 from stages.dataset import latest_version, read_card, read_manifest, split_for
-from stages.landing import COMPLETE_MARKER, LABELS_FILE, LabelRecord, write_batch
+from stages.landing import COMPLETE_MARKER, LABELS_FILE, LabelRecord, marker_for, write_batch
 from stages.storage import open_storage
 from tests.conftest import jpeg, run_stage, write_overlay
 
@@ -50,9 +50,15 @@ def landed(root: Path, documents: list[tuple[dict, bytes]], name: str = "batch")
         lines.append(
             json.dumps({"image": f"images/{i:03d}.jpg", "doc_type": "thsr_ticket", **label}, ensure_ascii=False)
         )
-    (batch / LABELS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (batch / COMPLETE_MARKER).write_text("{}")
+    labels = ("\n".join(lines) + "\n").encode("utf-8")
+    (batch / LABELS_FILE).write_bytes(labels)
+    (batch / COMPLETE_MARKER).write_text(marker_for(labels, "tests").model_dump_json())
     return batch
+
+
+def reseal(batch: Path) -> None:
+    """A new marker for the batch's labels as they are now: a producer that changed them before completing."""
+    (batch / COMPLETE_MARKER).write_text(marker_for((batch / LABELS_FILE).read_bytes(), "tests").model_dump_json())
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -162,6 +168,7 @@ def test_unreadable_label_lines_are_quarantined(config, tmp_path):
         labels.write(b'{"image": "images/000.jpg", "doc_type": \n')  # broken JSON
         labels.write(b"\xff\xfe not utf-8\n")
         labels.write(b'{"image": "images/000.jpg", "doc_type": "thsr_ticket"}\n')  # no fields
+    reseal(batch)
     code, result = ingest(config, tmp_path / "ds", batch)
     assert code == 0 and result["counts"]["accepted"] == 1
     reasons = [q["reason"] for q in quarantined(tmp_path / "ds")]
@@ -202,13 +209,54 @@ def test_duplicates_merge_and_conflicts_are_quarantined(config, tmp_path):
     assert result["counts"]["new_version"] == 0 and result["counts"]["quarantined"] == 1
 
 
+def stored_images(datasets: Path) -> list[Path]:
+    return sorted((datasets / "images").glob("*"))
+
+
 def test_too_many_bad_records_fail_the_stage_and_write_no_version(overlay, tmp_path):
-    batch = landed(tmp_path, [({"fields": ticket()}, jpeg())] + [({"fields": {}}, jpeg(100 + i)) for i in range(3)])
+    known = landed(tmp_path, [({"fields": ticket()}, jpeg(99))], name="known")
+    assert ingest(overlay, tmp_path / "ds", known)[0] == 0
+    before = stored_images(tmp_path / "ds")
+    good = [({"fields": ticket(票號=f"08-1-24-1-019-{i:04d}")}, jpeg(i)) for i in range(2)]
+    batch = landed(tmp_path, good + [({"fields": {}}, jpeg(100 + i)) for i in range(3)])
     code, result = ingest(overlay, tmp_path / "ds", batch)  # default limit: 20 %
     assert code == 2 and result["status"] == "failed"
-    assert f"{batch}: 3 of 4 records bad (75% > 20%; {{'fields': 3}})" in result["error"]
-    assert latest_version(open_storage(tmp_path / "ds")) is None
+    assert f"{batch}: 3 of 5 records bad (60% > 20%; {{'fields': 3}})" in result["error"]
+    assert read_card(open_storage(tmp_path / "ds"), latest_version(open_storage(tmp_path / "ds"))).documents == 1
     assert len(quarantined(tmp_path / "ds")) == 3  # still there to read
+    assert stored_images(tmp_path / "ds") == before  # the refused batch's good images are not left behind
+
+
+@pytest.mark.parametrize("change", ["append", "edit", "marker"])
+def test_a_batch_changed_after_its_marker_is_refused(config, tmp_path, change):
+    batch = landed(tmp_path, [({"fields": ticket()}, jpeg())])
+    labels = batch / LABELS_FILE
+    if change == "append":
+        labels.write_bytes(labels.read_bytes() + labels.read_bytes())
+    elif change == "edit":
+        labels.write_bytes(labels.read_bytes().replace("台北".encode(), "台中".encode()))
+    else:
+        (batch / COMPLETE_MARKER).write_text("{}")
+    before = tree_digest(batch)
+    code, result = ingest(config, tmp_path / "ds", batch)
+    expected = "not a batch marker" if change == "marker" else "the batch changed after it was completed"
+    assert code == 2 and expected in result["error"] and str(batch) in result["error"]
+    assert latest_version(open_storage(tmp_path / "ds")) is None and stored_images(tmp_path / "ds") == []
+    assert tree_digest(batch) == before
+
+
+def test_copies_of_an_image_with_a_valid_and_an_invalid_label_are_a_conflict(config, tmp_path):
+    same = jpeg(30330)
+    batch = landed(tmp_path, [
+        ({"fields": ticket()}, same),
+        ({"fields": ticket(票面金額="a lot")}, same),  # the other copy's label is invalid: which one is right?
+        ({"fields": ticket(票號="08-1-24-1-019-9999")}, jpeg(40440)),
+    ])  # fmt: skip
+    code, result = ingest(config, tmp_path / "ds", batch)
+    assert code == 0 and result["counts"]["documents"] == 1
+    reasons = sorted(q["reason"].split(":")[0] for q in quarantined(tmp_path / "ds"))
+    assert reasons == ["conflict", "fields"]
+    assert len(stored_images(tmp_path / "ds")) == 1  # the conflicting image is not kept
 
 
 def test_incomplete_batch_is_refused(config, tmp_path):
