@@ -26,7 +26,7 @@ from stages.config import ConfigError, PipelineConfig, load_pipeline_config
 from stages.doctypes import LabelError
 from stages.locking import FolderInUse, exclusive
 from stages.manifest import RESULT_FILE, StageOutput, StageResult, versions
-from stages.redaction import redact, redact_logs, redact_text
+from stages.redaction import redact, redact_output, redact_text
 from stages.storage import LocalStorage, Storage, StorageError, StorageUnavailable, open_storage
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -87,8 +87,8 @@ def main(stage: str, parser: argparse.ArgumentParser, run: Runner, argv: list[st
     """Parse flags, take the output folder, run the stage under MLflow, write ``result.json``;
     returns the exit code."""
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags
+    redact_output()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    redact_logs()
     try:
         config = load_pipeline_config(args.config, args.overrides)
         output = open_storage(args.output, config.storage.s3)

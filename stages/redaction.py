@@ -2,8 +2,9 @@
 
 ``redact`` removes the user:password part of URLs anywhere in a text and the values of the
 environment's secret variables (AWS and MLflow credentials, and any variable whose name says
-secret, password, token, ...), through nested lists and mappings. ``redact_logs`` makes every
-log handler of the process write redacted lines, tracebacks included.
+secret, password, token, ...), through nested lists and mappings. ``redact_output`` makes the
+process's stdout and stderr (and so every print and every log handler created after it) and
+every log handler already set up write redacted text, tracebacks included.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
 MASK = "***"
 SECRET_NAME = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private)", re.I)
@@ -57,8 +59,32 @@ class RedactingFormatter(logging.Formatter):
         return redact_text(self.inner.format(record))
 
 
+class RedactingStream:
+    """A text stream that redacts what is written to it, then passes it on."""
+
+    def __init__(self, inner: TextIO):
+        self.inner = inner
+
+    def write(self, text: str) -> int:
+        self.inner.write(redact_text(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def redact_output() -> None:
+    """Redact this process's stdout, stderr and the log handlers set up so far (call it first thing)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, RedactingStream):
+            setattr(sys, name, RedactingStream(stream))
+    redact_logs()
+
+
 def redact_logs() -> None:
-    """Redact what every handler of the root logger and of already-configured loggers writes."""
+    """Redact what every handler of the root logger and of already-configured loggers writes
+    (handlers hold the stream they were created with)."""
     loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):  # placeholders of unconfigured names have none

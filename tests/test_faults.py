@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -29,6 +30,7 @@ import pytest
 from stages.config import S3Config, TrackingConfig
 from stages.landing import COMPLETE_MARKER
 from stages.locking import FolderInUse, exclusive
+from stages.redaction import redact_output, redact_text
 from tests.conftest import ROOT, config_flags, land_synthetic, run_module, write_overlay
 
 SECRETS = {  # planted where a careless writer would pick them up
@@ -166,6 +168,22 @@ def child_runs(tracking_uri: str, experiment: str) -> list[str]:
     client = mlflow.MlflowClient(tracking_uri)
     found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     return [run.info.run_id for run in found]
+
+
+# --- redaction ----------------------------------------------------------------------------------
+
+
+def test_redaction_masks_url_credentials_and_secret_values_in_any_text(monkeypatch, capsys):
+    monkeypatch.setenv("MY_API_TOKEN", "tok-1234567")
+    text = "at https://u:p@h:1/x and s3://key:sec@b/p?q, with tok-1234567; mail a@b.c, http://h/a@b, https://h/x"
+    assert (
+        redact_text(text) == "at https://***@h:1/x and s3://***@b/p?q, with ***; mail a@b.c, http://h/a@b, https://h/x"
+    )
+    redact_output()
+    print("logged in as http://u:pw@h with tok-1234567")
+    logging.getLogger("some.library").warning("token tok-1234567")
+    captured = capsys.readouterr()
+    assert "pw@" not in captured.out and "tok-1234567" not in captured.out + captured.err
 
 
 # --- the output lock ----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from stages.finetune.adapters import load_adapter
 from stages.finetune.data import ExampleDataset, read_examples
 from stages.finetune.selection import CHECKPOINT_PREFIX, SelectionScorer, choose, curve
 from stages.locking import exclusive
-from stages.redaction import redact_logs
+from stages.redaction import redact_output
 
 log = logging.getLogger("stages.finetune")
 RESULT = "train_result.json"
@@ -257,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m stages.finetune.train SPEC.json", file=sys.stderr)
         return 2
     rank = int(os.environ.get("RANK", "0"))
+    redact_output()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    redact_logs()
     die_with_parent()
     spec = with_locations(TrainSpec.model_validate_json(Path(args[0]).read_text()), dict(os.environ))
     try:
