@@ -114,7 +114,7 @@ def _tracked(stage: str, run: Runner, args: argparse.Namespace, config: Pipeline
                 output.write_bytes(RESULT_FILE, json.dumps(redact(result.model_dump(mode="json")), indent=2).encode())
             tracking.log_result(result)
     except Exception as exc:  # tracking or the output location failed, around the stage
-        log.error("stage %s: tracking or output failed: %s", stage, _describe(exc))
+        log.exception("stage %s: tracking or output failed", stage)
         first = f"{result.error}; then " if result and result.error else ""
         return _fail(stage, f"{first}{_describe(exc)}", result.exit_code if first else EXIT_FAILED)
     log.info("%s %s in %.1fs; manifest %s", stage, result.status, result.duration_s, output.uri_of(RESULT_FILE))

@@ -25,8 +25,9 @@ _MIN_SECRET_LENGTH = 6  # shorter values would mask ordinary words
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of the environment's secret-named variables, longest first."""
     environ = os.environ if environ is None else environ
-    values = {v for k, v in environ.items() if SECRET_NAME.search(k) and len(v) >= _MIN_SECRET_LENGTH}
-    return sorted(values, key=len, reverse=True)
+    # names first, then each value by get(): other threads (MLflow's telemetry) change os.environ meanwhile
+    values = {environ.get(name) or "" for name in list(environ) if SECRET_NAME.search(name)}
+    return sorted((v for v in values if len(v) >= _MIN_SECRET_LENGTH), key=len, reverse=True)
 
 
 def redact_text(text: str, secrets: list[str] | None = None) -> str:

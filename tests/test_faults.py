@@ -186,6 +186,26 @@ def test_redaction_masks_url_credentials_and_secret_values_in_any_text(monkeypat
     assert "pw@" not in captured.out and "tok-1234567" not in captured.out + captured.err
 
 
+def test_redaction_reads_an_environment_other_threads_are_changing():
+    """MLflow's telemetry thread sets and unsets a variable while stages log: reading secrets must not fail."""
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            os.environ["_CHURNING_TOKEN"] = "churned-value"
+            os.environ.pop("_CHURNING_TOKEN", None)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 2  # the old reading failed within a tenth of a second here
+        while time.monotonic() < deadline:
+            redact_text("nothing secret")
+    finally:
+        stop.set()
+        thread.join()
+
+
 # --- the output lock ----------------------------------------------------------------------------
 
 
