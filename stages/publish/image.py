@@ -18,6 +18,7 @@ import yaml
 
 from stages.config import PipelineConfig
 from stages.launch import gpu_run_arguments
+from stages.locking import LOCK_SUFFIX
 
 DOCKERFILE = Path(__file__).resolve().parents[2] / "docker" / "serving.Dockerfile"
 BAKED_MODEL = "/models/served"
@@ -55,7 +56,7 @@ def build_context(context: Path, model_dir: Path, model_uri: str, config: Pipeli
     shutil.copy(DOCKERFILE, context / "Dockerfile")
     if baked:
         shutil.copytree(model_dir, context / "model", dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("result.json", "patch.json"))  # fmt: skip
+                        ignore=shutil.ignore_patterns("result.json", "patch.json", f"*{LOCK_SUFFIX}"))  # fmt: skip
     flags = serve_flags(config, BAKED_MODEL if baked else model_uri)
     (context / "serve.yaml").write_text(yaml.safe_dump(flags, sort_keys=False))
     return context
