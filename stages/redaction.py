@@ -89,5 +89,7 @@ def redact_logs() -> None:
     loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):  # placeholders of unconfigured names have none
+            if isinstance(getattr(handler, "stream", None), RedactingStream):
+                continue  # writes into a redacting stream already: once is enough
             if not isinstance(handler.formatter, RedactingFormatter):
                 handler.setFormatter(RedactingFormatter(handler.formatter))

@@ -20,7 +20,7 @@ from typing import Any
 
 from stages.config import TrackingConfig
 from stages.manifest import RESULT_FILE, StageResult, git_commit
-from stages.redaction import SECRET_NAME, redact, redact_logs, redact_text
+from stages.redaction import SECRET_NAME, redact, redact_logs, redact_text, secret_values
 
 PARENT_RUN_ENV = "MLFLOW_RUN_ID"
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
     """Flattened parameters with secret-looking keys dropped and every value redacted."""
-    return {key: str(redact(value)) for key, value in flatten(params).items() if not SECRET_NAME.search(key)}
+    secrets = secret_values()  # read the environment once, not once per parameter
+    return {key: str(redact(value, secrets)) for key, value in flatten(params).items() if not SECRET_NAME.search(key)}
 
 
 def _bound_requests(config: TrackingConfig) -> None:
