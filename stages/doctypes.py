@@ -12,7 +12,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from stages.config import ConfigError, load_model
+from stages.dates import DateOrder, DateReading, parse_date
 
 FieldType = Literal["text", "date", "time", "money", "integer", "id", "enum"]
 
@@ -62,8 +63,13 @@ class FieldSpec(BaseModel):
     description: str = ""
     pattern: str | None = Field(None, description="id: regex the normalised value must match")
     values: list[str] | None = Field(None, description="enum: the allowed values")
-    date_formats: list[str] | None = Field(None, description="date/time: accepted input formats")
+    date_formats: list[str] | None = Field(
+        None, description="time: accepted input formats; date: how documents print it (the synthetic generator)"
+    )
     output_format: str | None = Field(None, description="date/time: format of the canonical value")
+    date_order: DateOrder = Field("YMD", description="date: how all-numeric shapes such as 11.02.18 are read")
+    roc_years: bool = Field(False, description="date: two- and three-digit leading years are ROC (民國) years")
+    year_range: tuple[int, int] = Field((1900, 2099), description="date: the years a real value can have")
     samples: list[str] = Field([], description="text: values the synthetic generator draws from")
     currencies: list[str] = Field([""], description="money: prefixes the generator prints")
     amount_range: tuple[float, float] = Field((1, 1000), description="money/integer: generator range")
@@ -87,7 +93,21 @@ class FieldSpec(BaseModel):
             raise ValueError(f"field {self.name!r}: type enum needs values")
         if self.type not in ("date", "time") and (self.date_formats or self.output_format):
             raise ValueError(f"field {self.name!r}: date_formats/output_format apply to date and time only")
+        if self.type == "date":
+            for fmt in [*self.input_formats, self.canonical_format]:
+                for day in (date(2024, 3, 25), date(2024, 3, 5)):
+                    try:
+                        read = parse_date(day.strftime(fmt), self.date_reading)
+                    except ValueError as exc:
+                        read = exc
+                    if read != day:
+                        raise ValueError(f"field {self.name!r}: {day} printed as {fmt!r} reads back as {read} "
+                                         f"(date_order {self.date_order})")  # fmt: skip
         return self
+
+    @property
+    def date_reading(self) -> DateReading:
+        return DateReading(self.date_order, self.roc_years, self.year_range)
 
     @property
     def input_formats(self) -> list[str]:
@@ -173,7 +193,9 @@ class DocType(BaseModel):
             raise ValueError("empty value")
         if spec.type == "text":
             return text
-        if spec.type in ("date", "time"):
+        if spec.type == "date":
+            return parse_date(text, spec.date_reading).strftime(spec.canonical_format)
+        if spec.type == "time":
             for fmt in [*spec.input_formats, spec.canonical_format]:  # canonical values stay valid
                 try:
                     return datetime.strptime(text, fmt).strftime(spec.canonical_format)

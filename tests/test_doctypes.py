@@ -103,7 +103,7 @@ def test_unparseable_value_is_compared_as_folded_text():
         ({**TICKET, "票號": "   "}, "required field '票號' is missing"),
         ({**TICKET, "票號": "12345"}, "field '票號' (id): '12345' does not match"),
         ({**TICKET, "起站": "高雄"}, "field '起站' (enum): '高雄' is not one of"),
-        ({**TICKET, "乘車日期": "05/01/2024"}, "field '乘車日期' (date): '05/01/2024' matches none of the formats"),
+        ({**TICKET, "乘車日期": "05/01/2024"}, "field '乘車日期' (date): '05/01/2024' is not a date (read YMD"),
         ({**TICKET, "票面金額": "free"}, "field '票面金額' (money): 'free' is not an amount"),
         ({**TICKET, "票面金額": ["1490"]}, "field '票面金額': expected a string, got list"),
     ],
@@ -139,6 +139,43 @@ def test_sroie_day_first_dates_and_currency_prefixes():
         "2018-12-25"
     }
     assert receipt.compare_key("total", "RM41.45") == receipt.compare_key("total", "41.450") == "41.45"
+
+
+@pytest.mark.parametrize(
+    ("doc_type", "printed", "canonical"),
+    [
+        ("receipt_en", "28 MAR 18", "2018-03-28"),
+        ("receipt_en", "24-MAR-2018", "2018-03-24"),
+        ("receipt_en", "2018/02/22", "2018-02-22"),  # a four-digit year first is never day first
+        ("receipt_en", "20180304", "2018-03-04"),
+        ("receipt_en", "25032018", "2018-03-25"),
+        ("receipt_en", "11.02.18", "2018-02-11"),  # ambiguous: the type reads day first
+        ("receipt_en", "March 3, 2018", "2018-03-03"),
+        ("thsr_ticket", "2024年3月5日", "2024-03-05"),
+        ("thsr_ticket", "民國113年3月5日", "2024-03-05"),
+        ("thsr_ticket", "113/03/05", "2024-03-05"),  # a three-digit year on a Taiwanese ticket is a ROC year
+        ("thsr_ticket", "11.02.18", "2011-02-18"),  # ambiguous: the type reads year first
+        ("einvoice", "中華民國 113 年 12 月 31 日", "2024-12-31"),
+    ],
+)
+def test_date_shapes_read_in_the_types_order(doc_type, printed, canonical):
+    spec = next(f for f in REGISTRY[doc_type].fields if f.type == "date")
+    assert REGISTRY[doc_type].canonical_value(spec, printed) == canonical
+
+
+@pytest.mark.parametrize("printed", ["3180303", "31/08/303", "30/02/2018", "25/12/1911", "2018-13-01", "12/25/2018"])
+def test_numbers_that_are_no_real_date_in_a_sane_year_are_refused(printed):
+    """strptime's %d%m%Y took 3180303 as year 303; a seven-digit stamp is not a date."""
+    receipt = REGISTRY["receipt_en"]
+    with pytest.raises(ValueError, match="is not a date"):
+        receipt.canonical_value(receipt.field("date"), printed)
+
+
+def test_print_formats_must_read_back_in_the_declared_order(tmp_path):
+    text = (ROOT / "configs/doctypes/receipt_en.yaml").read_text().replace('"%d/%m/%Y",', '"%m/%d/%Y",', 1)
+    (tmp_path / "receipt_en.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"printed as '%m/%d/%Y' reads back as .* \(date_order DMY\)"):
+        load_registry(tmp_path)
 
 
 @pytest.mark.parametrize(
