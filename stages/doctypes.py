@@ -58,7 +58,14 @@ class FieldSpec(BaseModel):
     name: str = Field(min_length=1, description="the key in the JSON answer")
     type: FieldType
     label: str = Field("", description="the caption printed beside the value on documents")
-    keywords: list[str] = Field([], description="captions the OCR baseline looks for; default: the label's words")
+    keywords: list[str] = Field(
+        [], description="captions the OCR baseline looks for, the first found wins; default: the label's words"
+    )
+    exclude_keywords: list[str] = Field([], description="OCR baseline: a line with one of these never holds the value")
+    fallback_keywords: list[str] = Field(
+        [], description="OCR baseline: captions tried last where the value may be restated (a subtotal, cash paid)"
+    )
+    hints: list[str] = Field([], description="OCR baseline, captionless text: words that mark a line of this field")
     required: bool = True
     description: str = ""
     pattern: str | None = Field(None, description="id: regex the normalised value must match")
@@ -144,6 +151,7 @@ class DocType(BaseModel):
     prompt: str
     prompt_variants: list[str] = Field([], description="alternative prompts for training documents")
     variants: dict[str, str] = Field({}, description="character variants folded for comparison, e.g. 臺: 台")
+    headings: list[str] = Field([], description="OCR baseline: printed headings that end or are never captionless text")
     fields: list[FieldSpec] = Field(min_length=1)
 
     @field_validator("prompt")
