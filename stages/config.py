@@ -309,6 +309,9 @@ class EvaluationConfig(_Strict):
     regression_tolerance: Probability = Field(
         0.005, description="how far below the champion a challenger may fall and still pass"
     )
+    min_eval_documents: int = Field(
+        1, ge=1, description="the gate fails a requested document type with fewer eval documents than this"
+    )
     fit_check: FitCheckConfig = FitCheckConfig()
 
     @model_validator(mode="after")

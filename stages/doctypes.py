@@ -17,6 +17,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
+from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from stages.config import ConfigError, load_model
@@ -270,6 +271,10 @@ class DocType(BaseModel):
     def canonical_answer(self, raw: Mapping[str, Any]) -> str:
         """The JSON string the model learns to answer: fixed key order, non-ASCII kept."""
         return json.dumps(self.canonical_fields(raw), ensure_ascii=False)
+
+    @functools.cached_property
+    def answer_validator(self) -> Draft202012Validator:
+        return Draft202012Validator(self.answer_schema())
 
     def answer_schema(self) -> dict[str, Any]:
         """JSON schema (draft 2020-12) of the canonical answer."""

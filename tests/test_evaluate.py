@@ -245,7 +245,12 @@ def test_swapped_images_give_each_document_another_documents_image(exported):
 
 
 def _overall(field_accuracy: float, json_validity: float = 1.0) -> dict:
-    values = {"field_accuracy": field_accuracy, "document_accuracy": field_accuracy / 2, "json_validity": json_validity}
+    values = {
+        "field_accuracy": field_accuracy,
+        "document_accuracy": field_accuracy / 2,
+        "json_validity": json_validity,
+        "documents": 50,
+    }
     return {"overall": values, "per_doc_type": {"thsr_ticket": values}}
 
 

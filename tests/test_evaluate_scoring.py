@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from stages.config import EvaluationConfig, Thresholds
@@ -30,6 +32,18 @@ TICKET = {"乘車日期": "2024-03-09", "起站": "台北", "迄站": "左營", 
 )
 def test_the_json_object_is_found_in_an_answer(answer, expected):
     assert extract_json(answer) == expected
+
+
+def test_the_object_that_fits_the_schema_wins_and_only_it_is_valid():
+    example = {"乘車日期": "2000-01-01", "起站": "南港", "迄站": "台北", "票面金額": "1", "票號": "00-0-00-0-000-0000"}
+    answer = f'For example {json.dumps(example)}; the keys {{"起站": "x"}}. Answer: {json.dumps(TICKET)} {{}}'
+    assert extract_json(answer, THSR) == TICKET  # the last one that validates, not the first object
+    assert extract_json('{"note": 1} {"起站": "台北", "迄站": "左營"}', THSR) == {"起站": "台北", "迄站": "左營"}
+    for wrong_shape in ({}, {"起站": "台北"}, {**TICKET, "extra": "1"}, {**TICKET, "票面金額": 1490}):
+        assert not score(THSR, "d", TICKET, wrong_shape, json.dumps(wrong_shape), 0.1).valid
+    scored = [score(THSR, "d", TICKET, p, "", 0.1) for p in (TICKET, {}, None)]
+    assert [s.valid for s in scored] == [True, False, False]
+    assert evaluate_all(scored, REGISTRY, 1.0)["overall"]["json_validity"] == pytest.approx(1 / 3)
 
 
 def test_normalisation_makes_equivalent_values_equal():
@@ -82,7 +96,12 @@ def test_donut_scores_match_their_definitions():
 
 
 def _metrics(field_accuracy, document_accuracy, json_validity=1.0, doc_type="thsr_ticket"):
-    values = {"field_accuracy": field_accuracy, "document_accuracy": document_accuracy, "json_validity": json_validity}
+    values = {
+        "field_accuracy": field_accuracy,
+        "document_accuracy": document_accuracy,
+        "json_validity": json_validity,
+        "documents": 50,
+    }
     return {"overall": dict(values), "per_doc_type": {doc_type: dict(values)}}
 
 
@@ -116,4 +135,18 @@ def test_gate_does_not_compare_with_a_champion_measured_on_another_eval_set():
 
 def test_gate_passes_when_everything_holds():
     decision = decide(_metrics(0.99, 0.95), CONFIG, "v1", _metrics(0.99, 0.95), champion_eval_set="v1")
-    assert decision.passed and {c.rule for c in decision.checks} == {"threshold", "no_regression"}
+    assert decision.passed and {c.rule for c in decision.checks} == {"eval_documents", "threshold", "no_regression"}
+
+
+def test_a_requested_type_without_enough_eval_documents_fails_the_gate():
+    """Asked for tickets and receipts, evaluated on tickets only: the gate names the missing type."""
+    documents = [score(THSR, str(i), TICKET, dict(TICKET), "", 0.1) for i in range(3)]
+    metrics = evaluate_all(documents, REGISTRY, 1.0)
+    config = EvaluationConfig(thresholds=Thresholds(field_accuracy=0.5, document_accuracy=0.5, json_validity=0.5),
+                              min_eval_documents=3)  # fmt: skip
+    decision = decide(metrics, config, "set", requested=["thsr_ticket", "receipt_en"])
+    assert not decision.passed and decision.doc_types == {"thsr_ticket": 3, "receipt_en": 0}
+    assert decision.reasons == ["receipt_en: 0 eval documents, fewer than evaluation.min_eval_documents (3): its "
+                                "accuracy is not measured well enough to gate on"]  # fmt: skip
+    assert decide(metrics, config, "set", requested=["thsr_ticket"]).passed
+    assert not decide(metrics, config.model_copy(update={"min_eval_documents": 4}), "set").passed

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     if settings.ocr_baseline:
         baseline_documents, seconds = ocr_baseline(requests, config)
         baseline = evaluate_all(baseline_documents, registry, seconds)
-    decision = decide(metrics, settings, eval_set, champion, champion_eval_set, fit, control)
+    decision = decide(metrics, settings, eval_set, champion, champion_eval_set, fit, control, config.doc_types)
     selection = _selection(args.model)
 
     predictions = [{"id": d.id, "doc_type": d.doc_type, "expected": d.expected, "predicted": d.predicted,

@@ -1,4 +1,5 @@
-"""The accuracy gate: thresholds per document type, no regression against the champion evaluated
+"""The accuracy gate: enough eval documents of every requested type, thresholds per document type,
+no regression against the champion evaluated
 on the same eval-set version and, where configured, the fit check: the training sample reaches
 its thresholds and its image control falls far enough below it (the answers come from the
 pixels). The DAG branches on ``passed``; reasons say why."""
@@ -15,7 +16,7 @@ NO_REGRESSION = ("field_accuracy", "document_accuracy")
 
 
 class Check(BaseModel):
-    rule: str  # "threshold", "no_regression", "fit_threshold" or "image_dependence"
+    rule: str  # "eval_documents", "threshold", "no_regression", "fit_threshold" or "image_dependence"
     scope: str  # a document type, "overall", or "train sample"
     metric: str
     value: float
@@ -24,6 +25,9 @@ class Check(BaseModel):
 
     @property
     def failure(self) -> str:
+        if self.rule == "eval_documents":
+            return (f"{self.scope}: {self.value:.0f} eval documents, fewer than evaluation.min_eval_documents "
+                    f"({self.limit:.0f}): its accuracy is not measured well enough to gate on")  # fmt: skip
         if self.rule == "image_dependence" and not self.limit:
             return f"{self.scope}: the fit's {self.metric} is 0: nothing shows that the answers depend on the image"
         if self.rule == "image_dependence":
@@ -40,15 +44,23 @@ class Decision(BaseModel):
     checks: list[Check]
     eval_set: str | None
     champion_eval_set: str | None = None
+    doc_types: dict[str, int] = {}  # every requested type, and its eval documents
 
 
 def decide(metrics: dict, config: EvaluationConfig, eval_set: str | None, champion: dict | None = None,
            champion_eval_set: str | None = None, fit: dict | None = None,
-           control: dict | None = None) -> Decision:  # fmt: skip
+           control: dict | None = None, requested: list[str] | None = None) -> Decision:  # fmt: skip
     """Apply the thresholds, the no-regression rule where a champion's metrics are given, and the fit
-    check's rules where ``evaluation.fit_check`` sets them."""
+    check's rules where ``evaluation.fit_check`` sets them. Every ``requested`` type (default: the
+    evaluated ones) needs ``min_eval_documents``: a type with none is not skipped, it fails."""
     checks: list[Check] = []
     reasons: list[str] = []
+    counts = {t: metrics["per_doc_type"].get(t, {}).get("documents", 0)
+              for t in dict.fromkeys([*(requested or []), *metrics["per_doc_type"]])}  # fmt: skip
+    least = config.min_eval_documents
+    for doc_type, documents in counts.items():
+        checks.append(Check(rule="eval_documents", scope=doc_type, metric="documents", value=documents, limit=least,
+                            passed=documents >= least))  # fmt: skip
     for doc_type, values in metrics["per_doc_type"].items():
         thresholds = config.thresholds_for(doc_type)
         for metric in GATED:
@@ -73,7 +85,7 @@ def decide(metrics: dict, config: EvaluationConfig, eval_set: str | None, champi
     if not metrics["per_doc_type"]:
         reasons.append("no document was evaluated")
     return Decision(passed=not reasons, reasons=reasons or ["every check passed"], checks=checks,
-                    eval_set=eval_set, champion_eval_set=champion_eval_set)  # fmt: skip
+                    eval_set=eval_set, champion_eval_set=champion_eval_set, doc_types=counts)  # fmt: skip
 
 
 def _fit_checks(config: EvaluationConfig, fit: dict | None, control: dict | None, reasons: list[str]) -> list[Check]:

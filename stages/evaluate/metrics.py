@@ -2,8 +2,9 @@
 
 - field accuracy: fields exactly right after the type's normalisation / all fields;
 - document accuracy: documents with every field right / documents;
-- JSON validity: answers that hold a JSON object / answers (an unparseable answer counts
-  every field wrong);
+- JSON validity: answers whose JSON object validates against the type's answer schema / answers
+  (``{}`` or an object of the wrong shape is not valid; an answer with no object counts every
+  field wrong);
 - per-field accuracy and character error rate (a diagnostic: how far off a wrong value is);
 - latency p50/p95 per document and throughput;
 - Donut's field-level F1 and tree-edit-distance accuracy, so figures compare with the
@@ -23,7 +24,7 @@ from zss import Node, simple_distance
 
 from stages.doctypes import DocType
 from stages.evaluate.backends import Backend, Request
-from stages.evaluate.parsing import extract_json
+from stages.evaluate.parsing import extract_json, fits
 
 HEADLINE = ("field_accuracy", "document_accuracy", "json_validity")  # what gates, selection and reports show
 
@@ -40,6 +41,7 @@ class Scored:
     latency_s: float
     correct: dict[str, bool] = field(default_factory=dict)
     cer: dict[str, float] = field(default_factory=dict)
+    valid: bool = False  # the object validates against the type's answer schema
 
     @property
     def all_correct(self) -> bool:
@@ -49,7 +51,8 @@ class Scored:
 def score(doc_type: DocType, document_id: str, expected: dict, predicted: dict | None, answer: str,
           latency_s: float) -> Scored:  # fmt: skip
     """Compare every field of the type by its comparison key (normalised, variants folded, money as numbers)."""
-    scored = Scored(document_id, doc_type.id, expected, predicted, answer, latency_s)
+    scored = Scored(document_id, doc_type.id, expected, predicted, answer, latency_s,
+                    valid=fits(predicted, doc_type))  # fmt: skip
     for spec in doc_type.fields:
         want = doc_type.compare_key(spec.name, expected.get(spec.name))
         got = doc_type.compare_key(spec.name, _text(predicted.get(spec.name))) if predicted is not None else None
@@ -102,7 +105,7 @@ def _pooled(documents: list[Scored]) -> dict:
         "documents": len(documents),
         "field_accuracy": sum(sum(d.correct.values()) for d in documents) / fields if fields else 0.0,
         "document_accuracy": float(np.mean([d.all_correct for d in documents])) if documents else 0.0,
-        "json_validity": float(np.mean([d.predicted is not None for d in documents])) if documents else 0.0,
+        "json_validity": float(np.mean([d.valid for d in documents])) if documents else 0.0,
         "latency_p50_s": float(np.percentile(latencies, 50)),
         "latency_p95_s": float(np.percentile(latencies, 95)),
     }
@@ -143,6 +146,7 @@ def measure(backend: Backend, requests: list[Request], registry: dict[str, DocTy
     started = time.perf_counter()
     responses = backend.predict(requests)
     duration = time.perf_counter() - started
-    documents = [score(r.doc_type, r.example.id, json.loads(r.example.answer), extract_json(a.answer), a.answer,
-                       a.latency_s) for r, a in zip(requests, responses, strict=True)]  # fmt: skip
+    documents = [score(r.doc_type, r.example.id, json.loads(r.example.answer),
+                       extract_json(a.answer, r.doc_type), a.answer, a.latency_s)
+                 for r, a in zip(requests, responses, strict=True)]  # fmt: skip
     return documents, evaluate_all(documents, registry, duration)

@@ -76,7 +76,7 @@ def smoke_check(example_request: Request, config: PipelineConfig):
             temperature=0, max_tokens=max_new_tokens(example_request.doc_type, config.evaluation.max_new_tokens),
         )  # fmt: skip
         answer = completion.choices[0].message.content or ""
-        parsed = extract_json(answer)
+        parsed = extract_json(answer, example_request.doc_type)
         if parsed is None:
             raise ValueError(f"the answer holds no JSON object: {answer[:200]!r}")
         try:
