@@ -6,7 +6,8 @@ batch, document type known, fields valid for the type, image decodes fully withi
 limits, EXIF orientation applied). Bad records go to ``quarantine/<source>.jsonl`` with the
 reason and good ones go on; a batch whose bad share exceeds ``dataset.max_bad_fraction``
 fails the stage and leaves no new image in the store. Images are stored once by content
-hash; copies of one image with different labels (an invalid label included) are all
+hash; copies of one image whose labels differ only in case or whitespace are one document (the
+first copy's label kept); copies with different labels (an invalid one included) are all
 quarantined as a conflict. The new version holds every document so far; ingesting the same
 batch again changes nothing. A store that stops answering fails the stage (exit 1) within
 its timeouts; it never quarantines records.
@@ -160,7 +161,10 @@ def _check_record(batch: str, candidate: Candidate) -> Verdict:
 
 
 def _label(record: DatasetRecord) -> tuple:
-    return record.doc_type, frozenset(record.fields.items())
+    """What two copies of an image must share to be one document: the type, and each value with
+    case and whitespace ignored (``SDN BHD`` and ``SDN  bhd`` are one label, the first copy's kept)."""
+    same = {name: "".join(value.casefold().split()) if value else value for name, value in record.fields.items()}
+    return record.doc_type, frozenset(same.items())
 
 
 class Ingest:

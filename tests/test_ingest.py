@@ -203,6 +203,27 @@ def test_duplicates_merge_and_conflicts_are_quarantined(config, tmp_path):
     conflicts = quarantined(tmp_path / "ds")
     assert len(conflicts) == 2 and all(q["reason"].startswith("conflict: image ") for q in conflicts)
 
+    # Labels of one image that differ only in whitespace or case are one document, not a conflict.
+    receipt = {
+        "doc_type": "receipt_en",
+        "fields": {
+            "company": "BOOK TA .K (TAMAN DAYA) SDN BHD",
+            "date": "25/12/2018",
+            "address": "NO.53, JALAN SAGU 18",
+            "total": "9.00",
+        },
+    }
+    respaced = {**receipt, "fields": {**receipt["fields"], "company": "Book Ta.K (Taman Daya) Sdn Bhd"}}
+    spaced = landed(tmp_path, [(receipt, jpeg(50550)), (respaced, jpeg(50550))], name="spaced")
+    code, result = ingest(config, tmp_path / "ds", spaced)
+    assert (code, result["counts"]["added"], result["counts"]["quarantined"]) == (0, 1, 0)
+    kept = [
+        r
+        for r in read_manifest(open_storage(tmp_path / "ds"), result["outputs"]["version"])
+        if r.doc_type == "receipt_en"
+    ]
+    assert [r.fields["company"] for r in kept] == ["BOOK TA .K (TAMAN DAYA) SDN BHD"]  # the first copy's label
+
     # A later batch that relabels a known image is quarantined; the dataset keeps the first label.
     relabel = landed(tmp_path, [({"fields": ticket(起站="板橋")}, same)], name="later")
     code, result = ingest(config, tmp_path / "ds", relabel)
