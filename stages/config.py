@@ -290,6 +290,14 @@ class FitCheckConfig(_Strict):
         return self
 
 
+class EvalSetConfig(_Strict):
+    """A golden evaluation set: the eval documents of one pinned dataset version (a batch ingested
+    with ``--eval-only`` makes every document of it one), the same for every model compared."""
+
+    dataset: str = Field(min_length=1, description="the datasets location (folder or s3://) that holds the version")
+    version: str = Field(min_length=1, description="the pinned dataset version id")
+
+
 class EvaluationConfig(_Strict):
     """How the eval set is answered, and the accuracy gates: defaults for every type, overrides per type."""
 
@@ -313,11 +321,17 @@ class EvaluationConfig(_Strict):
         1, ge=1, description="the gate fails a requested document type with fewer eval documents than this"
     )
     fit_check: FitCheckConfig = FitCheckConfig()
+    eval_sets: dict[str, EvalSetConfig] = Field({}, description="golden evaluation sets by name")
+    eval_set: str | None = Field(
+        None, description="the golden set evaluate answers instead of the run's export (a name in eval_sets)"
+    )
 
     @model_validator(mode="after")
     def _endpoint_for_openai(self) -> EvaluationConfig:
         if self.backend == "openai" and not self.endpoint:
             raise ValueError("backend openai needs an endpoint")
+        if self.eval_set is not None and self.eval_set not in self.eval_sets:
+            raise ValueError(f"eval_set {self.eval_set!r} is not one of eval_sets {sorted(self.eval_sets)}")
         return self
 
     def thresholds_for(self, doc_type: str) -> Thresholds:

@@ -3,7 +3,8 @@
 Writes ``train.json`` and ``eval.json`` (lists of ``{"id", "doc_type", "image", "conversations": [user
 prompt with <image>, assistant canonical JSON answer]}``), ``schemas/<doc type>.json`` with
 each type's answer schema, and ``card.json`` of the dataset version. Image paths point to
-where the training container sees the dataset (``export.image_root``).
+where the training container sees the dataset (``export.image_root``). A version with eval
+documents only (a golden set) exports with an empty ``train.json``: it can be evaluated, not trained on.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         splits[record.split].append(conversation(record, registry[record.doc_type], image_root,
                                                  config.export.prompt_variants))  # fmt: skip
         counts[f"{record.split}.{record.doc_type}"] += 1
-    if not splits["train"]:
-        raise BadInputError(f"dataset version {version} has no train document of types {config.doc_types}")
+    if not splits["train"] and not splits["eval"]:
+        raise BadInputError(f"dataset version {version} has no document of types {config.doc_types}")
 
     for split, examples in splits.items():
         output.write_bytes(f"{split}.json", _dumps(examples))

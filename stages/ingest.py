@@ -10,7 +10,8 @@ hash; copies of one image whose labels differ only in case or whitespace are one
 first copy's label kept); copies with different labels (an invalid one included) are all
 quarantined as a conflict. The new version holds every document so far; ingesting the same
 batch again changes nothing. A store that stops answering fails the stage (exit 1) within
-its timeouts; it never quarantines records.
+its timeouts; it never quarantines records. ``--eval-only`` puts every document the run adds in
+the eval split: a golden evaluation set (``evaluation.eval_sets``), never trained on.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=FORMATS, default="landing", help="how the batches are laid out")
     parser.add_argument("--mapping", type=Path, help="an ImportMapping YAML: tool labels -> document-type fields")
     parser.add_argument("--doc-type", help="document type of every record (image-key, label-studio, ppocrlabel)")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="every new document goes to the eval split: a golden set, never trained on")  # fmt: skip
     return parser
 
 
@@ -275,21 +278,21 @@ class Ingest:
 
 
 def _card(records: list[DatasetRecord], version: str, parent: str | None, added: int, run: Ingest,
-          batches: list[str]) -> DatasetCard:  # fmt: skip
+          batches: list[str], eval_only: bool) -> DatasetCard:  # fmt: skip
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {"train": 0, "eval": 0})
     for record in records:
         counts[record.doc_type][record.split] += 1
     warnings = [
         f"{doc_type} has {c['train']} train and no eval document; its accuracy cannot be measured yet"
         for doc_type, c in sorted(counts.items())
-        if c["eval"] == 0
+        if c["eval"] == 0 and not eval_only
     ]
     quarantined = Counter(q.reason.split(":")[0] for bad in run.quarantine.values() for q in bad)
     settings = run.config.dataset
     return DatasetCard(
         version=version, parent=parent, created_at=datetime.now(UTC), documents=len(records), added=added,
         counts=dict(counts), sources=batches, quarantined=dict(quarantined), warnings=warnings,
-        split={"salt": settings.split_salt, "eval_fraction": settings.eval_fraction},
+        split={"salt": settings.split_salt, "eval_fraction": settings.eval_fraction, "eval_only": eval_only},
     )  # fmt: skip
 
 
@@ -322,6 +325,9 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
             ingest.discard_created(keep=set())
         raise
     records, added = ingest.merge(existing)
+    if args.eval_only:  # documents this run added; known ones keep their split
+        known = {r.id for r in existing}
+        records = [r if r.id in known else r.model_copy(update={"split": "eval"}) for r in records]
     ingest.write_quarantine()
     if failed := ingest.failures():
         ingest.discard_created(keep=set())
@@ -333,7 +339,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     changed = version != parent
     if changed:
         output.sync()  # the images, written by the workers without fsync, are durable before the manifest
-        card = _card(records, version, parent, added, ingest, list(args.batch))
+        card = _card(records, version, parent, added, ingest, list(args.batch), args.eval_only)
         write_version(output, manifest, card)
         for warning in card.warnings:
             log.warning(warning)

@@ -104,6 +104,58 @@ def test_a_regression_against_the_champion_fails_the_gate_not_the_stage(overlay,
     assert json.loads((out / "result.json").read_text())["metrics"]["gate_passed"] == 0.0
 
 
+@pytest.mark.integration
+def test_a_golden_set_compares_every_model_on_the_same_documents_without_training(overlay, tiny_model, tmp_path):
+    """A batch ingested --eval-only is pinned as a golden set; evaluate answers it with no export and
+    no training, and compares with the registered champion only where that was measured on it."""
+    land_synthetic(tmp_path / "golden-batch", 8, seed=21)
+    golden = tmp_path / "golden"
+    assert run_stage("ingest", overlay, "--output", str(golden), "--batch", str(tmp_path / "golden-batch"),
+                     "--eval-only") == 0  # fmt: skip
+    ingested = json.loads((golden / "result.json").read_text())
+    version = ingested["outputs"]["version"]
+    assert (ingested["counts"]["train"], ingested["counts"]["eval"]) == (0, 8)
+    assert run_stage("export", overlay, "--dataset", str(golden), "--output", str(tmp_path / "export")) == 0
+    assert json.loads((tmp_path / "export" / "train.json").read_text()) == []  # evaluation-only, yet exported
+
+    pinned = {"receipts-2026": {"dataset": str(golden), "version": version}}
+    fit_rules = {"thresholds": {"field_accuracy": 0.9, "document_accuracy": 0.5, "json_validity": 1.0}}
+    sets = write_overlay(tmp_path, "golden.yaml", json.dumps({"evaluation": {
+        "ocr_baseline": False, "eval_sets": pinned, "fit_check": fit_rules}}))  # fmt: skip
+    config = [*overlay, sets]
+
+    def regression_check(name: str) -> dict:
+        out = tmp_path / name
+        code = run_stage("evaluate", config, "--eval-set", "receipts-2026", "--model", str(tiny_model),
+                         "--output", str(out))  # fmt: skip
+        assert code == 0
+        return json.loads((out / "decision.json").read_text())
+
+    first = regression_check("first")
+    assert first["eval_set"] == f"receipts-2026@{version}" and sum(first["doc_types"].values()) == 8
+    assert first["notes"][0].startswith("no --data: a regression check") and "no champion" in first["notes"][1]
+    assert not {c["rule"] for c in first["checks"]} & {"fit_threshold", "image_dependence", "no_regression"}
+
+    best = {"field_accuracy": 1.0, "document_accuracy": 1.0}
+    perfect = {"overall": best, "per_doc_type": dict.fromkeys(first["doc_types"], best)}
+    metrics = tmp_path / "champion-metrics.json"
+    metrics.write_text(json.dumps({"eval_set": first["eval_set"], "metrics": perfect}))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow/mlflow.db")
+    client.create_registered_model("doc-extraction")
+    for eval_set in (first["eval_set"], "an-older-eval-set"):  # the champion as publish tags it
+        version_tags = {"eval_set": eval_set, "evaluation.metrics": str(metrics)}
+        champion = client.create_model_version("doc-extraction", str(tiny_model), tags=version_tags).version
+        client.set_registered_model_alias("doc-extraction", "champion", champion)
+        decision = regression_check(f"against-{champion}")
+        compared = [c for c in decision["checks"] if c["rule"] == "no_regression"]
+        if eval_set == first["eval_set"]:
+            assert compared and not decision["passed"] and f"compared with champion version {champion}" in decision[
+                "notes"][1]  # fmt: skip
+        else:
+            assert not compared and f"evaluated on an-older-eval-set, not {first['eval_set']}: not compared" in (
+                decision["notes"][1])  # fmt: skip
+
+
 @pytest.fixture
 def served(overlay, tiny_model, tmp_path):
     """stages.serve on loopback: an OpenAI-compatible server running the tiny model on CPU."""

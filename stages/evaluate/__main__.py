@@ -23,13 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+from stages import tracking
 from stages.cli import BadInputError, main, stage_parser
-from stages.config import PipelineConfig
+from stages.config import FitCheckConfig, PipelineConfig
 from stages.doctypes import DocType, load_registry
 from stages.evaluate.backends import Backend, Request
 from stages.evaluate.gate import decide
 from stages.evaluate.metrics import HEADLINE, Scored, evaluate_all, measure, score
-from stages.finetune.data import DataError, fixed_sample, read_examples
+from stages.finetune.data import DataError, Example, fixed_sample, read_examples
 from stages.manifest import StageOutput
 from stages.storage import Storage, StorageError, StorageUnavailable, open_storage
 
@@ -38,7 +39,9 @@ STAGE = "evaluate"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(STAGE, __doc__)
-    parser.add_argument("--data", required=True, help="the export stage's output (eval.json)")
+    parser.add_argument("--data", help="the export stage's output (eval.json; train.json for the fit check)")
+    parser.add_argument("--eval-set", help="a golden set of evaluation.eval_sets to answer instead of eval.json "
+                        "(default: evaluation.eval_set); without --data: a regression check, no training")  # fmt: skip
     parser.add_argument("--model", help="the patched model folder (transformers and vllm backends)")
     parser.add_argument("--champion-metrics", help="metrics.json of the champion's evaluation, to compare with")
     return parser
@@ -61,6 +64,29 @@ def read_requests(data: Storage, name: str, registry: dict[str, DocType]) -> tup
     if unknown:
         raise BadInputError(f"{data.uri_of(name)}: document types {unknown} are not in the registry")
     return [Request(e, registry[e.doc_type]) for e in examples], hashlib.sha256(raw).hexdigest()[:16]
+
+
+def golden_requests(config: PipelineConfig, name: str, registry: dict[str, DocType]) -> tuple[list[Request], str]:
+    """The eval documents of a golden set's pinned version, of the run's types; its id is ``name@version``."""
+    from stages.dataset import read_manifest
+    from stages.export import conversation
+
+    pinned = config.evaluation.eval_sets[name]
+    dataset = open_storage(pinned.dataset, config.storage.s3)
+    try:
+        records = read_manifest(dataset, pinned.version)
+    except StorageUnavailable:
+        raise
+    except StorageError as exc:
+        raise BadInputError(f"eval set {name!r}: version {pinned.version} of {dataset.uri} not found: {exc}") from exc
+    root = dataset.uri if "://" in dataset.uri else str(Path(dataset.uri).resolve())
+    examples = [Example.model_validate(conversation(r, registry[r.doc_type], root, use_variants=False))
+                for r in records if r.split == "eval" and r.doc_type in config.doc_types]  # fmt: skip
+    if not examples:
+        raise BadInputError(f"eval set {name!r} ({dataset.uri} version {pinned.version}): no eval document of types "
+                            f"{config.doc_types}")  # fmt: skip
+    tracking.log_dataset(dataset.uri, pinned.version, context="evaluation")
+    return [Request(e, registry[e.doc_type]) for e in examples], f"{name}@{pinned.version}"
 
 
 def fit_sample(data: Storage, registry: dict[str, DocType], size: int, seed: int) -> list[Request]:
@@ -133,6 +159,21 @@ def _selection(model: str | None) -> dict | None:
     return json.loads(path.read_text()).get("selection") if path.is_file() else None
 
 
+def registered_champion(config: PipelineConfig, eval_set: str) -> tuple[str | None, str]:
+    """The registered champion's ``metrics.json`` where it was evaluated on ``eval_set``, and a note
+    on what was (or could not be) compared."""
+    from stages.publish.registry import CHAMPION, EVALUATION_METRICS, Registry
+
+    champion = Registry(config.tracking.tracking_uri, config.publish.registered_model).version_of(CHAMPION)
+    if champion is None:
+        return None, f"no champion of {config.publish.registered_model} yet: nothing to compare with"
+    its_set, uri = champion.tags.get("eval_set"), champion.tags.get(EVALUATION_METRICS)
+    if its_set != eval_set or not uri:
+        return None, (f"champion version {champion.version} was evaluated on {its_set}, not {eval_set}: not compared "
+                      f"(evaluate it on {eval_set} and pass its metrics.json as --champion-metrics)")  # fmt: skip
+    return uri, f"compared with champion version {champion.version} on {eval_set}"
+
+
 def _champion(uri: str | None, config: PipelineConfig) -> tuple[dict | None, str | None]:
     if not uri:
         return None, None
@@ -153,10 +194,26 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
 
     registry = load_registry(config.doctypes_dir)
     settings, fit_check = config.evaluation, config.evaluation.fit_check
-    data = open_storage(args.data, config.storage.s3)
-    requests, eval_set = read_requests(data, "eval.json", registry)
-    train_sample = fit_sample(data, registry, fit_check.documents, fit_check.seed) if fit_check.documents else []
-    champion, champion_eval_set = _champion(args.champion_metrics, config)
+    golden = args.eval_set or settings.eval_set
+    if golden and golden not in settings.eval_sets:
+        raise BadInputError(f"--eval-set {golden}: not one of evaluation.eval_sets {sorted(settings.eval_sets)}")
+    if not (golden or args.data):
+        raise BadInputError("give --data (an export's eval.json) or --eval-set (a golden set of evaluation.eval_sets)")
+    data = open_storage(args.data, config.storage.s3) if args.data else None
+    requests, eval_set = golden_requests(config, golden, registry) if golden else read_requests(data, "eval.json",
+                                                                                                registry)  # fmt: skip
+    notes = []
+    if data is None and (fit_check.thresholds or fit_check.max_control_ratio is not None):
+        settings = settings.model_copy(update={"fit_check": FitCheckConfig(documents=0)})
+        notes.append("no --data: a regression check on the eval set alone, without the fit check's rules")
+    train_sample = (
+        fit_sample(data, registry, fit_check.documents, fit_check.seed) if data and fit_check.documents else []
+    )
+    champion_uri = args.champion_metrics
+    if not champion_uri and golden:
+        champion_uri, note = registered_champion(config, eval_set)
+        notes.append(note)
+    champion, champion_eval_set = _champion(champion_uri, config)
     backend = open_backend(args, config)
 
     documents, metrics = measure(backend, requests, registry)
@@ -170,6 +227,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         baseline_documents, seconds = ocr_baseline(requests, config)
         baseline = evaluate_all(baseline_documents, registry, seconds)
     decision = decide(metrics, settings, eval_set, champion, champion_eval_set, fit, control, config.doc_types)
+    decision.notes = notes
     selection = _selection(args.model)
 
     predictions = [{"id": d.id, "doc_type": d.doc_type, "expected": d.expected, "predicted": d.predicted,
@@ -199,8 +257,8 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
                             for p in predictions] for key in predictions[0]}, f"{STAGE}/predictions.json")  # fmt: skip
     overall = metrics["overall"]
     return StageOutput(
-        inputs={"data": data.uri, "model": args.model or "", "eval_set": eval_set,
-                "champion_metrics": args.champion_metrics or ""},
+        inputs={"data": data.uri if data else "", "model": args.model or "", "eval_set": eval_set,
+                "champion_metrics": champion_uri or ""},
         outputs={name: output.uri_of(name) for name in ("predictions.jsonl", "metrics.json", "decision.json",
                                                         "report.html")},
         counts={"documents": len(documents), "unparsed": sum(d.predicted is None for d in documents)},

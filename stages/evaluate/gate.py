@@ -45,6 +45,7 @@ class Decision(BaseModel):
     eval_set: str | None
     champion_eval_set: str | None = None
     doc_types: dict[str, int] = {}  # every requested type, and its eval documents
+    notes: list[str] = []  # what was compared, or skipped, and why
 
 
 def decide(metrics: dict, config: EvaluationConfig, eval_set: str | None, champion: dict | None = None,

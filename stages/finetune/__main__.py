@@ -80,8 +80,11 @@ def _fitting_examples(data: Storage, adapter: Adapter, config: PipelineConfig, o
     """Train and eval examples that fit ``model_max_length``, written to ``<output>/data/``, and the
     ones that do not, listed in ``unfit.jsonl``; too many unfit train documents is bad input."""
     training, s3, out = config.training, config.storage.s3, Path(output.uri)
-    train, unfit_train = split_fitting(_examples(data, "train.json", required=True), adapter.length,
-                                       training.model_max_length, s3, "train")  # fmt: skip
+    examples = _examples(data, "train.json", required=True)
+    if not examples:
+        raise BadInputError(f"{data.uri_of('train.json')}: no train document (an evaluation-only export, such as a "
+                            "golden set, is evaluated, not trained on)")  # fmt: skip
+    train, unfit_train = split_fitting(examples, adapter.length, training.model_max_length, s3, "train")
     evaluation, unfit_eval = split_fitting(_examples(data, "eval.json", required=False), adapter.length,
                                            training.model_max_length, s3, "eval")  # fmt: skip
     unfit: list[Unfit] = unfit_train + unfit_eval

@@ -30,7 +30,7 @@ from stages.evaluate.parsing import extract_json
 from stages.finetune.data import read_examples
 from stages.manifest import StageOutput, git_commit
 from stages.publish.image import build_and_push, build_context, smoke_test
-from stages.publish.registry import Registry
+from stages.publish.registry import EVALUATION_METRICS, Registry
 from stages.storage import Storage, StorageError, open_storage
 
 STAGE = "publish"
@@ -58,6 +58,7 @@ def lineage(evaluation: Storage, data: Storage, parent_run: str | None) -> dict[
     return {
         "dataset.version": card.version if card else "unknown",
         "eval_set": metrics["eval_set"],
+        EVALUATION_METRICS: evaluation.uri_of("metrics.json"),
         "git_commit": git_commit(),
         "pipeline.run_id": parent_run or "",
         "gate.passed": str(decision["passed"]).lower(),

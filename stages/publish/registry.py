@@ -11,6 +11,7 @@ from typing import Any
 
 CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
 REPLACED = "replaced_version"
+EVALUATION_METRICS = "evaluation.metrics"  # where the version's metrics.json is: the champion comparison reads it
 
 
 class Registry:
