@@ -132,7 +132,8 @@ with DAG(
             return {"succeeded": True, "dry_run": True}
         outcome = planning.in_home(HOME, planning.summarize, decided, CONFIG)
         config = planning.load_config(HOME, CONFIG_PATHS, decided.overrides)
-        planning.in_home(HOME, tracking.end_pipeline_run, config.tracking, decided.mlflow_run_id, outcome["succeeded"])
+        planning.in_home(HOME, tracking.end_pipeline_run, config.tracking, decided.mlflow_run_id, outcome["succeeded"],
+                         outcome["stages"], config.doc_types)  # fmt: skip
         experiment = planning.in_home(HOME, tracking.experiment_id, config.tracking)
         outcome["mlflow_run"] = planning.mlflow_run_link(
             config.tracking.tracking_uri, experiment, decided.mlflow_run_id

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +24,11 @@ from stages.manifest import RESULT_FILE, StageResult, git_commit
 from stages.redaction import SECRET_NAME, redact, redact_logs, redact_text, secret_values
 
 PARENT_RUN_ENV = "MLFLOW_RUN_ID"
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the MLflow UI opens a custom-model experiment on its runs table
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+# What a reviewer sees on the pipeline's run, copied from the evaluate stage's result.
+HEADLINE_METRICS = ("field_accuracy", "document_accuracy", "json_validity", "ocr_baseline.field_accuracy",
+                    "gate_passed", "docs_per_s")  # fmt: skip
 log = logging.getLogger(__name__)
 
 
@@ -60,11 +66,15 @@ def experiment_id(config: TrackingConfig) -> str:
     mlflow.set_tracking_uri(config.tracking_uri)
     experiment = mlflow.get_experiment_by_name(config.experiment)
     if experiment is not None:
+        if EXPERIMENT_KIND not in experiment.tags:
+            mlflow.MlflowClient(config.tracking_uri).set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND]
+            )
         return experiment.experiment_id
     location = config.artifact_location
     if location and "://" not in location:
         location = Path(location).resolve().as_uri()  # MLflow creates the folder on first write
-    return mlflow.create_experiment(config.experiment, artifact_location=location)
+    return mlflow.create_experiment(config.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
 
 
 def _prepare_local_store(config: TrackingConfig) -> None:
@@ -109,11 +119,35 @@ def latest_pipeline_run(config: TrackingConfig, since: datetime):
     return found[0] if found else None
 
 
-def end_pipeline_run(config: TrackingConfig, run_id: str, succeeded: bool) -> None:
+def end_pipeline_run(config: TrackingConfig, run_id: str, succeeded: bool, stages: Mapping[str, Mapping] | None = None,
+                     doc_types: list[str] | None = None) -> None:  # fmt: skip
+    """End the parent run; with the stages' results (``plan.summarize``), first put what a reviewer
+    looks for on it: the evaluation's headline metrics, the dataset version, the eval set, the
+    document types and the gate as tags, and the evaluation's dataset as an input."""
     import mlflow
+    from mlflow.entities import Metric
 
     _bound_requests(config)
-    mlflow.MlflowClient(config.tracking_uri).set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+    client = mlflow.MlflowClient(config.tracking_uri)
+    evaluate, export = (stages or {}).get("evaluate") or {}, (stages or {}).get("export") or {}
+    metrics = {k: float(v) for k, v in (evaluate.get("metrics") or {}).items() if k in HEADLINE_METRICS}
+    if metrics:
+        client.log_batch(run_id, metrics=[Metric(key, value, _now_ms(), 0) for key, value in metrics.items()])
+    tags = {"doc_types": ",".join(doc_types or []), "dataset.version": (export.get("inputs") or {}).get("version"),
+            "eval_set": (evaluate.get("inputs") or {}).get("eval_set"),
+            "gate.passed": str(bool(metrics["gate_passed"])).lower() if "gate_passed" in metrics else None}  # fmt: skip
+    for key, value in tags.items():
+        if value:
+            client.set_tag(run_id, key, value)
+    if evaluate.get("mlflow_run_id"):
+        datasets = client.get_run(evaluate["mlflow_run_id"]).inputs.dataset_inputs
+        if datasets:
+            client.log_inputs(run_id, datasets=datasets)
+    client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 @contextmanager

@@ -66,7 +66,9 @@ print(json.dumps({
 def dag_configs(overlay, tmp_path) -> list[Path]:
     """The embedded default in this test's folder, stages retried once."""
     extra = tmp_path / "dag.yaml"
-    extra.write_text("orchestration: {retries: 1}\nevaluation: {ocr_baseline: false}\n")
+    extra.write_text(
+        "orchestration: {retries: 1}\nevaluation: {ocr_baseline: false}\ndoc_types: [receipt_en, thsr_ticket]\n"
+    )  # what the tests land
     return [*overlay, extra]
 
 

@@ -150,3 +150,16 @@ def test_a_requested_type_without_enough_eval_documents_fails_the_gate():
                                 "accuracy is not measured well enough to gate on"]  # fmt: skip
     assert decide(metrics, config, "set", requested=["thsr_ticket"]).passed
     assert not decide(metrics, config.model_copy(update={"min_eval_documents": 4}), "set").passed
+
+
+def test_the_report_never_shows_an_expected_value_as_predicted():
+    from stages.evaluate.report import predicted_cell
+
+    assert predicted_cell("ACME SDN BHD", None, "company", False) == '<span class="none">no JSON</span>'
+    assert "no value" in predicted_cell("ACME SDN BHD", {"company": None}, "company", False)
+    assert "no value" in predicted_cell("ACME SDN BHD", {}, "company", False)
+    cut = predicted_cell("ACME SDN BHD", {"company": "ACNE"}, "company", False)
+    assert "SDN" not in cut and "<ins>N</ins>" in cut and "‸" in cut
+    assert predicted_cell("9.00", {"total": "9.0"}, "total", True) == "9.0"
+    template = (ROOT / "stages" / "evaluate" / "report.html.j2").read_text()
+    assert "Legend:" in template and "no JSON" in template

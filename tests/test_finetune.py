@@ -249,6 +249,7 @@ def test_finetune_trains_saves_and_tracks(finetune_config, exported, tmp_path):
     losses = history("loss")
     assert len(losses) == 12 and losses[-1] < losses[0]
     assert len(history("eval_loss")) == 2 and history("tokens_per_second") and history("samples_per_second")
+    assert history("train_loss") == [result["metrics"]["train_loss"]]  # once, from the stage, not twice
     assert run.data.params["dataset.version"] == result["inputs"]["dataset_version"]
     for key in ("eval_field_accuracy", "eval_document_accuracy", "eval_json_validity"):  # each checkpoint's answers
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [6, 12]

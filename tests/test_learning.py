@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 def test_the_patched_model_reproduces_its_documents_from_their_pixels(embedded, tmp_path):
     model = build(tmp_path / "model", ROOT / "configs" / "doctypes", size="demo")
     configs = [*embedded, write_overlay(tmp_path, "learn.yaml", json.dumps({
-        "model": {"base": str(model)}, "dataset": {"eval_fraction": 0.25},
+        "model": {"base": str(model)}, "dataset": {"eval_fraction": 0.25}, "doc_types": ["thsr_ticket", "tra_ticket"],
         "evaluation": {"ocr_baseline": False}}))]  # fmt: skip
     land_synthetic(tmp_path / "landing", 16, seed=3, doc_types=["thsr_ticket", "tra_ticket"])
     runs = tmp_path / "runs"

@@ -60,6 +60,35 @@ def test_stage_run_nests_under_the_pipeline_run(tracking_config, monkeypatch):
     assert child_run.info.artifact_uri.startswith(Path(tracking_config.artifact_location).resolve().as_uri())
 
 
+def test_the_pipeline_run_carries_what_a_reviewer_looks_for(tracking_config, tmp_path, monkeypatch):
+    """Headline metrics, dataset version, eval set, document types and the gate on the parent run, the
+    evaluation's dataset as its input, and an experiment the UI opens on its runs table."""
+    parent = tracking.start_pipeline_run(tracking_config, "pipeline", {})
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
+    (tmp_path / "ds").mkdir()
+    with tracking.stage_run(tracking_config, "evaluate", {}) as evaluate_run:
+        tracking.log_dataset(str(tmp_path / "ds"), "v123", context="evaluation")
+    stages = {
+        "export": {"status": "succeeded", "inputs": {"dataset": str(tmp_path / "ds"), "version": "v123"}},
+        "evaluate": {"status": "succeeded", "mlflow_run_id": evaluate_run, "inputs": {"eval_set": "golden@v123"},
+                     "metrics": {"field_accuracy": 0.97, "document_accuracy": 0.9, "json_validity": 1.0,
+                                 "ocr_baseline.field_accuracy": 0.62, "gate_passed": 1.0, "fit.field_accuracy": 0.99}},
+    }  # fmt: skip
+    tracking.end_pipeline_run(tracking_config, parent, True, stages, ["receipt_en", "thsr_ticket"])
+
+    client = mlflow.MlflowClient(tracking_config.tracking_uri)
+    run = client.get_run(parent)
+    assert run.data.metrics == {"field_accuracy": 0.97, "document_accuracy": 0.9, "json_validity": 1.0,
+                                "ocr_baseline.field_accuracy": 0.62, "gate_passed": 1.0}  # fmt: skip
+    assert {k: run.data.tags[k] for k in ("dataset.version", "eval_set", "doc_types", "gate.passed")} == {
+        "dataset.version": "v123", "eval_set": "golden@v123", "doc_types": "receipt_en,thsr_ticket",
+        "gate.passed": "true"}  # fmt: skip
+    (used,) = run.inputs.dataset_inputs
+    assert used.dataset.digest == "v123" and {t.value for t in used.tags} == {"evaluation"}
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_parent_stays_running_until_ended(tracking_config):
     parent = tracking.start_pipeline_run(tracking_config, "p", {})
     client = mlflow.MlflowClient(tracking_config.tracking_uri)

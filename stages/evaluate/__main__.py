@@ -89,6 +89,18 @@ def golden_requests(config: PipelineConfig, name: str, registry: dict[str, DocTy
     return [Request(e, registry[e.doc_type]) for e in examples], f"{name}@{pinned.version}"
 
 
+def _log_exported_dataset(data: Storage) -> None:
+    """The dataset version the export was made from, as this run's evaluation input (where the export says)."""
+    try:
+        exported = json.loads(data.read_bytes("result.json")).get("inputs", {})
+    except StorageUnavailable:
+        raise
+    except (StorageError, ValueError):
+        return
+    if exported.get("dataset") and exported.get("version"):
+        tracking.log_dataset(exported["dataset"], exported["version"], context="evaluation")
+
+
 def fit_sample(data: Storage, registry: dict[str, DocType], size: int, seed: int) -> list[Request]:
     """The fit check's fixed sample of training documents (the same for the same train.json and seed)."""
     requests, _ = read_requests(data, "train.json", registry)
@@ -200,6 +212,8 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     if not (golden or args.data):
         raise BadInputError("give --data (an export's eval.json) or --eval-set (a golden set of evaluation.eval_sets)")
     data = open_storage(args.data, config.storage.s3) if args.data else None
+    if data is not None and not golden:
+        _log_exported_dataset(data)
     requests, eval_set = golden_requests(config, golden, registry) if golden else read_requests(data, "eval.json",
                                                                                                 registry)  # fmt: skip
     notes = []

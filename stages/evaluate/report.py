@@ -79,17 +79,34 @@ def accuracy_plot(metrics: dict, baseline: dict | None) -> str:
     return _figure_url(figure)
 
 
+GAP = '<span class="gap" title="characters of the expected value missing here">‸</span>'
+NO_JSON = '<span class="none">no JSON</span>'
+NO_VALUE = '<span class="none">no value</span>'
+
+
 def marked_difference(expected: str, predicted: str) -> str:
-    """``predicted`` as HTML with what differs from ``expected`` marked (<del> missing, <ins> extra)."""
+    """``predicted`` as HTML, what differs from ``expected`` marked: <ins> wrong or extra characters,
+    a caret where characters are missing. Nothing of the expected value is shown in it."""
     parts = []
-    for op, a0, a1, b0, b1 in difflib.SequenceMatcher(None, expected, predicted).get_opcodes():
-        if op in ("replace", "delete"):
-            parts.append(f"<del>{html.escape(expected[a0:a1])}</del>")
-        if op in ("replace", "insert"):
+    for op, _a0, _a1, b0, b1 in difflib.SequenceMatcher(None, expected, predicted).get_opcodes():
+        if op == "delete":
+            parts.append(GAP)
+        elif op in ("replace", "insert"):
             parts.append(f"<ins>{html.escape(predicted[b0:b1])}</ins>")
-        if op == "equal":
+        else:
             parts.append(html.escape(predicted[b0:b1]))
     return "".join(parts)
+
+
+def predicted_cell(expected: str | None, predicted: dict | None, name: str, correct: bool) -> str:
+    """The predicted column of one field: "no JSON" where the answer had none, "no value" where the
+    field is missing or null, else the value with its differences marked."""
+    if predicted is None:
+        return NO_JSON
+    value = predicted.get(name)
+    if value is None or str(value) == "":
+        return NO_VALUE
+    return html.escape(str(value)) if correct else marked_difference(str(expected or ""), str(value))
 
 
 def thumbnail(uri: str, s3: S3Config) -> str:
@@ -103,10 +120,8 @@ def thumbnail(uri: str, s3: S3Config) -> str:
 def _failed(documents: list[Scored], images: dict[str, str], limit: int, s3: S3Config) -> list[dict]:
     shown = []
     for document in [d for d in documents if not d.all_correct][:limit]:
-        predicted = document.predicted or {}
         rows = [{"field": name, "expected": document.expected.get(name) or "",
-                 "predicted": html.escape(str(predicted.get(name) or "")) if ok
-                 else marked_difference(str(document.expected.get(name) or ""), str(predicted.get(name) or ""))}
+                 "predicted": predicted_cell(document.expected.get(name), document.predicted, name, ok)}
                 for name, ok in document.correct.items()]  # fmt: skip
         shown.append({"id": document.id, "doc_type": document.doc_type, "rows": rows, "answer": document.answer,
                       "unparsed": document.predicted is None,

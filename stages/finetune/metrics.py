@@ -7,6 +7,8 @@ import time
 from transformers import TrainerCallback
 
 _GIB = 2**30
+# The Trainer's end-of-training summary: the finetune stage logs it once, from its result.
+TRAINING_SUMMARY = {"train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
 
 
 class MlflowMetrics(TrainerCallback):
@@ -27,7 +29,8 @@ class MlflowMetrics(TrainerCallback):
         from mlflow.entities import Metric
 
         now = time.time()
-        values = {key: float(value) for key, value in logs.items() if isinstance(value, int | float)}
+        values = {key: float(value) for key, value in logs.items()
+                  if isinstance(value, int | float) and key not in TRAINING_SUMMARY}  # fmt: skip
         step, tokens = state.global_step, state.num_input_tokens_seen
         if self.last and step > self.last[1] and now > self.last[0]:
             elapsed = now - self.last[0]

@@ -241,7 +241,8 @@ def summarize(plan: Plan, config: PipelineConfig) -> dict[str, Any]:
     for stage in (s for s in STAGES if s in needed):
         uri = f"{stage_output(plan, stage)}/{RESULT_FILE}"
         result = _read_json(uri, config) or {"status": "missing", "error": f"{uri} was not written"}
-        stages[stage] = {key: result.get(key) for key in ("status", "error", "mlflow_run_id", "metrics", "outputs")}
+        stages[stage] = {key: result.get(key) for key in ("status", "error", "mlflow_run_id", "inputs", "metrics",
+                                                          "outputs")}  # fmt: skip
     failed = [stage for stage, result in stages.items() if result["status"] != "succeeded"]
     return {"succeeded": not failed, "failed_stages": failed, "gate_passed": passed, "gate_reasons": reasons,
             "stages": stages}  # fmt: skip
