@@ -238,16 +238,20 @@ class Extractor:
         return self.lines[index][: len(self.lines[index]) - len(self._after(index, min(starts)))]
 
     def address_like(self, spec: FieldSpec, free: list[int]) -> tuple[str | None, list[int]]:
-        """From the first line with a ``hints`` word down, while lines hold letters and no heading."""
+        """From the first of ``free`` with a ``hints`` word down, while lines hold letters and no
+        heading or caption."""
         start = next((i for i in free if self._has(i, spec.hints) and not self._has(i, self.doc_type.headings)), None)
         if start is None:
             start = next((i for i in free if self._wordy(i)), None)
         if start is None:
             return None, []
         taken = []
-        for index in range(start, self.block[-1] + 1):
+        for index in range(start, len(self.lines)):
             squeezed = _squeezed(self.lines[index])
-            if self._has(index, self.doc_type.headings) or sum(c.isalpha() for c in squeezed) < 2:
+            ends = self._has(index, [*self.doc_type.headings, *self.captions]) or (
+                index in self.block and index not in free
+            )
+            if ends or sum(c.isalpha() for c in squeezed) < 2:
                 break
             taken.append(index)
             if len(taken) == ADDRESS_LINES:
@@ -258,8 +262,12 @@ class Extractor:
         result: dict[str, str | None] = {}
         captionless = [spec for spec in self.doc_type.fields if spec.type == "text" and not keywords(spec)]
         free = [i for i in self.block if self._wordy(i) or any(self._has(i, s.hints) for s in captionless)]
+        below = [i for i in range(len(self.lines)) if i > (self.block[-1] if self.block else -1)
+                 and not self._has(i, self.captions) and self._wordy(i)]  # fmt: skip
         for number, spec in enumerate(captionless):
             value, taken = (self.company_like if number == 0 else self.address_like)(spec, free)
+            if value is None and number:  # printed below the captions (a layout that puts the date first)
+                value, taken = self.address_like(spec, below)
             result[spec.name] = value
             free = [i for i in free if i not in taken and (not taken or i > taken[-1])]
         for spec in self.doc_type.fields:
