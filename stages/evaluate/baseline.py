@@ -31,6 +31,9 @@ from stages.doctypes import DocType, FieldSpec
 _TOKEN = re.compile(r"[^\s:：]+(?:[ /.\-][^\s:：]+)*")
 _AMOUNT = re.compile(r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d.,]*\s*%)(?!\d)")  # not a rate
 _TIME = re.compile(r"(?<!\d)([01]?\d|2[0-3]):([0-5]\d)(?::[0-5]\d)?")
+_FINISHING = re.compile(r"\s*(?:[(（][^)）]*[)）])?\s*")  # what may stand before a hint on a name's second line
+_SQUEEZE = re.compile(r"[\s.]+")
+_STAMP = re.compile(r"\s*[(（]?\s*(?:CO\.?\s*(?:NO|REG)\S*\s*)?[A-Z]{0,4}\d[\d\-]{4,}[A-Z]?\b.*$", re.I)
 SPACE_GAP = 0.6  # a gap wider than this share of the line's median character width is a space
 BLOCK_LINES = 12  # captionless text is looked for in the document's first lines only
 ADDRESS_LINES = 4
@@ -77,11 +80,6 @@ def spaced(characters: list[str], boxes: list[list[list[float]]]) -> str:
     return " ".join("".join(text).split())
 
 
-_FINISHING = re.compile(r"\s*(?:[(（][^)）]*[)）])?\s*")  # what may stand before a hint on a name's second line
-_SQUEEZE = re.compile(r"[\s.]+")
-_STAMP = re.compile(r"\s*[(（]?\s*(?:CO\.?\s*(?:NO|REG)\S*\s*)?[A-Z]{0,4}\d[\d\-]{4,}[A-Z]?\b.*$", re.I)
-
-
 def _squeezed(text: str) -> str:
     """Text without spaces and dots: OCR drops and adds both (``TotalAmt`` / ``Reg.No``)."""
     return _SQUEEZE.sub("", text)
@@ -97,18 +95,24 @@ class Extractor:
     def __init__(self, doc_type: DocType, lines: list[str]):
         self.doc_type = doc_type
         self.lines = lines
-        self.folded = [_squeezed(doc_type.fold(line)) for line in lines]
+        self.keys: dict[str, str] = {}
+        self.folded = [self._key(line) for line in lines]
+
+    def _key(self, text: str) -> str:
+        """Text as compared: case and variants folded, spaces and dots dropped (each text once)."""
+        if text not in self.keys:
+            self.keys[text] = _squeezed(self.doc_type.fold(text))
+        return self.keys[text]
 
     def _find(self, index: int, words: list[str]) -> int | None:
-        """Where the first of ``words`` ends in line ``index`` (spaces ignored), or None."""
+        """Where the first of ``words`` ends in line ``index`` (spaces and dots ignored), or None."""
         for word in words:
-            at = self.folded[index].find(_squeezed(self.doc_type.fold(word)))
-            if word and at >= 0:
-                return at + len(_squeezed(self.doc_type.fold(word)))
+            if word and (at := self.folded[index].find(self._key(word))) >= 0:
+                return at + len(self._key(word))
         return None
 
     def _after(self, index: int, end: int) -> str:
-        """The text of line ``index`` after the ``end``-th non-space character."""
+        """The text of line ``index`` after its ``end``-th character that is no space or dot."""
         line, seen = self.lines[index], 0
         for position, char in enumerate(line):
             if seen == end:
@@ -192,7 +196,7 @@ class Extractor:
 
     @cached_property
     def block(self) -> list[int]:
-        """The lines above the first caption, date or heading-free stop: where captionless text is printed."""
+        """The document's first lines, above its first caption or date: where captionless text is printed."""
         date_specs = [spec for spec in self.doc_type.fields if spec.type == "date"]
         lines = []
         for index in range(min(len(self.lines), BLOCK_LINES)):
@@ -232,7 +236,7 @@ class Extractor:
 
     def _before(self, index: int, words: list[str]) -> str:
         """The text of line ``index`` before the first of ``words`` it holds."""
-        starts = [at for word in words if (at := self.folded[index].find(_squeezed(self.doc_type.fold(word)))) >= 0]
+        starts = [at for word in words if word and (at := self.folded[index].find(self._key(word))) >= 0]
         if not starts:
             return self.lines[index]
         return self.lines[index][: len(self.lines[index]) - len(self._after(index, min(starts)))]

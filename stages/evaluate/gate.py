@@ -1,8 +1,7 @@
 """The accuracy gate: enough eval documents of every requested type, thresholds per document type,
-no regression against the champion evaluated
-on the same eval-set version and, where configured, the fit check: the training sample reaches
-its thresholds and its image control falls far enough below it (the answers come from the
-pixels). The DAG branches on ``passed``; reasons say why."""
+no regression against the champion evaluated on the same eval set and, where configured, the fit
+check: the training sample reaches its thresholds and its image control falls far enough below
+it (the answers come from the pixels). The DAG branches on ``passed``; reasons say why."""
 
 from __future__ import annotations
 
