@@ -321,3 +321,10 @@ def test_the_fit_check_gates_the_fit_and_the_image_dependence():
     assert "nothing shows that the answers depend on the image" in decision(_overall(0.0), _overall(0.0)).reasons[-1]
     assert "no training document was answered" in decision(None, None).reasons[0]
     assert decide(_overall(0.1), EvaluationConfig(thresholds=zero), "set").passed  # no fit rules: not required
+
+
+def test_free_text_without_its_caption_is_not_guessed():
+    """A captioned text field (a TRA ticket's stations) whose caption the OCR missed stays empty, never
+    the first line of the document."""
+    fields = Extractor(REGISTRY["tra_ticket"], ["臺灣鐵路 TAIWAN RAILWAY", "2024/03/09", "NT$ 375"]).fields()
+    assert fields["起站"] is None and fields["迄站"] is None

@@ -186,6 +186,9 @@ class Extractor:
         return None
 
     def anywhere(self, spec: FieldSpec, taken: set[str]) -> str | None:
+        """The first value of the field's type on any line; free text has no type to recognise it by."""
+        if spec.type == "text":
+            return None
         for index, line in enumerate(self.lines):
             if spec.exclude_keywords and self._has(index, spec.exclude_keywords):
                 continue
