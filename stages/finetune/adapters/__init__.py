@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,15 @@ ADAPTERS = {
 
 class AdapterError(ValueError):
     """The base model folder does not fit the configured adapter; the message says how."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer, as a server reports it."""
+
+    text: str
+    tokens: int  # tokens generated (the end-of-sequence token included where the model stopped)
+    cut: bool  # stopped by the token budget rather than by the model
 
 
 class Adapter(ABC):
@@ -78,6 +88,13 @@ class Adapter(ABC):
     @abstractmethod
     def generate(self, model: Any, samples: list[Sample], max_new_tokens: int) -> list[str]:
         """The model's answers to the samples' prompts and images, greedy."""
+
+    def complete(self, model: Any, samples: list[Sample], max_new_tokens: int) -> list[Completion]:
+        """``generate`` with token counts; here each answer is re-tokenised to count it (a family
+        that sees its generated ids overrides this with the exact count)."""
+        texts = self.generate(model, samples, max_new_tokens)
+        counts = [len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+        return [Completion(text, n, n >= max_new_tokens) for text, n in zip(texts, counts, strict=True)]
 
     def loss(self, model: Any, inputs: dict) -> torch.Tensor | None:
         """The training loss where the model does not compute one from ``labels``; None: it does."""

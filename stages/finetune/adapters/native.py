@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.finetune.adapters import Adapter, AdapterError, answer_labels
+from stages.finetune.adapters import Adapter, AdapterError, Completion, answer_labels
 from stages.finetune.data import IMAGE_PLACEHOLDER, Sample
 
 NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7", "minicpm_ocr")
@@ -93,12 +93,21 @@ class NativeAdapter(Adapter):
         return dict(batch)
 
     def generate(self, model: Any, samples: list[Sample], max_new_tokens: int) -> list[str]:
-        """One batch, padded on the left so that every row's answer starts at the same column."""
+        return [completion.text for completion in self.complete(model, samples, max_new_tokens)]
+
+    def complete(self, model: Any, samples: list[Sample], max_new_tokens: int) -> list[Completion]:
+        """One batch, padded on the left so that every row's answer starts at the same column; each
+        row's tokens are counted up to its first end-of-sequence token."""
         template = self.processor.apply_chat_template
         prompts = [template(chat(s.example.prompt), add_generation_prompt=True, tokenize=False) for s in samples]
         inputs = self.processor(text=prompts, images=[[s.image] for s in samples], padding=True,
                                 padding_side="left", max_slice_nums=self.training.max_slice_nums,
                                 return_tensors="pt").to(model.device)  # fmt: skip
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        return self.processor.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :],
-                                                     skip_special_tokens=True)  # fmt: skip
+        answers = generated[:, inputs["input_ids"].shape[1] :].tolist()
+        texts = self.processor.tokenizer.batch_decode(answers, skip_special_tokens=True)
+        stop = model.generation_config.eos_token_id
+        stop = set(stop if isinstance(stop, list) else [stop])
+        ends = [next((i + 1 for i, token in enumerate(row) if token in stop), None) for row in answers]
+        return [Completion(text, end or len(row), end is None)
+                for text, end, row in zip(texts, ends, answers, strict=True)]  # fmt: skip
