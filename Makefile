@@ -9,7 +9,7 @@ EXTRAS := stages,train,airflow,dev
 CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup containers train-wheels demo test test-fast lint format lock clean
+.PHONY: setup containers train-wheels demo airflow test test-compose test-fast lint format lock clean
 
 setup: $(INSTALLED) $(CJK_FONT) ## venv with the whole stack (torch CPU first) and the CJK font
 
@@ -38,8 +38,17 @@ train-wheels: setup ## the CPU torch wheel for local builds of docker/train.Dock
 demo: setup ## run the pipeline end to end on the embedded default (CPU, local MLflow store)
 	$(PY) -m stages.demo
 
+airflow: setup ## the demo's Airflow running on 127.0.0.1:8080 (UI, REST API, scheduler); Ctrl-C stops it
+	$(PY) -m stages.local_airflow
+
 test: setup containers ## every test: unit, integration and container tests
 	$(PY) -m pytest
+
+# docker-compose (Debian's 1.29) drives podman's Docker API; the stack's public images are replaced
+# by stand-ins built here (docker/local/compose.yml).
+test-compose: setup containers ## the docker-compose stack end to end: its scheduler runs the pipeline in stage containers
+	@command -v docker-compose >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q docker-compose)
+	$(PY) -m pytest -m compose -s
 
 test-fast: setup ## skip the tests marked integration (stage processes, servers, containers)
 	$(PY) -m pytest -m "not integration"

@@ -31,7 +31,6 @@ HOME = Path(os.environ.get("DOC_EXTRACTION_HOME", Path(__file__).resolve().paren
 CONFIG_PATHS = os.environ.get("DOC_EXTRACTION_CONFIG", "configs/pipeline.yaml").split(os.pathsep)
 CONFIG = planning.load_config(HOME, CONFIG_PATHS)
 SETTINGS = CONFIG.orchestration
-DEFAULTS = planning.form_defaults(CONFIG)
 
 LANDED = Asset(name="landed-batches", uri=planning.asset_uri(HOME, CONFIG.storage.landing_uri))
 LANDED_ALIAS = AssetAlias(name="landed-batches-announcements")
@@ -43,25 +42,14 @@ if SETTINGS.sqs_queue:
     schedule |= Asset(name="landing-notifications", uri=SETTINGS.sqs_queue,
                       watchers=[AssetWatcher(name="landing-sqs", trigger=trigger)])  # fmt: skip
 
-FORM = {
-    "base_model": Param(DEFAULTS["base_model"], type="string", minLength=1, title="Base model",
-                        description="a folder or s3:// URI of the model to finetune (nothing comes from a hub)"),
-    "doc_types": Param(DEFAULTS["doc_types"], type="array", items={"type": "string", "enum": CONFIG.doc_types},
-                       minItems=1, title="Document types"),
-    "max_steps": Param(DEFAULTS["max_steps"], type="integer", minimum=1, title="Max steps"),
-    "learning_rate": Param(DEFAULTS["learning_rate"], type="number", exclusiveMinimum=0, maximum=1,
-                           title="Learning rate"),
-    "gpus": Param(DEFAULTS["gpus"], type="integer", minimum=0, maximum=64, title="GPUs per node"),
-    "batches": Param([], type="array", items={"type": "string"}, title="Batches",
-                     description="landed batches to ingest; empty: every completed batch not yet ingested"),
-    "skip_publish": Param(DEFAULTS["skip_publish"], type="boolean", title="Skip publish"),
-    "dry_run": Param(False, type="boolean", title="Dry run", description="validate and plan; run no stage"),
-}  # fmt: skip
+# The trigger form, derived from the model that validates the plan (same types and bounds).
+FORM = {name: Param(**spec) for name, spec in planning.in_home(HOME, planning.form_params, CONFIG).items()}
 
 with DAG(
     dag_id="doc_extraction_landing_watcher",
-    schedule=timedelta(minutes=SETTINGS.landing_poll_minutes),
+    schedule=timedelta(seconds=SETTINGS.landing_poll_seconds),
     catchup=False,
+    is_paused_upon_creation=False,
     max_active_runs=1,
     tags=["doc-extraction"],
     doc_md="Lists the landing location for completed batches and announces each new one.",
@@ -83,6 +71,7 @@ with DAG(
     dag_id="doc_extraction",
     schedule=schedule,
     catchup=False,
+    is_paused_upon_creation=False,  # retraining on new labelled data works out of the box
     max_active_runs=1,
     params=FORM,
     tags=["doc-extraction"],
@@ -101,7 +90,11 @@ with DAG(
             decided, config = planning.make_plan(HOME, CONFIG_PATHS, params, events, run_id)
         except ConfigError as exc:
             raise AirflowFailException(str(exc)) from None
-        if not decided.dry_run:
+        if decided.dry_run:
+            paths = planning.stage_config_paths(CONFIG, CONFIG_PATHS)
+            for stage in planning.STAGES:
+                print(f"dry run: stages.{stage} would run: {' '.join(planning.stage_command(stage, decided, paths))}")
+        else:
             logged = {"config": config.model_dump(mode="json"), "form": dict(params)}
             tags = {"airflow.dag_run_id": run_id, "run.folder": decided.run_uri}
             decided.mlflow_run_id = planning.in_home(
@@ -122,10 +115,13 @@ with DAG(
         """The gate failed or the form skipped publishing: the model stays a challenger at most."""
 
     @task(task_id="summary", trigger_rule="all_done")
-    def summary(plan: dict) -> dict:
+    def summary(plan: dict | None) -> dict:
         """Each stage's outcome from its manifest, the MLflow run ended with it, and its link."""
         from stages import tracking
 
+        if plan is None:
+            raise AirflowFailException("the plan task failed, so no stage ran: its log names the form field, "
+                                       "config key or store that was refused")  # fmt: skip
         decided = planning.Plan.model_validate(plan)
         if decided.dry_run:
             print(f"dry run: nothing ran; plan: {decided.model_dump_json()}")

@@ -261,6 +261,10 @@ class GpuContainerConfig(_Strict):
     )
     environment: dict[str, str] = {}
     cuda_visible_devices: str | None = None
+    gpus: int | None = Field(
+        None, ge=0, description="GPUs a run's GPU stages get unless its form says otherwise (null: "
+        "training.launch.gpus_per_node; 0: none, a host without GPUs)",
+    )  # fmt: skip
 
 
 class Thresholds(_Strict):
@@ -406,6 +410,10 @@ class ServingConfig(_Strict):
     limit_mm_per_prompt: dict[str, int] = Field({"image": 1}, description="one document image per request")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     port: int = Field(8000, ge=1, le=65535)
+    # Request limits of the CPU stand-in (stages.serve); vLLM bounds tokens by max_model_len.
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="a request's decoded image, in bytes")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, checked before decoding")
+    max_tokens: int = Field(1024, ge=1, description="the largest max_tokens a request may ask for")
 
 
 class PublishConfig(_Strict):
@@ -450,14 +458,18 @@ class OrchestrationConfig(_Strict):
         ["configs/pipeline.yaml"], description="config files as stage containers see them (/app/configs in the images)"
     )
     mounts: dict[str, str] = Field(
-        {}, description="docker launcher: host path -> container path (data, models, caches)"
-    )
+        {}, description="docker launcher: host path -> container path (data, models, caches); ${VAR} in a host "
+        "path is read from the scheduler's environment",
+    )  # fmt: skip
     container_environment: dict[str, str] = Field({}, description="extra non-secret environment for stage containers")
     pass_environment: list[str] = Field(
         [], description="names of the worker's environment variables passed privately to stage containers (keys)"
     )
     kubernetes: KubernetesConfig = KubernetesConfig()
-    landing_poll_minutes: int = Field(10, ge=1, description="how often the polling watcher lists the landing prefix")
+    landing_poll_seconds: int = Field(
+        30, ge=5, description="how often the polling watcher lists the landing prefix (a new batch starts a run "
+        "within this plus the watcher task's run time)",
+    )  # fmt: skip
     sqs_queue: str | None = Field(
         None, description="SQS queue fed by S3 event notifications: enables the event watcher"
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -23,27 +22,9 @@ from pathlib import Path
 from stages import tracking
 from stages.cli import EXIT_BAD_INPUT, EXIT_FAILED, config_flags
 from stages.config import ConfigError, load_pipeline_config
+from stages.local_airflow import EMBEDDED, PASSWORDS_FILE, airflow_environment
 from stages.storage import open_storage
 from stages.tiny_model import build as build_tiny_model
-
-EMBEDDED = [Path("configs/pipeline.yaml"), Path("configs/overlays/embedded.yaml")]
-ROOT = Path(__file__).resolve().parents[1]
-
-
-AIRFLOW_SETTINGS = (
-    "AIRFLOW_HOME",
-    "AIRFLOW__CORE__DAGS_FOLDER",
-    "AIRFLOW__CORE__LOAD_EXAMPLES",
-    "DOC_EXTRACTION_CONFIG",
-)
-
-
-def airflow_environment(home: Path, configs: list[Path]) -> dict[str, str]:
-    """Airflow on a sqlite database in ``home``, reading this project's DAGs and configs."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW__", "MLFLOW_"))}
-    return {**env, "AIRFLOW_HOME": str(home.resolve()), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "DOC_EXTRACTION_HOME": str(ROOT),
-            "DOC_EXTRACTION_CONFIG": os.pathsep.join(str(path.resolve()) for path in configs)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     run_dir = parent.data.tags.get("run.folder", config.storage.runs_uri)
     uri, experiment = config.tracking.tracking_uri, parent.info.experiment_id
+    default = paths == EMBEDDED and args.airflow_home == Path("data/airflow")
+    ui = "make airflow" if default else " ".join([".venv/bin/python -m stages.local_airflow", *config_flags(paths),
+                                                  "--airflow-home", str(args.airflow_home)])  # fmt: skip
     print(
         f"\nLabelled batch:   {batch.uri} (labels.jsonl, images/, result.json)"
         f"\nDataset versions: {config.storage.datasets_uri} (LATEST, versions/<id>/manifest.jsonl, card.json)"
@@ -97,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\nMLflow run:       {parent.info.run_id} ({parent.info.status}) in experiment {config.tracking.experiment!r}"
         f"\nList runs:        MLFLOW_TRACKING_URI={uri} .venv/bin/mlflow runs list --experiment-id {experiment}"
         f"\nBrowse runs:      .venv/bin/mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
-        f"\nAirflow UI:       {' '.join(f'{k}={env[k]}' for k in AIRFLOW_SETTINGS)} .venv/bin/airflow standalone"
-        "  (then http://127.0.0.1:8080)"
+        f"\nAirflow UI:       {ui}  (then http://127.0.0.1:8080, user admin, password in "
+        f"{args.airflow_home / PASSWORDS_FILE})"
     )
     print(accuracy_summary(Path(run_dir) / "evaluate"))
     return done.returncode and EXIT_FAILED

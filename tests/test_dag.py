@@ -25,10 +25,10 @@ import pytest
 import yaml
 
 from stages.config import ConfigError
-from stages.demo import airflow_environment
+from stages.local_airflow import airflow_environment
 from stages.orchestration import plan as planning
 from stages.orchestration.launchers import stage_operator
-from tests.conftest import EMBEDDED, PIPELINE, ROOT, SMOKE, land_synthetic, run_stage
+from tests.conftest import EMBEDDED, PIPELINE, ROOT, SMOKE, free_port, land_synthetic, run_stage
 
 HEAVY = ("torch", "transformers", "deepspeed", "mlflow", "boto3", "kubernetes", "docker", "PIL")
 
@@ -58,6 +58,7 @@ print(json.dumps({
     "params": {k: dag.params[k] for k in dag.params},
     "schedule": sorted(a.name for a in getattr(condition, "objects", [condition])),
     "operators": {t.task_id: type(t).__name__ for t in dag.tasks},
+    "paused_at_creation": {d.dag_id: d.is_paused_upon_creation for d in bag.dags.values()},
 }))
 """ % (HEAVY,)  # noqa: UP031
 
@@ -88,6 +89,7 @@ def test_dags_parse_without_errors_or_heavy_imports(dag_configs, tmp_path):
     assert parsed["operators"]["finetune"] == "LocalStageOperator"
     assert parsed["params"]["max_steps"] == 12 and parsed["params"]["skip_publish"] is True
     assert parsed["schedule"] == ["landed-batches"]
+    assert parsed["paused_at_creation"] == {"doc_extraction": False, "doc_extraction_landing_watcher": False}
 
 
 def test_the_sqs_watcher_schedules_the_dag_too(dag_configs, tmp_path):
@@ -106,6 +108,45 @@ def test_a_bad_form_fails_the_plan_naming_the_field(dag_configs, tmp_path):
     form = {**planning.form_defaults(config), "doc_types": ["passport"]}
     with pytest.raises(ConfigError, match=r"--overrides: doc_types: .*unknown document type"):
         planning.make_plan(ROOT, [str(p) for p in dag_configs], form, [], "manual__1")
+
+
+HOSTILE_FORMS = {
+    "learning_rate": [1, 0, -0.1, 2, "0.1", None], "max_steps": [0, -1, 1.5, "10", None],
+    "gpus": [-1, 65, 0.5], "base_model": ["", 3, None],
+    "doc_types": [[], ["passport"], "receipt_en", None, ["einvoice", "einvoice"]],
+    "batches": ["batch-1", [1]], "skip_publish": ["yes", None], "dry_run": [1],
+}  # fmt: skip
+GOOD_FORMS = {"learning_rate": [0.999, 1e-9], "max_steps": [1], "gpus": [0, 64], "batches": [None, [], ["b"]],
+              "doc_types": [["receipt_en", "thsr_ticket"], ["einvoice"]]}  # fmt: skip
+
+
+def test_the_form_refuses_exactly_what_the_plan_refuses(dag_configs, tmp_path):
+    """One source of truth: every Param comes from the plan's model, so a value the trigger form
+    accepts is one the plan accepts, and the other way round."""
+    from airflow.sdk import Param
+    from airflow.sdk.exceptions import ParamValidationError
+
+    paths = [str(p) for p in dag_configs]
+    config = planning.load_config(ROOT, paths)
+    form = {name: Param(**spec) for name, spec in planning.in_home(ROOT, planning.form_params, config).items()}
+    defaults = {name: param.resolve() for name, param in form.items()}
+    cases = [(field, value, False) for field, values in HOSTILE_FORMS.items() for value in values]
+    cases += [(field, value, True) for field, values in GOOD_FORMS.items() for value in values]
+    for field, value, good in cases:
+        try:
+            form[field].resolve(value)
+            form_accepts = True
+        except ParamValidationError:
+            form_accepts = False
+        try:
+            planning.make_plan(ROOT, paths, {**defaults, field: value}, [], "manual__1")
+            plan_accepts = True
+        except ConfigError:
+            plan_accepts = False
+        assert (form_accepts, plan_accepts) == (good, good), f"{field}={value!r}"
+    assert form["doc_types"].schema["examples"] == ["einvoice", "receipt_en", "thsr_ticket", "tra_ticket"]
+    assert form["doc_types"].schema["values_display"]["thsr_ticket"].endswith("(thsr_ticket)")
+    assert "null" in form["batches"].schema["type"] and "null" not in form["max_steps"].schema["type"]
 
 
 def test_batches_come_from_the_polling_watcher_and_from_s3_notifications():
@@ -273,8 +314,25 @@ def test_the_dag_runs_end_to_end_with_the_local_launcher(airflow_home, dag_confi
     assert card["inputs"] and batch in json.dumps(card)
 
     dry = airflow(airflow_home, dag_configs, "dags", "test", "doc_extraction", "--conf", '{"dry_run": true}')
-    assert dry.returncode == 0 and "dry run; would run:" in dry.stdout + dry.stderr
+    assert dry.returncode == 0, (dry.stdout + dry.stderr)[-3000:]
+    for stage in planning.STAGES:  # the plan task prints every stage's command, publish's included
+        assert f"dry run: stages.{stage} would run: python -m stages.{stage} --config" in dry.stdout + dry.stderr
     assert len(list((tmp_path / "runs").iterdir())) == 1  # nothing ran
+
+
+@pytest.mark.integration
+def test_a_failed_plan_is_reported_as_such_by_the_summary(airflow_home, dag_configs, tmp_path):
+    """The landing store is down when the run is planned: plan fails naming it, and the summary
+    says the plan failed (not a validation error about a missing plan)."""
+    down = tmp_path / "down.yaml"
+    down.write_text(yaml.safe_dump({"storage": {"landing_uri": "s3://landing/batches", "s3": {
+        "endpoint_url": f"http://127.0.0.1:{free_port()}", "max_attempts": 1, "connect_timeout_s": 1}}}))  # fmt: skip
+    done = airflow(airflow_home, [*dag_configs, down], "dags", "test", "doc_extraction")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "Could not connect to the endpoint URL" in output or "127.0.0.1" in output
+    assert "the plan task failed, so no stage ran" in output
+    assert "input_value=None" not in output
 
 
 @pytest.mark.integration

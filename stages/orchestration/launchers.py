@@ -31,7 +31,7 @@ from airflow.sdk import BaseOperator
 from stages.cli import EXIT_BAD_INPUT
 from stages.config import PipelineConfig
 from stages.launch import gpu_environment
-from stages.orchestration.plan import Plan, stage_arguments
+from stages.orchestration.plan import Plan, stage_command, stage_config_paths
 from stages.tracking import PARENT_RUN_ENV
 
 PLAN_TASK = "plan"
@@ -56,7 +56,7 @@ class StageLaunch:
         return plan
 
     def stage_command(self, plan: Plan) -> list[str]:
-        return ["python", "-m", f"stages.{self.stage}", *stage_arguments(self.stage, plan, self.config_paths)]
+        return stage_command(self.stage, plan, self.config_paths)
 
     @staticmethod
     def run_environment(plan: Plan) -> dict[str, str]:
@@ -184,6 +184,17 @@ def _kubernetes_stage_operator(**kwargs):
     return KubernetesStageOperator(**kwargs)
 
 
+def host_path(source: str) -> str:
+    """A mount's host path with ``${VAR}`` read from the scheduler's environment (compose sets
+    ``DOC_EXTRACTION_DATA``); an unset variable is an error naming it."""
+    from stages.config import ConfigError
+
+    expanded = os.path.expandvars(source)
+    if unset := re.findall(r"[$]{?(\w+)", expanded):
+        raise ConfigError(f"orchestration.mounts: {source}: {', '.join(unset)} not set in the scheduler's environment")
+    return expanded
+
+
 def stage_operator(stage: str, config: PipelineConfig, home: Path, config_paths: list[str], **task_kwargs):
     """The operator that runs ``stage`` with the configured launcher, retries and timeout.
 
@@ -199,6 +210,7 @@ def stage_operator(stage: str, config: PipelineConfig, home: Path, config_paths:
         "execution_timeout": timedelta(minutes=settings.timeout_minutes.get(stage, 240)),
         **task_kwargs,
     }
+    config_paths = stage_config_paths(config, config_paths)
     if settings.launcher == "local":
         return LocalStageOperator(stage=stage, home=home, config_paths=config_paths, **common)
     image = config.gpu_container.image if gpu else settings.stage_image
@@ -206,9 +218,10 @@ def stage_operator(stage: str, config: PipelineConfig, home: Path, config_paths:
     if settings.launcher == "docker":
         from docker.types import Mount
 
-        mounts = [Mount(target=target, source=source, type="bind") for source, target in settings.mounts.items()]
+        mounts = [Mount(target=target, source=host_path(source), type="bind")
+                  for source, target in settings.mounts.items()]  # fmt: skip
         return _docker_stage_operator(
-            stage=stage, config_paths=settings.container_configs, gpu=gpu, image=image, docker_url=settings.docker_url,
+            stage=stage, config_paths=config_paths, gpu=gpu, image=image, docker_url=settings.docker_url,
             network_mode=settings.network_mode, mounts=mounts, environment=environment, auto_remove="success",
             pass_environment=settings.pass_environment,
             mount_tmp_dir=False, **common,
@@ -222,7 +235,7 @@ def stage_operator(stage: str, config: PipelineConfig, home: Path, config_paths:
         volumes.append(k8s.V1Volume(name="data", persistent_volume_claim=claim))
         volume_mounts.append(k8s.V1VolumeMount(name="data", mount_path=kube.data_mount_path))
     return _kubernetes_stage_operator(
-        stage=stage, config_paths=settings.container_configs, gpu=gpu, image=image, namespace=kube.namespace,
+        stage=stage, config_paths=config_paths, gpu=gpu, image=image, namespace=kube.namespace,
         service_account_name=kube.service_account, node_selector=kube.node_selector, env_vars=environment,
         volumes=volumes, volume_mounts=volume_mounts, name=f"doc-extraction-{stage}",
         on_finish_action="delete_succeeded_pod", get_logs=True, **common,

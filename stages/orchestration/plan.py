@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote_plus
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stages.cli import config_flags
 from stages.config import ConfigError, PipelineConfig, load_pipeline_config
@@ -30,18 +30,44 @@ STAGES = ("ingest", "export", "finetune", "patch", "evaluate", "publish")
 
 
 class RunForm(BaseModel):
-    """The manual-trigger form (and what a scheduled run takes from the config's defaults)."""
+    """The manual-trigger form (and what a scheduled run takes from the config's defaults).
 
-    model_config = ConfigDict(extra="forbid")
+    The one source of truth for the form: the DAG's Params are derived from this model's JSON
+    schema (``form_params``), so the UI refuses what the plan would refuse.
+    """
 
-    base_model: str = Field(min_length=1, description="a folder or s3:// URI of the model to finetune")
-    doc_types: list[str] = Field(min_length=1, description="document types to train and evaluate")
-    max_steps: int = Field(ge=1)
-    learning_rate: float = Field(gt=0, lt=1)
-    gpus: int = Field(ge=0, le=64, description="GPUs per node for finetune (0: CPU)")
-    batches: list[str] = Field([], description="landed batches to ingest; empty: every new completed batch")
-    skip_publish: bool = False
-    dry_run: bool = Field(False, description="validate and plan, run no stage")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON types as the form's schema says: "0.1" is no number
+
+    base_model: str = Field(
+        min_length=1,
+        title="Base model",
+        description="a folder or s3:// URI of the model to finetune (nothing comes from a hub)",
+    )
+    doc_types: list[str] = Field(
+        min_length=1,
+        title="Document types",
+        description="document types to train and evaluate",
+        json_schema_extra={"uniqueItems": True},
+    )
+    max_steps: int = Field(ge=1, title="Max steps")
+    learning_rate: float = Field(gt=0, lt=1, title="Learning rate")
+    gpus: int = Field(ge=0, le=64, title="GPUs per node", description="GPUs per node for finetune (0: CPU)")
+    batches: list[str] | None = Field(
+        None, title="Batches", description="landed batches to ingest; empty: every new completed batch"
+    )
+    skip_publish: bool = Field(False, title="Skip publish")
+    dry_run: bool = Field(
+        False,
+        title="Dry run",
+        description="validate and plan, run no stage: the plan task prints every stage's command",
+    )
+
+    @field_validator("doc_types")
+    @classmethod
+    def _unique(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError("a document type is listed twice")
+        return names
 
     def overrides(self) -> dict[str, Any]:
         """The form as a config overlay: what each stage gets in ``--overrides``."""
@@ -57,9 +83,36 @@ def form_defaults(config: PipelineConfig) -> dict[str, Any]:
     """The form's defaults, from the deployment's configuration."""
     return RunForm(
         base_model=config.model.base, doc_types=config.doc_types, max_steps=config.training.max_steps,
-        learning_rate=config.training.learning_rate, gpus=config.training.launch.gpus_per_node,
+        learning_rate=config.training.learning_rate,
+        gpus=config.training.launch.gpus_per_node if config.gpu_container.gpus is None else config.gpu_container.gpus,
         skip_publish=not config.orchestration.publish,
     ).model_dump()  # fmt: skip
+
+
+SCHEMA_KEYWORDS = {"type", "items", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
+                   "minItems", "uniqueItems", "title", "description"}  # fmt: skip
+
+
+def form_params(config: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """The trigger form as Airflow Param arguments (``default`` and JSON schema), from ``RunForm``'s
+    schema: the same types and bounds. An optional field's type admits null (the UI marks it
+    optional); document types are a multi-select of the registry's ids, named by display name."""
+    from stages.doctypes import load_registry
+
+    defaults = form_defaults(config)
+    params: dict[str, dict[str, Any]] = {}
+    for name, schema in RunForm.model_json_schema()["properties"].items():
+        variants = schema.get("anyOf", [schema])
+        spec = {key: value for variant in variants for key, value in variant.items() if key in SCHEMA_KEYWORDS}
+        spec.update({key: value for key, value in schema.items() if key in SCHEMA_KEYWORDS - {"type"}})
+        if len(variants) > 1:
+            spec["type"] = [variant["type"] for variant in variants]
+        params[name] = {"default": defaults[name], **spec}
+    doc_types = load_registry(config.doctypes_dir)
+    params["doc_types"]["items"] = {"type": "string", "enum": sorted(doc_types)}
+    params["doc_types"]["examples"] = sorted(doc_types)
+    params["doc_types"]["values_display"] = {name: f"{t.display_name} ({name})" for name, t in doc_types.items()}
+    return params
 
 
 class Plan(BaseModel):
@@ -209,6 +262,17 @@ def stage_arguments(stage: str, plan: Plan, config_paths: list[str]) -> list[str
     }
     return [*config_flags(config_paths), "--overrides", json.dumps(plan.overrides, ensure_ascii=False), *inputs[stage],
             "--output", out[stage]]  # fmt: skip
+
+
+def stage_config_paths(config: PipelineConfig, worker_paths: list[str]) -> list[str]:
+    """The config files as the stage sees them: the worker's for the local launcher, the images'
+    (``orchestration.container_configs``) for containers and pods."""
+    return worker_paths if config.orchestration.launcher == "local" else config.orchestration.container_configs
+
+
+def stage_command(stage: str, plan: Plan, config_paths: list[str]) -> list[str]:
+    """``python -m stages.<stage>`` with this run's arguments."""
+    return ["python", "-m", f"stages.{stage}", *stage_arguments(stage, plan, config_paths)]
 
 
 def _read_json(uri: str, config: PipelineConfig) -> dict | None:
