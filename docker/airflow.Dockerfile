@@ -18,11 +18,11 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 # Dependencies first (cached while only code changes), pinned by the same lock CI tests;
-# psycopg2 for the Postgres metadata database.
+# psycopg2 and asyncpg (Airflow 3 also opens the metadata database asynchronously) for Postgres.
 COPY pyproject.toml constraints.txt README.md ./
 RUN python3 -m venv /opt/venv \
     && mkdir stages && touch stages/__init__.py \
-    && pip install -c constraints.txt ".[airflow]" "psycopg2-binary==2.9.13" \
+    && pip install -c constraints.txt ".[airflow]" "psycopg2-binary==2.9.13" "asyncpg==0.32.0" \
     && rm -rf stages
 COPY stages ./stages
 COPY configs ./configs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -44,10 +45,15 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+PARAM_NAME_UNSAFE = re.compile(r"[^\w\-. :/]")  # what MLflow refuses in a parameter's name
+
+
 def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
-    """Flattened parameters with secret-looking keys dropped and every value redacted."""
+    """Flattened parameters with secret-looking keys dropped and every value redacted; characters
+    MLflow refuses in a name (``${VAR}`` in a mount's host path) become ``_``."""
     secrets = secret_values()  # read the environment once, not once per parameter
-    return {key: str(redact(value, secrets)) for key, value in flatten(params).items() if not SECRET_NAME.search(key)}
+    return {PARAM_NAME_UNSAFE.sub("_", key): str(redact(value, secrets)) for key, value in flatten(params).items()
+            if not SECRET_NAME.search(key)}  # fmt: skip
 
 
 def _bound_requests(config: TrackingConfig) -> None:

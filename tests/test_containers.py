@@ -159,7 +159,7 @@ def test_finetune_and_patch_run_in_the_training_image(docker_client, train_image
 def test_dockerfiles_are_hadolint_clean():
     """Every Dockerfile of the project (.hadolint.yaml says which rule is off, and why)."""
     files = [
-        *sorted((ROOT / "docker").glob("*.Dockerfile")),
+        *sorted((ROOT / "docker").glob("**/*.Dockerfile")),  # docker/local's stand-ins too
         ROOT / "tests" / "fixtures" / "vllm-standin" / "Dockerfile",
     ]
     assert len(files) >= 6
@@ -179,12 +179,14 @@ def test_airflow_image_parses_the_dags_with_its_providers_and_no_training_stack(
     probe = (
         "import json, importlib.util as u; from airflow.dag_processing.dagbag import DagBag; b = DagBag(); "
         "print(json.dumps({'dags': sorted(b.dags), 'errors': {k: str(v) for k, v in b.import_errors.items()}, "
-        "'torch': u.find_spec('torch') is not None, 'transformers': u.find_spec('transformers') is not None}))"
+        "'torch': u.find_spec('torch') is not None, 'transformers': u.find_spec('transformers') is not None, "
+        "'postgres': [u.find_spec(m) is not None for m in ('psycopg2', 'asyncpg')]}))"
     )
     output = docker_client.containers.run(
         image, ["-c", probe], entrypoint=["python"], network_mode="none", remove=True,
-        environment={"DOC_EXTRACTION_CONFIG": "configs/pipeline.yaml:configs/overlays/compose.yaml"},
+        environment={"DOC_EXTRACTION_CONFIG": "configs/pipeline.yaml:configs/overlays/compose.yaml",
+                     "DOC_EXTRACTION_DATA": "/srv/doc-extraction"},
     )  # fmt: skip
     parsed = json.loads(output.decode().strip().splitlines()[-1])
     assert parsed == {"dags": ["doc_extraction", "doc_extraction_landing_watcher"], "errors": {},
-                      "torch": False, "transformers": False}  # fmt: skip
+                      "torch": False, "transformers": False, "postgres": [True, True]}  # fmt: skip

@@ -190,9 +190,11 @@ def _config_with(configs: list[Path], tmp_path: Path, overlay: str):
     return planning.load_config(ROOT, [str(p) for p in [*configs, path]])
 
 
-def test_docker_launcher_hands_gpus_shm_ulimits_and_nccl_to_the_container(dag_configs, tmp_path):
-    settings = "orchestration: {launcher: docker, mounts: {/srv/data: /data}, network_mode: pipeline}\n"
+def test_docker_launcher_hands_gpus_shm_ulimits_and_nccl_to_the_container(dag_configs, tmp_path, monkeypatch):
+    settings = ("orchestration: {launcher: docker, mounts: {/srv/data: /data}, network_mode: pipeline, "
+                "pass_environment: [AWS_SECRET_ACCESS_KEY, UNSET_KEY]}\n")  # fmt: skip
     config, plan = _config_with(dag_configs, tmp_path, settings), _plan(gpus=2)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "planted-key")
     finetune = stage_operator("finetune", config, ROOT, [])
     finetune.container_settings_for(plan)
     assert finetune.image == config.gpu_container.image and finetune.mount_tmp_dir is False
@@ -204,6 +206,9 @@ def test_docker_launcher_hands_gpus_shm_ulimits_and_nccl_to_the_container(dag_co
     assert {"NCCL_DEBUG": "WARN", "NCCL_IB_DISABLE": "0", "MLFLOW_RUN_ID": "abc",
             "MLFLOW_TRACKING_URI": "http://m:5000"}.items() <= finetune.environment.items()  # fmt: skip
     assert [(m["Source"], m["Target"]) for m in finetune.mounts] == [("/srv/data", "/data")]
+    # what DockerOperator adds to the container's environment, kept out of the rendered one
+    assert finetune._private_environment == {"AWS_SECRET_ACCESS_KEY": "planted-key"}
+    assert "planted-key" not in json.dumps(finetune.environment)
     ingest = stage_operator("ingest", config, ROOT, [])
     ingest.container_settings_for(plan)
     assert ingest.image == config.orchestration.stage_image and not ingest.device_requests

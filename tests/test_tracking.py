@@ -33,6 +33,7 @@ def test_safe_params_drop_secrets_and_redact_values(monkeypatch):
             "training": {"learning_rate": 1e-6},
             "mounts": ["s3://b/p", {"uri": "http://u:pw@h/x"}],  # lists and what they hold
             "note": "logged in with planted-mlflow-password",
+            "orchestration": {"mounts": {"${DOC_EXTRACTION_DATA}/models": "/models"}},  # names MLflow refuses
         }
     )
     assert params == {
@@ -40,6 +41,7 @@ def test_safe_params_drop_secrets_and_redact_values(monkeypatch):
         "training.learning_rate": "1e-06",
         "mounts": "['s3://b/p', {'uri': 'http://***@h/x'}]",
         "note": "logged in with ***",
+        "orchestration.mounts.__DOC_EXTRACTION_DATA_/models": "/models",
     }
 
 

@@ -119,8 +119,6 @@ def _docker_stage_operator(**kwargs):
         def execute(self, context: Any):
             plan = self.launch_plan(context)
             self.container_settings_for(plan)
-            # credentials from the worker's environment: never rendered, logged or serialized
-            self.private_environment = {n: os.environ[n] for n in self.pass_environment if n in os.environ}
             from airflow.providers.docker.exceptions import DockerContainerFailedException
             from airflow.sdk.exceptions import AirflowFailException
 
@@ -140,6 +138,9 @@ def _docker_stage_operator(**kwargs):
 
             self.command = self.stage_command(plan)
             self.environment = {**self.environment, **self.run_environment(plan)}
+            # Credentials from the worker's environment, read now: never rendered, logged or serialized.
+            # DockerOperator adds its ``_private_environment`` to the container's environment.
+            self._private_environment = {n: os.environ[n] for n in self.pass_environment if n in os.environ}
             if self.gpu_config is not None:
                 gpu = gpu_run_arguments(self.gpu_config.gpu_container, plan.gpus or None)
                 self.environment.update(gpu["environment"])
