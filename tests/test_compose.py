@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 import yaml
 
-from stages.config import load_pipeline_config
+from stages.config import ConfigError, load_pipeline_config
 from tests.conftest import LOCAL_BASE, PIPELINE, ROOT, free_port, wait_for_http
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -123,19 +123,34 @@ def test_airflow_services_share_one_image_and_database():
     assert "./docker/postgres:/docker-entrypoint-initdb.d:ro" in SERVICES["postgres"]["volumes"][1]
 
 
-def test_the_scheduler_starts_stage_containers_on_the_compose_network():
+def compose_default(value: str) -> str:
+    """A compose value as it reads with nothing set in .env: ``${VAR:-default}`` is its default."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
+@pytest.mark.parametrize("overlays", [["compose.yaml"], ["compose.yaml", "compose-cpu.yaml"]])
+def test_the_scheduler_starts_stage_containers_on_the_compose_network(overlays, monkeypatch):
     """The compose overlay's docker launcher reaches the engine through the mounted socket, puts
-    stages on this compose project's network and mounts the run folders the DAG reads too."""
-    config = load_pipeline_config([PIPELINE, ROOT / "configs" / "overlays" / "compose.yaml"])
+    stages on this compose project's network and mounts the run folders the DAG reads too, at
+    the host folder compose names (DOC_EXTRACTION_DATA); on a host without GPUs as well."""
+    from stages.orchestration.launchers import host_path
+
+    config = load_pipeline_config([PIPELINE, *(ROOT / "configs" / "overlays" / name for name in overlays)])
     settings = config.orchestration
     assert settings.launcher == "docker" and settings.docker_url == "unix://var/run/docker.sock"
-    assert any(v.startswith("/var/run/docker.sock:") for v in SERVICES["airflow-scheduler"]["volumes"])
-    assert settings.network_mode == f"{COMPOSE['name']}_default"
+    scheduler = SERVICES["airflow-scheduler"]
+    assert any(compose_default(v).startswith("/var/run/docker.sock:") for v in scheduler["volumes"])
+    assert settings.network_mode == COMPOSE["networks"]["default"]["name"]
+    environment = {key: compose_default(value) for key, value in scheduler["environment"].items()}
+    monkeypatch.setenv("DOC_EXTRACTION_DATA", environment["DOC_EXTRACTION_DATA"])
     runs = config.storage.runs_uri
-    assert runs in settings.mounts.values()
-    host = next(source for source, target in settings.mounts.items() if target == runs)
-    assert f"{host}:{runs}" in SERVICES["airflow-scheduler"]["volumes"]
-    environment = SERVICES["airflow-scheduler"]["environment"]
-    configs = environment["DOC_EXTRACTION_CONFIG"].split(":")
-    assert configs == settings.container_configs and all((ROOT / path).is_file() for path in configs)
+    host = host_path(next(source for source, target in settings.mounts.items() if target == runs))
+    assert f"{host}:{runs}" in map(compose_default, scheduler["volumes"])
+    if overlays == ["compose.yaml"]:
+        assert environment["DOC_EXTRACTION_CONFIG"].split(":") == settings.container_configs
+    assert all((ROOT / path).is_file() for path in settings.container_configs)
+    assert f"configs/overlays/{overlays[-1]}" == settings.container_configs[-1]
     assert set(settings.pass_environment) <= set(environment)  # keys reach the stages privately, never as config
+    monkeypatch.delenv("DOC_EXTRACTION_DATA")
+    with pytest.raises(ConfigError, match="DOC_EXTRACTION_DATA not set in the scheduler's environment"):
+        host_path(next(iter(settings.mounts)))
