@@ -12,7 +12,6 @@ and the gate's decision. Airflow keeps its state in ``data/airflow``
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -21,23 +20,17 @@ from pathlib import Path
 
 from stages import tracking
 from stages.cli import EXIT_BAD_INPUT, EXIT_FAILED, config_flags
-from stages.config import ConfigError, load_pipeline_config
-from stages.local_airflow import EMBEDDED, PASSWORDS_FILE, airflow_environment
+from stages.local_airflow import EMBEDDED, PASSWORDS_FILE, airflow_environment, embedded_parser, load_or_report
 from stages.storage import open_storage
 from stages.tiny_model import build as build_tiny_model
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.demo", description=__doc__)
-    parser.add_argument("--config", type=Path, action="append", help="default: pipeline.yaml + overlays/embedded.yaml")
+    parser = embedded_parser("python -m stages.demo", __doc__)
     parser.add_argument("--count", type=int, default=24, help="synthetic documents to generate")
-    parser.add_argument("--airflow-home", type=Path, default=Path("data/airflow"), help="Airflow's state (sqlite)")
     args = parser.parse_args(argv)
     paths = args.config or EMBEDDED
-    try:
-        config = load_pipeline_config(paths)
-    except ConfigError as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
+    if (config := load_or_report(paths, "demo")) is None:
         return EXIT_BAD_INPUT
 
     base = Path(config.model.base)

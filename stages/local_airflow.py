@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from stages.cli import EXIT_BAD_INPUT, EXIT_FAILED
-from stages.config import ConfigError, load_pipeline_config
+from stages.config import ConfigError, PipelineConfig, load_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = [Path("configs/pipeline.yaml"), Path("configs/overlays/embedded.yaml")]
@@ -163,17 +163,29 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.local_airflow", description=__doc__)
+def embedded_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The flags the demo and this command share: the config files and Airflow's state."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, action="append", help="default: pipeline.yaml + overlays/embedded.yaml")
     parser.add_argument("--airflow-home", type=Path, default=Path("data/airflow"), help="Airflow's state (sqlite)")
+    return parser
+
+
+def load_or_report(configs: list[Path], prog: str) -> PipelineConfig | None:
+    """The configuration, or None after one line on stderr naming the file and the problem."""
+    try:
+        return load_pipeline_config(configs)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = embedded_parser("python -m stages.local_airflow", __doc__)
     parser.add_argument("--port", type=int, default=8080, help="the API server's port, on 127.0.0.1")
     args = parser.parse_args(argv)
     configs = args.config or EMBEDDED
-    try:
-        config = load_pipeline_config(configs)
-    except ConfigError as exc:
-        print(f"local_airflow: error: {exc}", file=sys.stderr)
+    if (config := load_or_report(configs, "local_airflow")) is None:
         return EXIT_BAD_INPUT
     airflow = LocalAirflow(args.airflow_home.resolve(), configs, args.port)
     signal.signal(signal.SIGTERM, _interrupt)
