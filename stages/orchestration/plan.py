@@ -103,15 +103,14 @@ def form_params(config: PipelineConfig) -> dict[str, dict[str, Any]]:
     params: dict[str, dict[str, Any]] = {}
     for name, schema in RunForm.model_json_schema()["properties"].items():
         variants = schema.get("anyOf", [schema])
-        spec = {key: value for variant in variants for key, value in variant.items() if key in SCHEMA_KEYWORDS}
-        spec.update({key: value for key, value in schema.items() if key in SCHEMA_KEYWORDS - {"type"}})
+        spec = {key: value for part in [*variants, schema] for key, value in part.items() if key in SCHEMA_KEYWORDS}
         if len(variants) > 1:
             spec["type"] = [variant["type"] for variant in variants]
         params[name] = {"default": defaults[name], **spec}
     doc_types = load_registry(config.doctypes_dir)
-    params["doc_types"]["items"] = {"type": "string", "enum": sorted(doc_types)}
-    params["doc_types"]["examples"] = sorted(doc_types)
-    params["doc_types"]["values_display"] = {name: f"{t.display_name} ({name})" for name, t in doc_types.items()}
+    ids = sorted(doc_types)
+    shown = {name: f"{doc_type.display_name} ({name})" for name, doc_type in doc_types.items()}
+    params["doc_types"].update(items={"type": "string", "enum": ids}, examples=ids, values_display=shown)
     return params
 
 
