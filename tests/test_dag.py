@@ -28,7 +28,7 @@ from stages.config import ConfigError
 from stages.local_airflow import airflow_environment
 from stages.orchestration import plan as planning
 from stages.orchestration.launchers import stage_operator
-from tests.conftest import EMBEDDED, PIPELINE, ROOT, SMOKE, free_port, land_synthetic, run_stage
+from tests.conftest import EMBEDDED, PIPELINE, ROOT, SMOKE, free_port, land_synthetic, run_stage, write_overlay
 
 HEAVY = ("torch", "transformers", "deepspeed", "mlflow", "boto3", "kubernetes", "docker", "PIL")
 
@@ -64,8 +64,10 @@ print(json.dumps({
 
 
 @pytest.fixture
-def dag_configs(overlay, tmp_path) -> list[Path]:
-    """The embedded default in this test's folder, stages retried once."""
+def dag_configs(overlay, tmp_path, tiny_model) -> list[Path]:
+    """The embedded default in this test's folder, stages retried once, its base model the tiny one."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny-minicpmv4_6").symlink_to(tiny_model)  # where ``embedded`` points
     extra = tmp_path / "dag.yaml"
     extra.write_text(
         "orchestration: {retries: 1}\nevaluation: {ocr_baseline: false}\ndoc_types: [receipt_en, thsr_ticket]\n"
@@ -107,6 +109,24 @@ def test_a_bad_form_fails_the_plan_naming_the_field(dag_configs, tmp_path):
         planning.make_plan(ROOT, [str(p) for p in dag_configs], form, [], "manual__1")
     form = {**planning.form_defaults(config), "doc_types": ["passport"]}
     with pytest.raises(ConfigError, match=r"--overrides: doc_types: .*unknown document type"):
+        planning.make_plan(ROOT, [str(p) for p in dag_configs], form, [], "manual__1")
+
+
+def test_a_checkpoint_the_environment_cannot_run_fails_the_plan_before_any_stage(dag_configs, tmp_path):
+    """MiniCPM-V 2.6 as published: code for transformers 4.40 beside the weights (a folder the form names)."""
+    hub = tmp_path / "MiniCPM-V-2_6"
+    hub.mkdir()
+    (hub / "config.json").write_text(json.dumps({
+        "model_type": "minicpmv", "version": 2.6, "transformers_version": "4.40.0",
+        "auto_map": {"AutoModel": "modeling_minicpmv.MiniCPMV"}}))  # fmt: skip
+    remote = write_overlay(tmp_path, "remote.yaml", "model: {adapter: remote_code, llm_type: qwen2}\n")
+    paths = [str(p) for p in [*dag_configs, remote]]
+    config = planning.load_config(ROOT, paths)
+    form = {**planning.form_defaults(config), "base_model": str(hub)}
+    with pytest.raises(ConfigError, match=r"written for transformers 4\.40\.0.*Way out: use MiniCPM-V 4\.6"):
+        planning.make_plan(ROOT, paths, form, [], "manual__1")
+    form["base_model"] = str(tmp_path / "typo")
+    with pytest.raises(ConfigError, match="typo/config.json does not exist"):
         planning.make_plan(ROOT, [str(p) for p in dag_configs], form, [], "manual__1")
 
 
@@ -294,10 +314,7 @@ def _pipeline_runs(tracking_uri: str, experiment: str = "doc-extraction") -> tup
 
 
 @pytest.mark.integration
-def test_the_dag_runs_end_to_end_with_the_local_launcher(airflow_home, dag_configs, tmp_path, tiny_model):
-    config = yaml.safe_load(dag_configs[2].read_text())
-    Path(config["model"]["base"]).parent.mkdir(parents=True)
-    Path(config["model"]["base"]).symlink_to(tiny_model)
+def test_the_dag_runs_end_to_end_with_the_local_launcher(airflow_home, dag_configs, tmp_path):
     batch = land_synthetic(tmp_path / "landing" / "batch-1", 16, doc_types=["receipt_en", "thsr_ticket"])
 
     watched = airflow(airflow_home, dag_configs, "dags", "test", "doc_extraction_landing_watcher")

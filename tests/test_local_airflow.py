@@ -50,8 +50,10 @@ def test_local_airflow_serves_on_loopback_and_runs_a_landed_batch_within_a_minut
         "storage": {"landing_uri": str(tmp_path / "landing"), "datasets_uri": str(tmp_path / "datasets"),
                     "runs_uri": str(tmp_path / "runs")},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
-        "model": {"base": str(tmp_path / "no-model-needed-before-finetune")},
+        "model": {"base": str(tmp_path / "model")},
     }))  # fmt: skip
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "minicpmv4_6"}')  # what the plan reads
     port, home = free_port(), tmp_path / "airflow"
     bare = {"HOME": os.environ.get("HOME", "/root"), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # venv not active
     out = (tmp_path / "stdout.log").open("w")

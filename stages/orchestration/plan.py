@@ -1,7 +1,8 @@
 """One run of the pipeline DAG, decided before any stage starts, and read back at the end.
 
 ``make_plan`` validates the run's form (the Airflow Params) into config overrides, checks the
-merged configuration, finds the batches to ingest (those the triggering asset events name, or
+merged configuration and that the base model can run in the stages' environment
+(``compatibility``), finds the batches to ingest (those the triggering asset events name, or
 every completed batch not yet ingested) and names the run's folder. ``stage_arguments`` turns
 the plan into each stage's command line. ``gate_passed`` and ``summarize`` read the stages'
 own manifests (``decision.json``, ``result.json``), so the DAG's XComs stay small.
@@ -20,6 +21,7 @@ from urllib.parse import unquote_plus
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stages.cli import config_flags
+from stages.compatibility import check_base_model
 from stages.config import ConfigError, PipelineConfig, load_pipeline_config
 from stages.landing import COMPLETE_MARKER
 from stages.manifest import RESULT_FILE
@@ -215,7 +217,8 @@ def make_plan(
     """Validate the form and the merged configuration, and decide what the run does; returns the
     plan and the configuration the stages will see.
 
-    Raises ``ConfigError`` naming the form field or the config key that is wrong.
+    Raises ``ConfigError`` naming the form field or the config key that is wrong, or why the base
+    model cannot run here.
     """
     try:
         form = RunForm.model_validate(dict(params))
@@ -224,6 +227,7 @@ def make_plan(
         raise ConfigError(f"the run's form: {problems}") from None
     overrides = form.overrides()
     config = load_config(home, paths, overrides)
+    in_home(home, check_base_model, config.model, config.storage.s3)  # refused here, not hours into a GPU booking
     chosen = list(dict.fromkeys(form.batches or event_batches))
     if chosen:
         done = in_home(home, ingested_batches, config)

@@ -1,14 +1,14 @@
-"""MiniCPM-V models native in transformers 5.x (``minicpmv4_6``, ``minicpmv4_7``, ``minicpm_ocr``):
+"""MiniCPM-V models native in transformers 5.x (``compatibility.NATIVE_MODEL_TYPES``):
 AutoModelForImageTextToText, the image processor, the tokenizer and its chat template."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from stages.compatibility import NATIVE_MODEL_TYPES
 from stages.finetune.adapters import Adapter, AdapterError, Completion, answer_labels
 from stages.finetune.data import IMAGE_PLACEHOLDER, Sample
 
-NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7", "minicpm_ocr")
 _PROCESSOR_TOKENS = ("image_token", "video_token", "image_token_id", "video_token_id", "image_start_token",
                      "image_end_token", "slice_start_token", "slice_end_token", "image_id_start_token",
                      "image_id_end_token")  # fmt: skip
