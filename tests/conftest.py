@@ -267,6 +267,53 @@ def tiny_model(tmp_path_factory) -> Path:
     return build(tmp_path_factory.mktemp("models") / "tiny-minicpmv4_6", ROOT / "configs" / "doctypes")
 
 
+REMOTE_CODE = ROOT / "tests" / "fixtures" / "remote_code"  # model code we wrote to MiniCPM-V 2.6's interface
+
+
+def build_remote_code_model(output: Path) -> Path:
+    """A tiny checkpoint whose modeling and processing code ships in its folder (``auto_map``), as
+    MiniCPM-V 2.6's does: the code of ``tests/fixtures/remote_code``, random weights, the tiny
+    model's tokenizer with the ``<unk>`` the processor fills image slices with."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from stages.tiny_model import build_tokenizer
+
+    output.mkdir(parents=True)
+    for code in REMOTE_CODE.glob("*.py"):
+        shutil.copy(code, output / code.name)
+    tokenizer = build_tokenizer(ROOT / "configs" / "doctypes")
+    tokenizer.add_special_tokens({"unk_token": "<unk>"})
+    tokenizer.save_pretrained(output)
+    config = {
+        "model_type": "tiny_minicpmv", "architectures": ["TinyMiniCPMV"], "version": 2.6,
+        "auto_map": {"AutoConfig": "configuration_tiny_minicpmv.TinyMiniCPMVConfig",
+                     "AutoModel": "modeling_tiny_minicpmv.TinyMiniCPMV"},
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False,
+        "query_num": 4, "patch_size": 14, "slice_size": 28, "vision_hidden": 32,
+        "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+    }  # fmt: skip
+    (output / "config.json").write_text(json.dumps(config))
+    processor = {"AutoProcessor": "processing_tiny_minicpmv.TinyMiniCPMVProcessor"}
+    (output / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "TinyMiniCPMVImageProcessor", "slice_size": 28, "patch_size": 14, "query_num": 4,
+        "max_slice_nums": 9,
+        "auto_map": {"AutoImageProcessor": "image_processing_tiny_minicpmv.TinyMiniCPMVImageProcessor", **processor},
+    }))  # fmt: skip
+    (output / "processor_config.json").write_text(json.dumps({"processor_class": "TinyMiniCPMVProcessor",
+                                                              "auto_map": processor}))  # fmt: skip
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.from_pretrained(output, trust_remote_code=True),
+                          trust_remote_code=True).save_pretrained(output)  # fmt: skip
+    return output
+
+
+@pytest.fixture(scope="session")
+def remote_code_model(tmp_path_factory) -> Path:
+    return build_remote_code_model(tmp_path_factory.mktemp("models") / "tiny-remote-code")
+
+
 def run_stage(stage: str, config_paths: list[Path], *args: str) -> int:
     """A stage's CLI in this process (flags, tracking, result.json), as ``python -m`` would run it."""
     import importlib

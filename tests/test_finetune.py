@@ -354,8 +354,41 @@ def test_a_killed_run_continues_from_its_last_complete_checkpoint(finetune_confi
 
 
 # --- remote-code family (MiniCPM-V 2.6, Llama3-V 2.5, 2.0) -------------------------------------
-# Their code ships only with the real checkpoints, which cannot be fetched here: these tests cover
-# what does not need it (chat formats, the LLM-type checks); training them needs a real checkpoint.
+# Their code ships only with the real checkpoints, which cannot be fetched here. The adapter's
+# contract is proven on a tiny checkpoint whose code we wrote to 2.6's interface
+# (tests/fixtures/remote_code), loaded through trust_remote_code; the real 2.6 code never ran here.
+
+
+def test_the_remote_code_adapter_drives_a_checkpoint_through_its_own_code(remote_code_model, exported):
+    from stages.config import ModelConfig
+
+    model_config = ModelConfig(base=str(remote_code_model), adapter="remote_code", llm_type="qwen2")
+    adapter = load_adapter(remote_code_model, model_config, TrainingConfig(bf16=False, max_slice_nums=4))
+    assert type(adapter.processor).__module__.startswith("transformers_modules.")  # the checkpoint's own processor
+    example = examples(exported)[0]
+    wide = Sample(example, Image.new("RGB", (240, 80), "white"))  # an overview and a grid of slices
+    batch = adapter.collate([wide, Sample(example, Image.new("RGB", (40, 40), "white"))])
+    tokenizer = adapter.processor.tokenizer
+    ids, bounds = batch["input_ids"][0], batch["image_bound"][0]
+    assert tokenizer.convert_tokens_to_ids("<image>") in ids.tolist()  # (<image>./</image>) was expanded
+    assert len(bounds) == len(batch["pixel_values"][0]) == len(batch["tgt_sizes"][0]) > 1
+    filled = torch.cat([torch.arange(int(start), int(end)) for start, end in bounds])
+    assert set(ids[filled].tolist()) == {tokenizer.convert_tokens_to_ids("<unk>")}  # each slice's queries
+    assert len(batch["image_bound"][1]) == 1  # a small image: the overview alone
+    answer = tokenizer(example.answer + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist() == answer
+
+    model = adapter.load_model(torch.float32)
+    loss = adapter.loss(model, dict(batch))
+    loss.backward()
+    assert torch.isfinite(loss) and model.resampler.queries.grad.abs().sum() > 0
+    assert model.vpm[0].weight.grad.abs().sum() > 0  # the loss reaches the vision encoder through the image bounds
+    frozen = load_adapter(remote_code_model, model_config, TrainingConfig(tune_vision=False))
+    model = frozen.load_model(torch.float32)
+    assert not any(p.requires_grad for p in model.vpm.parameters())
+    assert all(p.requires_grad for p in model.resampler.parameters())  # the resampler always trains
+    answers = adapter.complete(model.eval(), [wide], max_new_tokens=3)
+    assert len(answers) == 1 and isinstance(answers[0].text, str)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from stages.compatibility import VERSION_LLM_TYPE
 from stages.finetune.adapters import IGNORE_INDEX, Adapter, AdapterError, answer_labels
 from stages.finetune.data import IMAGE_PLACEHOLDER, Sample
 
@@ -45,7 +46,6 @@ CHAT_FORMATS = {
                          bos="<|begin_of_text|>"),
     "minicpm": ChatFormat(user="<用户>{}", assistant="<AI>", end="</s>"),
 }  # fmt: skip
-VERSION_LLM_TYPE = {2.0: "minicpm", 2.5: "llama3", 2.6: "qwen2"}  # config.json "version" of each release
 
 
 def chat_format(llm_type: str | None, config: dict) -> ChatFormat:
@@ -62,7 +62,8 @@ def chat_format(llm_type: str | None, config: dict) -> ChatFormat:
 class RemoteCodeAdapter(Adapter):
     processor_files = ("*.py", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
                        "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
-                       "merges.txt", "added_tokens.json", "generation_config.json")  # fmt: skip
+                       "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+                       "chat_template.json")  # fmt: skip
     trust_remote_code = True
 
     def load_processor(self) -> Any:

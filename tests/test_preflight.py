@@ -1,0 +1,72 @@
+"""``python -m stages.preflight``, what a user runs first on a base model: on a tiny checkpoint whose
+code ships beside its weights (ours, written to MiniCPM-V 2.6's interface: this proves the
+adapter's contract and the preflight, not 2.6's own code), and on one whose code was written for
+transformers 4.x, as the published 2.6 checkpoint's was."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.preflight import PIPELINE_STAGES, transformers_imports
+from tests.conftest import EMBEDDED, PIPELINE, ROOT, config_flags, write_overlay
+
+REMOTE = "model: {adapter: remote_code, llm_type: qwen2}\n"
+
+
+def preflight(configs: list[Path], base: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.preflight", *config_flags(configs), "--base", str(base),
+                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
+
+
+def test_the_imports_of_a_checkpoints_code_are_found_where_they_are_written():
+    code = "import os\nfrom transformers import AutoModel, Qwen2Config\nimport transformers.utils\nfrom .x import y\n"
+    assert transformers_imports({"modeling.py": code}) == [
+        ("modeling.py", 2, "transformers.AutoModel"), ("modeling.py", 2, "transformers.Qwen2Config"),
+        ("modeling.py", 3, "transformers.utils"),
+    ]  # fmt: skip
+
+
+@pytest.mark.integration
+def test_preflight_loads_trains_one_step_patches_and_answers(remote_code_model, tmp_path):
+    configs = [PIPELINE, EMBEDDED, write_overlay(tmp_path, "remote.yaml", REMOTE)]
+    done = preflight(configs, remote_code_model, tmp_path / "preflight")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "preflight" / "preflight.json").read_text())
+    checks = {check["name"]: check for check in report["checks"]}
+    assert list(checks) == ["environment", "imports", *PIPELINE_STAGES]
+    assert {check["status"] for check in checks.values()} == {"passed"}
+    assert "all resolve" in checks["imports"]["detail"]
+    finetune = json.loads((tmp_path / "preflight" / "finetune" / "result.json").read_text())
+    assert finetune["counts"]["global_step"] == 1 and finetune["counts"]["train"] == 2
+    model = tmp_path / "preflight" / "model"
+    assert {p.name for p in remote_code_model.glob("*.py")} <= {p.name for p in model.glob("*.py")}
+    assert "answered" in checks["patch"]["detail"]
+    assert not (ROOT / "data" / "landing" / "batch-preflight").exists()  # its own folders, not the pipeline's
+
+
+@pytest.mark.integration
+def test_preflight_names_what_a_4x_era_checkpoint_needs_and_runs_no_stage(remote_code_model, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(remote_code_model, old)
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "transformers_version": "4.40.0"}))
+    (old / "tokenization_tiny_minicpmv_fast.py").write_text(
+        "from transformers.models.qwen2.tokenization_qwen2_fast import Qwen2TokenizerFast\n"
+    )  # what the published 2.6 tokenizer imports, gone in transformers 5
+    configs = [PIPELINE, EMBEDDED, write_overlay(tmp_path, "remote.yaml", REMOTE)]
+    done = preflight(configs, old, tmp_path / "preflight")
+    assert done.returncode == 1
+    checks = {c["name"]: c for c in json.loads((tmp_path / "preflight" / "preflight.json").read_text())["checks"]}
+    assert checks["environment"]["status"] == "failed" and "written for transformers 4.40.0" in checks["environment"][
+        "detail"]  # fmt: skip
+    assert checks["imports"]["status"] == "failed"
+    assert "tokenization_tiny_minicpmv_fast.py:1 transformers.models.qwen2.tokenization_qwen2_fast" in checks[
+        "imports"]["detail"]  # fmt: skip
+    assert {checks[stage]["status"] for stage in PIPELINE_STAGES} == {"skipped"}
+    assert "preflight failed" in done.stdout
