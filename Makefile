@@ -9,7 +9,7 @@ EXTRAS := stages,train,airflow,dev
 CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup containers train-wheels demo airflow test test-compose test-fast lint format lock clean
+.PHONY: setup containers train-wheels demo airflow preflight test test-compose test-fast lint format lock clean
 
 setup: $(INSTALLED) $(CJK_FONT) ## venv with the whole stack (torch CPU first) and the CJK font
 
@@ -40,6 +40,15 @@ demo: setup ## run the pipeline end to end on the embedded default (CPU, local M
 
 airflow: setup ## the demo's Airflow running on 127.0.0.1:8080 (UI, REST API, scheduler); Ctrl-C stops it
 	$(PY) -m stages.local_airflow
+
+# A base model you supply, before a GPU is booked: environment, its code's imports, then one training
+# step on two documents, patch and one answer (stages/preflight.py). CONFIG adds overlays.
+BASE ?=
+CONFIG ?= configs/pipeline.yaml
+PREFLIGHT_OUT ?= data/preflight/$(shell date -u +%Y%m%dT%H%M%SZ)
+preflight: setup ## BASE=<folder or s3:// URI> [CONFIG="a.yaml b.yaml"]: check a base model end to end in minutes
+	@test -n "$(BASE)" || (echo "usage: make preflight BASE=<folder or s3:// URI> [CONFIG=...]" >&2; exit 2)
+	$(PY) -m stages.preflight $(foreach c,$(CONFIG),--config $(c)) --base $(BASE) --output $(PREFLIGHT_OUT)
 
 test: setup containers ## every test: unit, integration and container tests
 	$(PY) -m pytest

@@ -179,7 +179,7 @@ def patched_answer(out: Path) -> str:
     from stages.patch import REPORT as PATCH_REPORT
 
     report = json.loads((out / "model" / PATCH_REPORT).read_text())
-    return f"the patched model in {out / 'model'} answered {report['example']['id']}: {report['example']['answer']!r}"
+    return f"the patched model in {out / 'model'} answered {report['example']['id']}: {report['example']['answer'][:200]!r}"
 
 
 def main(argv: list[str] | None = None) -> int:

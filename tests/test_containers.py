@@ -156,6 +156,26 @@ def test_finetune_and_patch_run_in_the_training_image(docker_client, train_image
     assert (workdir / "model-out" / "preprocessor_config.json").is_file()
 
 
+def test_preflight_runs_in_the_training_image_on_a_remote_code_checkpoint(
+    docker_client, train_image, workdir, remote_code_model
+):
+    """The README's preflight command in the image it is meant for: the checkpoint's own code is
+    loaded by an unprivileged user (transformers copies it into its module cache) and the stages
+    run one training step, patch and answer."""
+    shutil.copytree(remote_code_model, workdir / "model")
+    (workdir / "remote.yaml").write_text("model: {adapter: remote_code, llm_type: qwen2}\n")
+    for path in workdir.rglob("*"):
+        path.chmod(0o777 if path.is_dir() else 0o666)
+    command = ["python", "-m", "stages.preflight", "--config", "configs/pipeline.yaml", "--config",
+               "configs/overlays/embedded.yaml", "--config", "/work/remote.yaml", "--base", "/work/model",
+               "--output", "/work/preflight"]  # fmt: skip
+    logs = docker_client.containers.run(train_image, command, volumes={str(workdir): {"bind": "/work", "mode": "rw"}},
+                                        network_mode="none", remove=True, stderr=True)  # fmt: skip
+    assert b"preflight passed" in logs, logs[-3000:]
+    report = json.loads((workdir / "preflight" / "preflight.json").read_text())
+    assert [c["status"] for c in report["checks"]] == ["passed"] * 7
+
+
 def test_dockerfiles_are_hadolint_clean():
     """Every Dockerfile of the project (.hadolint.yaml says which rule is off, and why)."""
     files = [
