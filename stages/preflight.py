@@ -78,15 +78,17 @@ def transformers_imports(sources: dict[str, str]) -> list[tuple[str, int, str]]:
 
 def _resolves(dotted: str) -> bool:
     """An importable module, or a name an importable module has."""
+    if dotted.endswith(".*"):
+        dotted = dotted[:-2]
     try:
         importlib.import_module(dotted)
         return True
-    except ImportError:
+    except Exception:  # missing, or failing as it imports: either way the checkpoint's import fails
         pass
     module, _, name = dotted.rpartition(".")
     try:
         return hasattr(importlib.import_module(module), name)
-    except ImportError:
+    except Exception:
         return False
 
 
@@ -178,8 +180,8 @@ def check_environment(model: ModelConfig, s3: S3Config) -> str:
 def patched_answer(out: Path) -> str:
     from stages.patch import REPORT as PATCH_REPORT
 
-    report = json.loads((out / "model" / PATCH_REPORT).read_text())
-    return f"the patched model in {out / 'model'} answered {report['example']['id']}: {report['example']['answer'][:200]!r}"
+    example = json.loads((out / "model" / PATCH_REPORT).read_text())["example"]
+    return f"the patched model in {out / 'model'} answered {example['id']}: {example['answer'][:200]!r}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preflight: error: --output {out} is not empty", file=sys.stderr)
         return EXIT_BAD_INPUT
     (out / "logs").mkdir(parents=True)
+    if args.overrides:  # the stages get them as a config file, under the preflight's own
+        (out / "overrides.yaml").write_text(json.dumps(args.overrides))
+        paths.append(str(out / "overrides.yaml"))
     base = args.base or config.model.base
     model = config.model.model_copy(update={"base": base})
     print(f"preflight of {base} (adapter {model.adapter}) into {out}", flush=True)

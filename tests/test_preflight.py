@@ -19,9 +19,10 @@ from tests.conftest import EMBEDDED, PIPELINE, ROOT, config_flags, write_overlay
 REMOTE = "model: {adapter: remote_code, llm_type: qwen2}\n"
 
 
-def preflight(configs: list[Path], base: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.preflight", *config_flags(configs), "--base", str(base),
-                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
+def preflight(configs: list[Path], base: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "stages.preflight", *config_flags(configs), "--base", str(base), "--output",
+               str(out), *extra]  # fmt: skip
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 def test_the_imports_of_a_checkpoints_code_are_found_where_they_are_written():
@@ -34,8 +35,8 @@ def test_the_imports_of_a_checkpoints_code_are_found_where_they_are_written():
 
 @pytest.mark.integration
 def test_preflight_loads_trains_one_step_patches_and_answers(remote_code_model, tmp_path):
-    configs = [PIPELINE, EMBEDDED, write_overlay(tmp_path, "remote.yaml", REMOTE)]
-    done = preflight(configs, remote_code_model, tmp_path / "preflight")
+    remote = json.dumps({"model": {"adapter": "remote_code", "llm_type": "qwen2"}})  # reaches every stage too
+    done = preflight([PIPELINE, EMBEDDED], remote_code_model, tmp_path / "preflight", "--overrides", remote)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "preflight" / "preflight.json").read_text())
     checks = {check["name"]: check for check in report["checks"]}
