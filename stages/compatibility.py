@@ -23,7 +23,8 @@ TRANSFORMERS_VERSION = "5.20.2"  # pyproject's pin for the training, evaluation 
 NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7")  # the MiniCPM-V families this transformers implements
 VERSION_LLM_TYPE = {2.0: "minicpm", 2.5: "llama3", 2.6: "qwen2"}  # config.json "version" of each release
 PREFLIGHT = "make preflight BASE=<folder or s3:// URI>"
-WAY_OUT = (f"use MiniCPM-V 4.6 (model.adapter: native: {', '.join(NATIVE_MODEL_TYPES)}), or port the checkpoint's "
+WAY_OUT = (f"use a native family, MiniCPM-V 4.6 or 4.7 (model types {', '.join(NATIVE_MODEL_TYPES)}; model.adapter: "
+           "native), or port the checkpoint's "
            f"code to transformers {TRANSFORMERS_VERSION.split('.')[0]}.x, prove it with `{PREFLIGHT}` in the training "
            "image, and record the version it passed with as config.json's transformers_version")  # fmt: skip
 

@@ -67,7 +67,7 @@ def test_the_refusal_names_the_model_the_reason_and_the_way_out(tmp_path):
     message = str(refused.value)
     assert isinstance(refused.value, ConfigError)  # the plan fails as for any bad configuration
     assert message.startswith(f"model.base {tmp_path} (adapter remote_code) cannot run")
-    assert "Way out: use MiniCPM-V 4.6" in message and "make preflight BASE=" in message
+    assert "Way out: use a native family, MiniCPM-V 4.6" in message and "make preflight BASE=" in message
 
 
 @pytest.mark.parametrize(
