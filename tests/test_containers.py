@@ -162,18 +162,26 @@ def test_preflight_runs_in_the_training_image_on_a_remote_code_checkpoint(
     """The README's preflight command in the image it is meant for: the checkpoint's own code is
     loaded by an unprivileged user (transformers copies it into its module cache) and the stages
     run one training step, patch and answer."""
+    from stages.preflight import PIPELINE_STAGES
+
     shutil.copytree(remote_code_model, workdir / "model")
-    (workdir / "remote.yaml").write_text("model: {adapter: remote_code, llm_type: qwen2}\n")
     for path in workdir.rglob("*"):
         path.chmod(0o777 if path.is_dir() else 0o666)
+    remote = json.dumps({"model": {"adapter": "remote_code", "llm_type": "qwen2"}})  # reaches every stage too
     command = ["python", "-m", "stages.preflight", "--config", "configs/pipeline.yaml", "--config",
-               "configs/overlays/embedded.yaml", "--config", "/work/remote.yaml", "--base", "/work/model",
+               "configs/overlays/embedded.yaml", "--overrides", remote, "--base", "/work/model",
                "--output", "/work/preflight"]  # fmt: skip
     logs = docker_client.containers.run(train_image, command, volumes={str(workdir): {"bind": "/work", "mode": "rw"}},
                                         network_mode="none", remove=True, stderr=True)  # fmt: skip
     assert b"preflight passed" in logs, logs[-3000:]
-    report = json.loads((workdir / "preflight" / "preflight.json").read_text())
-    assert [c["status"] for c in report["checks"]] == ["passed"] * 7
+    checks = {c["name"]: c for c in json.loads((workdir / "preflight" / "preflight.json").read_text())["checks"]}
+    assert list(checks) == ["environment", "imports", *PIPELINE_STAGES]
+    assert {check["status"] for check in checks.values()} == {"passed"}
+    assert "all resolve" in checks["imports"]["detail"] and "answered" in checks["patch"]["detail"]
+    finetune = json.loads((workdir / "preflight" / "finetune" / RESULT_FILE).read_text())
+    assert finetune["counts"]["global_step"] == 1 and finetune["counts"]["train"] == 2  # one step, two documents
+    model = workdir / "preflight" / "model"
+    assert {p.name for p in remote_code_model.glob("*.py")} <= {p.name for p in model.glob("*.py")}
 
 
 def test_dockerfiles_are_hadolint_clean():
