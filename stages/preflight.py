@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from stages.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, stage_parser
+from stages.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, config_flags, stage_parser
 from stages.compatibility import check_base_model
 from stages.config import ConfigError, ModelConfig, PipelineConfig, S3Config, load_pipeline_config
 from stages.redaction import redact_output, redact_text
@@ -135,14 +135,13 @@ def stage_commands(config_paths: list[str], overrides: dict, out: Path) -> dict[
     plan = Plan(run_name="preflight", run_uri=str(out), datasets_uri=str(out / "datasets"), batches=[batch],
                 overrides=overrides, gpus=1, skip_publish=True, dry_run=False, tracking_uri="")  # fmt: skip
     commands = {stage: [sys.executable, *stage_command(stage, plan, config_paths)[1:]] for stage in PIPELINE_STAGES[1:]}
-    flags = [flag for path in config_paths for flag in ("--config", path)]
-    synthetic = [sys.executable, "-m", "stages.synthetic", *flags, "--overrides", json.dumps(overrides),
-                 "--output", batch, "--count", "2"]  # fmt: skip
+    synthetic = [sys.executable, "-m", "stages.synthetic", *config_flags(config_paths), "--overrides",
+                 json.dumps(overrides), "--output", batch, "--count", "2"]  # fmt: skip
     return {"synthetic": synthetic, **commands}
 
 
 def run_stage(stage: str, command: list[str], logs: Path, timeout: int) -> str:
-    """Run one stage; its output goes to ``logs/<stage>.log``; a failure names the log's last lines."""
+    """Run one stage; its output goes to ``logs/<stage>.log``; a failure quotes its last line, which says why."""
     log = logs / f"{stage}.log"
     with log.open("w") as sink:
         try:
