@@ -14,6 +14,7 @@ differently. Light on purpose: the DAG's plan task imports it (no torch or trans
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +34,28 @@ class IncompatibleModel(ConfigError):
     """The base model cannot run in this environment; the message says why and the way out."""
 
 
+def model_files(base: str, s3: S3Config, wanted: Callable[[str], bool]) -> dict[str, bytes]:
+    """The files at the top of the model folder or s3:// URI whose names are ``wanted``, by name. A
+    local folder is read as transformers reads it, links followed (a hub cache's snapshot links
+    every file to its blob)."""
+    from stages.storage import open_storage
+
+    if "://" in base:
+        store = open_storage(base, s3)
+        return {key: store.read_bytes(key) for key in store.list() if "/" not in key and wanted(key)}
+    folder = Path(base)
+    if not folder.is_dir():
+        return {}
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file() and wanted(path.name)}
+
+
 def read_model_config(base: str, s3: S3Config) -> dict[str, Any]:
     """The base model's ``config.json`` from its folder or s3:// URI."""
-    from stages.storage import StorageError, open_storage
+    from stages.storage import StorageError
 
     where = f"{base.rstrip('/')}/config.json"
     try:
-        if "://" in base:
-            store = open_storage(base, s3)
-            data = store.read_bytes("config.json") if store.exists("config.json") else None
-        else:
-            path = Path(base) / "config.json"
-            data = path.read_bytes() if path.is_file() else None
+        data = model_files(base, s3, lambda name: name == "config.json").get("config.json")
     except (StorageError, OSError) as exc:
         raise IncompatibleModel(f"model.base: {where} could not be read: {exc}") from None
     if data is None:
@@ -89,11 +100,18 @@ def problems(config: dict[str, Any], model: ModelConfig) -> list[str]:
             "major version does not run there (transformers 5 removed or renamed what 4.x-era remote code "
             "imports: MiniCPM-V 2.6's tokenizer needs transformers.models.qwen2.tokenization_qwen2_fast)"
         )
-    expected = VERSION_LLM_TYPE.get(config.get("version"))
-    if expected and expected != model.llm_type:
-        found.append(f"model.llm_type {model.llm_type!r} does not fit it: config.json says version "
-                     f"{config['version']}, whose LLM type is {expected!r}")  # fmt: skip
+    if contradiction := llm_type_contradiction(config, model.llm_type):
+        found.append(contradiction)
     return found
+
+
+def llm_type_contradiction(config: dict[str, Any], llm_type: str | None) -> str | None:
+    """Why ``llm_type`` does not fit a checkpoint whose ``config.json`` names its release, or None."""
+    expected = VERSION_LLM_TYPE.get(config.get("version"))
+    if expected and expected != llm_type:
+        return (f"llm_type {llm_type!r} does not fit this checkpoint: its config.json says version "
+                f"{config['version']}, whose LLM type is {expected!r}")  # fmt: skip
+    return None
 
 
 def check_base_model(model: ModelConfig, s3: S3Config) -> dict[str, Any]:

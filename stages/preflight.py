@@ -31,10 +31,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from stages.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, config_flags, stage_parser
-from stages.compatibility import check_base_model
+from stages.compatibility import check_base_model, model_files
 from stages.config import ConfigError, ModelConfig, PipelineConfig, S3Config, load_pipeline_config
 from stages.redaction import redact_output, redact_text
-from stages.storage import open_storage
 
 REPORT = "preflight.json"
 PIPELINE_STAGES = ("synthetic", "ingest", "export", "finetune", "patch")
@@ -92,16 +91,9 @@ def _resolves(dotted: str) -> bool:
         return False
 
 
-def code_sources(base: str, s3: S3Config) -> dict[str, str]:
-    """The checkpoint's own Python files (its top level), by name."""
-    store = open_storage(base, s3)
-    return {
-        key: store.read_bytes(key).decode("utf-8") for key in store.list() if key.endswith(".py") and "/" not in key
-    }
-
-
 def check_imports(base: str, s3: S3Config) -> str:
-    sources = code_sources(base, s3)
+    code = model_files(base, s3, lambda name: name.endswith(".py"))
+    sources = {name: data.decode("utf-8") for name, data in code.items()}
     if not sources:
         return "no code of its own (*.py): nothing to import"
     wanted = transformers_imports(sources)

@@ -33,6 +33,22 @@ def test_the_imports_of_a_checkpoints_code_are_found_where_they_are_written():
     ]  # fmt: skip
 
 
+def test_a_hub_cache_snapshot_is_read_through_its_links(tmp_path):
+    """A hub cache's snapshot folder links every file to a blob outside it; transformers follows them."""
+    from stages.compatibility import check_base_model
+    from stages.config import ModelConfig, S3Config
+    from stages.preflight import check_imports
+
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir(), snapshot.mkdir(parents=True)
+    (blobs / "1").write_text("from transformers import AutoModel\n")
+    (blobs / "2").write_text('{"model_type": "minicpmv4_6"}')
+    (snapshot / "modeling_x.py").symlink_to(blobs / "1")
+    (snapshot / "config.json").symlink_to(blobs / "2")
+    assert check_imports(str(snapshot), S3Config()) == "1 transformers imports in 1 files all resolve"
+    assert check_base_model(ModelConfig(base=str(snapshot)), S3Config()) == {"model_type": "minicpmv4_6"}
+
+
 @pytest.mark.integration
 def test_preflight_names_what_a_4x_era_checkpoint_needs_and_runs_no_stage(remote_code_model, tmp_path):
     old = tmp_path / "old"

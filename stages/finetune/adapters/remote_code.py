@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from stages.compatibility import VERSION_LLM_TYPE
+from stages.compatibility import llm_type_contradiction
 from stages.finetune.adapters import IGNORE_INDEX, Adapter, AdapterError, answer_labels
 from stages.finetune.data import IMAGE_PLACEHOLDER, Sample
 
@@ -52,10 +52,8 @@ def chat_format(llm_type: str | None, config: dict) -> ChatFormat:
     """The chat format for ``llm_type``, refusing unknown types and ones the checkpoint contradicts."""
     if llm_type not in CHAT_FORMATS:
         raise AdapterError(f"llm_type {llm_type!r} is unknown; known: {sorted(CHAT_FORMATS)}")
-    expected = VERSION_LLM_TYPE.get(config.get("version"))
-    if expected and expected != llm_type:
-        raise AdapterError(f"llm_type {llm_type!r} does not fit this checkpoint: its config.json says version "
-                           f"{config['version']}, whose LLM type is {expected!r}")  # fmt: skip
+    if contradiction := llm_type_contradiction(config, llm_type):
+        raise AdapterError(contradiction)
     return CHAT_FORMATS[llm_type]
 
 
