@@ -1,9 +1,13 @@
-"""Evaluation throughput: batched against one-at-a-time inference, and scoring, in one run.
+"""Evaluation throughput: batched against one-at-a-time inference, constrained decoding against
+free decoding, and scoring, in one run.
 
 Builds the tiny random MiniCPM-V 4.6 and N synthetic eval documents (default 32), answers them
 through the transformers backend with batch size 1 and with batch size B (default 8) on CPU,
-and prints docs/s of each and their ratio (batched must win); then scores M predictions
-(default 20,000) and prints scored docs/s.
+and prints docs/s of each and their ratio (batched must win); then answers them at batch size B
+with and without ``evaluation.structured_output`` (the schema's own token budget), printing
+docs/s, milliseconds per generated token and JSON validity of each (the random model rambles
+differently in each mode, so the per-token cost is the fair comparison); then scores M
+predictions (default 20,000) and prints scored docs/s.
 
     .venv/bin/python benchmarks/evaluate_throughput.py [--documents 32] [--batch 8]
 """
@@ -20,6 +24,7 @@ from stages.config import SyntheticConfig, load_pipeline_config
 from stages.doctypes import load_registry
 from stages.evaluate.backends import Request, TransformersBackend
 from stages.evaluate.metrics import evaluate_all, score
+from stages.evaluate.parsing import extract_json, fits
 from stages.finetune.data import Example
 from stages.synthetic import generate
 from stages.tiny_model import build
@@ -50,18 +55,25 @@ def main() -> None:
                 {"role": "user", "content": doc_type.prompt}, {"role": "assistant", "content": answer}])  # fmt: skip
             requests.append(Request(example, doc_type))
 
-        rates = {}
-        for batch in (1, args.batch):
-            overlay = tmp / f"b{batch}.yaml"
+        def answer(batch: int, budget: int, constrained: bool = False) -> tuple[float, float, float]:
+            """docs/s, ms per generated token and JSON validity of one pass over the documents."""
+            overlay = tmp / "evaluation.yaml"
             overlay.write_text(json.dumps({"model": {"base": str(model)}, "evaluation": {
-                "batch_size": batch, "max_new_tokens": args.new_tokens}}))  # fmt: skip
+                "batch_size": batch, "max_new_tokens": budget, "structured_output": constrained}}))  # fmt: skip
             config = load_pipeline_config([ROOT / "configs" / "pipeline.yaml",
                                            ROOT / "configs" / "overlays" / "embedded.yaml", overlay])  # fmt: skip
             backend = TransformersBackend.from_folder(model, config)
             backend.predict(requests[: min(batch, 4)])  # warm-up
             started = time.perf_counter()
-            backend.predict(requests)
-            rates[batch] = len(requests) / (time.perf_counter() - started)
+            responses = backend.predict(requests)
+            seconds = time.perf_counter() - started
+            tokens = sum(len(r.logprobs) + 1 for r in responses)  # the answer's tokens and its end
+            pairs = zip(requests, responses, strict=True)
+            valid = sum(fits(extract_json(r.answer, q.doc_type), q.doc_type) for q, r in pairs)
+            return len(requests) / seconds, 1000 * seconds / tokens, valid / len(requests)
+
+        rates = {batch: answer(batch, args.new_tokens)[0] for batch in (1, args.batch)}
+        modes = {constrained: answer(args.batch, 512, constrained) for constrained in (False, True)}
 
     expected = [json.loads(r.example.answer) for r in requests]
     started = time.perf_counter()
@@ -74,6 +86,11 @@ def main() -> None:
     print(f"one at a time (batch 1):   {rates[1]:7.2f} docs/s")
     print(f"batched (batch {args.batch}):        {rates[args.batch]:7.2f} docs/s")
     print(f"ratio batched / one at a time: {rates[args.batch] / rates[1]:.2f} (must be > 1)")
+    for constrained, (docs, ms, valid) in modes.items():
+        print(f"{'constrained' if constrained else 'free':>11} (batch {args.batch}): {docs:7.2f} docs/s, "
+              f"{ms:6.1f} ms/token, JSON valid {valid:.2f}")  # fmt: skip
+    print(f"cost of constraining: {modes[True][1] / modes[False][1]:.2f}x per token, "
+          f"docs/s ratio constrained / free {modes[True][0] / modes[False][0]:.2f}")  # fmt: skip
     print(f"scoring:                   {scoring:7.0f} docs/s ({len(scored)} predictions, metrics included)")
 
 

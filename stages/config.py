@@ -312,7 +312,12 @@ class EvaluationConfig(_Strict):
     served_model: str = Field("doc-extraction", description="openai backend: the model name the server serves")
     batch_size: int = Field(8, ge=1, description="documents per generate call (concurrent requests for openai)")
     max_new_tokens: int = Field(512, ge=1, description="cap on the budget derived from each type's answer schema")
-    structured_output: bool = Field(False, description="constrain answers to the type's JSON schema (openai, vllm)")
+    structured_output: bool = Field(
+        False, description="constrain answers to the type's JSON schema (transformers: llguidance; openai; vllm)"
+    )
+    review_threshold: Probability = Field(
+        0.9, description="a document whose least confident field is below this goes to review (report, labelling)"
+    )
     ocr_baseline: bool = Field(True, description="also run the OCR pipeline on the eval set and report it beside")
     gallery_size: int = Field(24, ge=0, description="failed documents shown in the report")
 
@@ -483,6 +488,17 @@ class OrchestrationConfig(_Strict):
     )
 
 
+class LabellingConfig(_Strict):
+    """The labelling loop: a Label Studio server where people review pre-filled documents (its key
+    comes from the environment, ``LABEL_STUDIO_API_KEY``, never from here)."""
+
+    url: str = Field("http://127.0.0.1:8081", description="the Label Studio server's base URL")
+    project_prefix: str = Field("doc-extraction", min_length=1, description="projects are '<prefix>: <doc type>'")
+    structured_output: bool = Field(True, description="pre-fill with answers constrained to the type's schema")
+    timeout_s: float = Field(60, gt=0, description="seconds one API call may take")
+    retries: int = Field(3, ge=0, description="retries of a call the server answered 502/503/504 or not at all")
+
+
 class PipelineConfig(_Strict):
     doctypes_dir: Path = Path("configs/doctypes")
     deepspeed_dir: Path = Path("configs/deepspeed")
@@ -499,6 +515,7 @@ class PipelineConfig(_Strict):
     patch: PatchConfig = PatchConfig()
     publish: PublishConfig = PublishConfig(image_repository="localhost:5000/doc-extraction/serving")
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    labelling: LabellingConfig = LabellingConfig()
 
     @field_validator("doc_types")
     @classmethod

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import subprocess
+from collections.abc import Iterable
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -64,3 +66,8 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return found
+
+
+def jsonl(rows: Iterable[dict]) -> bytes:
+    """Rows as JSON lines, UTF-8 (non-ASCII kept readable)."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")

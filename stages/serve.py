@@ -7,9 +7,10 @@ API it reports ``usage`` and ``finish_reason`` (``length`` when the answer was c
 ``max_tokens``), and with ``stream: true`` answers as server-sent events (the whole answer in
 one chunk, generated first). A bad request gets a 400 in OpenAI's error shape saying why:
 over ``publish.serving``'s limits on image bytes, image pixels (checked before decoding) or
-``max_tokens``, an image that does not decode, a malformed message. It does not constrain
-answers to a ``response_format`` schema (vLLM does); a request that asks for one is answered
-unconstrained and says so in the response's ``system_fingerprint``.
+``max_tokens``, an image that does not decode, a malformed message, a schema that does not
+compile. A ``response_format`` (``json_schema`` or ``json_object``) constrains the answer as vLLM
+does (llguidance, through the adapter), and ``logprobs: true`` returns each generated token's
+log-probability in OpenAI's shape (no alternatives: ``top_logprobs`` is 0).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     response_format: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=0, description="alternatives per token: none here")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="one answer per request")
@@ -106,6 +109,31 @@ def token_budget(request: ChatRequest, limits: ServingConfig) -> int:
     return asked or limits.max_tokens
 
 
+def answer_schema(response_format: dict[str, Any] | None) -> dict | None:
+    """The JSON schema a ``response_format`` asks the answer to follow (None: free text)."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    schema = (response_format.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+    if not isinstance(schema, dict):
+        raise BadRequest("response_format must be {type: text}, {type: json_object} or {type: json_schema, "
+                         "json_schema: {name, schema: {...}}}")  # fmt: skip
+    return schema
+
+
+def logprobs_content(completion) -> list[dict]:
+    """OpenAI's ``logprobs.content``: each generated token of the answer with its bytes and log-probability."""
+    text, start, content = completion.text.encode("utf-8"), 0, []
+    for end, logprob in completion.logprobs:
+        piece = text[start:end]
+        content.append({"token": piece.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(piece),
+                        "top_logprobs": []})  # fmt: skip
+        start = end
+    return content
+
+
 def error_body(message: str, param: str | None = None) -> dict:
     """OpenAI's error shape, which its clients read."""
     return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
@@ -125,6 +153,7 @@ def create_app(model_dir: Path, served_model: str, config_paths: list[Path] | No
     from fastapi.responses import JSONResponse, StreamingResponse
 
     from stages.finetune.adapters import load_adapter
+    from stages.finetune.adapters.constrained import GrammarError
 
     config = load_pipeline_config(config_paths)
     limits = config.publish.serving
@@ -157,22 +186,27 @@ def create_app(model_dir: Path, served_model: str, config_paths: list[Path] | No
             return JSONResponse(error_body(f"model {request.model!r} is not served here; {served_model!r} is",
                                            "model"), status_code=404)  # fmt: skip
         sample, budget = sample_of(request.messages, limits), token_budget(request, limits)
-        with one_at_a_time, torch.no_grad():
-            (completion,) = adapter.complete(model, [sample], budget)
+        schema = answer_schema(request.response_format)
+        try:
+            with one_at_a_time, torch.no_grad():
+                (completion,) = adapter.complete(model, [sample], budget, [schema] if schema else None)
+        except GrammarError as exc:
+            raise BadRequest(f"response_format: {exc}") from None
         prompt_tokens = adapter.length(sample)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion.tokens,
                  "total_tokens": prompt_tokens + completion.tokens}  # fmt: skip
         finish = "length" if completion.cut else "stop"
         common = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served_model,
-                  "system_fingerprint": "unconstrained" if request.response_format else "cpu-stand-in"}  # fmt: skip
+                  "system_fingerprint": "cpu-stand-in"}  # fmt: skip
+        logprobs = {"content": logprobs_content(completion)} if request.logprobs else None
         if not request.stream:
             message = {"role": "assistant", "content": completion.text}
-            return {**common, "object": "chat.completion", "usage": usage,
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish}]}  # fmt: skip
+            choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}
+            return {**common, "object": "chat.completion", "usage": usage, "choices": [choice]}
         chunk = {**common, "object": "chat.completion.chunk"}
         chunks = [
             {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": completion.text},
-                                   "finish_reason": None}]},
+                                   "finish_reason": None, "logprobs": logprobs}]},
             {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]},
         ]  # fmt: skip
         if request.stream_options and request.stream_options.include_usage:

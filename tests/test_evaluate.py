@@ -22,7 +22,7 @@ from PIL import Image
 from stages.config import EvaluationConfig, load_pipeline_config
 from stages.doctypes import load_registry
 from stages.evaluate.__main__ import swapped_images
-from stages.evaluate.backends import OpenAIBackend, Request, VllmBackend, max_new_tokens
+from stages.evaluate.backends import OpenAIBackend, Request, VllmBackend, decoding_schema, max_new_tokens
 from stages.evaluate.baseline import Box, Extractor, OcrBaseline, reading_order, spaced
 from stages.evaluate.gate import decide
 from stages.evaluate.metrics import evaluate_all, score
@@ -175,12 +175,43 @@ def served(overlay, tiny_model, tmp_path):
 
 @pytest.mark.integration
 def test_openai_backend_against_a_server_on_loopback(overlay, exported, served, tmp_path):
-    config = _config(overlay, tmp_path, backend="openai", endpoint=served, served_model="tiny", batch_size=2)
+    """The stand-in honours response_format and returns log-probabilities, as vLLM does."""
+    config = _config(overlay, tmp_path, backend="openai", endpoint=served, served_model="tiny", batch_size=2,
+                     structured_output=True, max_new_tokens=512)  # fmt: skip
     out = tmp_path / "evaluate"
     assert run_stage("evaluate", config, "--data", str(exported), "--output", str(out)) == 0
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == len(_requests(exported)) and all(p["latency_s"] > 0 for p in predictions)
-    assert json.loads((out / "metrics.json").read_text())["model"] == served
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["model"] == served and saved["metrics"]["overall"]["json_validity"] == 1.0
+    assert all(0 < min(p["confidence"].values()) <= 1 for p in predictions)
+
+
+@pytest.mark.integration
+def test_constrained_decoding_makes_every_answer_valid(overlay, exported, tiny_model, tmp_path):
+    """The random tiny model answers no valid JSON on its own; constrained, every answer is valid,
+    and each field has a confidence from the tokens' log-probabilities, reported against accuracy."""
+    validity = {}
+    for constrained in (False, True):
+        out = tmp_path / f"evaluate-{constrained}"
+        config = _config(overlay, tmp_path, structured_output=constrained, max_new_tokens=512,
+                         fit_check={"documents": 0})  # fmt: skip
+        assert run_stage("evaluate", config, "--data", str(exported), "--model", str(tiny_model),
+                         "--output", str(out)) == 0  # fmt: skip
+        saved = json.loads((out / "metrics.json").read_text())["metrics"]
+        validity[constrained] = saved["overall"]["json_validity"]
+    assert validity == {False: 0.0, True: 1.0}
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    for prediction in predictions:
+        assert set(prediction["confidence"]) == set(prediction["expected"])
+        assert all(0 < c <= 1 for c in prediction["confidence"].values()) and prediction["needs_review"] is True
+    table = saved["confidence"]["calibration"]
+    assert sum(row["fields"] for row in table["bins"]) == sum(len(p["expected"]) for p in predictions)
+    assert saved["confidence"]["review_rate"] == 1.0  # a random model is sure of nothing
+    assert "Confidence" in (out / "report.html").read_text()
+    run_id = json.loads((out / "result.json").read_text())["mlflow_run_id"]
+    logged = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow/mlflow.db").get_run(run_id).data.metrics
+    assert logged["review_rate"] == 1.0 and "expected_calibration_error" in logged
 
 
 def test_openai_requests_carry_the_image_and_the_schema(overlay, exported, tmp_path):
@@ -194,7 +225,8 @@ def test_openai_requests_carry_the_image_and_the_schema(overlay, exported, tmp_p
     assert arguments["temperature"] == 0 and arguments["max_tokens"] == max_new_tokens(
         request.doc_type, config.evaluation.max_new_tokens
     )
-    assert arguments["response_format"]["json_schema"]["schema"] == request.doc_type.answer_schema()
+    assert arguments["response_format"]["json_schema"]["schema"] == decoding_schema(request.doc_type)
+    assert arguments["logprobs"] is True
 
 
 def test_vllm_requests_are_built_without_vllm(overlay, exported, tmp_path):
@@ -205,8 +237,9 @@ def test_vllm_requests_are_built_without_vllm(overlay, exported, tmp_path):
     request = _requests(exported)[0]
     arguments = backend.sampling_arguments(request)
     assert arguments["temperature"] == 0.0 and arguments["structured_outputs"] == {
-        "json": request.doc_type.answer_schema()
+        "json": decoding_schema(request.doc_type)
     }
+    assert arguments["logprobs"] == 0  # the chosen token's
     assert "guided_json" not in arguments  # removed from vLLM: structured_outputs replaces it
 
 

@@ -1,12 +1,14 @@
 """The CPU serving stand-in (``stages.serve``) speaks the OpenAI API honestly, tested with the
 official ``openai`` client against a real server process on loopback running the tiny model:
-usage and finish_reason, streaming, and a 400 saying why for every bad request it is sent,
-after which it still answers."""
+usage and finish_reason, streaming, response_format and logprobs, and a 400 saying why for every
+bad request it is sent, after which it still answers."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +107,34 @@ BAD_REQUESTS = {
     "not base64": ({"url": "data:image/png;base64,@@@@"}, "not valid base64"),
     "a web URL": ({"url": "https://example.com/a.png"}, "must be a data:image/"),
     "two answers": ({"n": 2}, "n: Input should be less than or equal to 1"),
+    "a schema without its schema": ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+                                    "response_format must be"),
+    "a schema that does not compile": ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "(["}}}}}},
+        "response_format: schema"),
+    "alternatives per token": ({"logprobs": True, "top_logprobs": 3}, "top_logprobs: Input should be less than"),
 }  # fmt: skip
+
+CODE = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[0-9]{2,4}$"}},
+        "required": ["code"], "additionalProperties": False}  # fmt: skip
+
+
+def test_response_format_constrains_the_answer_and_logprobs_come_with_it(server):
+    _, client = server
+    free = ask(client, max_tokens=24)
+    assert not free.choices[0].message.content.startswith("{")  # a random model: no JSON of its own
+    schema = {"type": "json_schema", "json_schema": {"name": "code", "schema": CODE, "strict": True}}
+    for response_format in (schema, {"type": "json_object"}):
+        answer = ask(client, max_tokens=LIMITS["max_tokens"], response_format=response_format, logprobs=True)
+        choice = answer.choices[0]
+        value = json.loads(choice.message.content)
+        assert isinstance(value, dict) and choice.finish_reason == "stop"
+        if response_format is schema:
+            assert list(value) == ["code"] and re.fullmatch("[0-9]{2,4}", value["code"])
+        tokens = choice.logprobs.content
+        assert b"".join(bytes(t.bytes) for t in tokens) == choice.message.content.encode()
+        assert all(t.logprob <= 0 and t.top_logprobs == [] for t in tokens)
+    assert ask(client, max_tokens=4).choices[0].logprobs is None  # only when asked
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)

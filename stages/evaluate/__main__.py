@@ -27,11 +27,11 @@ from stages import tracking
 from stages.cli import BadInputError, main, stage_parser
 from stages.config import FitCheckConfig, PipelineConfig
 from stages.doctypes import DocType, load_registry
-from stages.evaluate.backends import Backend, Request
+from stages.evaluate.backends import NoModelFolder, Request, open_backend
 from stages.evaluate.gate import decide
 from stages.evaluate.metrics import HEADLINE, Scored, evaluate_all, measure, score
 from stages.finetune.data import DataError, Example, fixed_sample, read_examples
-from stages.manifest import StageOutput
+from stages.manifest import StageOutput, jsonl
 from stages.storage import Storage, StorageError, StorageUnavailable, open_storage
 
 STAGE = "evaluate"
@@ -124,23 +124,6 @@ def swapped_images(requests: list[Request]) -> list[Request]:
             for i, r in enumerate(requests)]  # fmt: skip
 
 
-def open_backend(args: argparse.Namespace, config: PipelineConfig) -> Backend:
-    settings = config.evaluation
-    if settings.backend == "openai":
-        from stages.evaluate.backends import OpenAIBackend
-
-        return OpenAIBackend(settings.endpoint, settings.served_model, config)
-    if not args.model or not (Path(args.model) / "config.json").is_file():
-        raise BadInputError(f"--model {args.model}: backend {settings.backend} needs a model folder with config.json")
-    if settings.backend == "vllm":
-        from stages.evaluate.backends import VllmBackend
-
-        return VllmBackend(Path(args.model), config)
-    from stages.evaluate.backends import TransformersBackend
-
-    return TransformersBackend.from_folder(Path(args.model), config)
-
-
 def ocr_baseline(requests: list[Request], config: PipelineConfig) -> tuple[list[Scored], float]:
     from stages.evaluate.baseline import OcrBaseline
     from stages.finetune.data import load_image
@@ -163,6 +146,18 @@ def _flat(metrics: dict, prefix: str = "") -> dict[str, float]:
             else:
                 flat[f"{prefix}{doc_type}.{key}"] = value
     return flat
+
+
+def _confidence_metrics(confidence: dict | None) -> dict[str, float]:
+    """The review figures as MLflow metrics (the calibration table is in the report and metrics.json)."""
+    if confidence is None:
+        return {}
+    logged = {"review_rate": confidence["review_rate"]}
+    if confidence["calibration"]["expected_calibration_error"] is not None:
+        logged["expected_calibration_error"] = confidence["calibration"]["expected_calibration_error"]
+    if confidence["accepted"]:
+        logged |= {f"accepted.{k}": confidence["accepted"][k] for k in HEADLINE}
+    return logged
 
 
 def _selection(model: str | None) -> dict | None:
@@ -228,26 +223,30 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         champion_uri, note = registered_champion(config, eval_set)
         notes.append(note)
     champion, champion_eval_set = _champion(champion_uri, config)
-    backend = open_backend(args, config)
+    try:
+        backend = open_backend(config, args.model)
+    except NoModelFolder as exc:
+        raise BadInputError(str(exc)) from exc
 
-    documents, metrics = measure(backend, requests, registry)
+    threshold = settings.review_threshold
+    documents, metrics = measure(backend, requests, registry, threshold)
     fit = control = None
     if train_sample:
-        _, fit = measure(backend, train_sample, registry)
+        _, fit = measure(backend, train_sample, registry, threshold)
         if fit_check.image_control and len(train_sample) > 1:
-            _, control = measure(backend, swapped_images(train_sample), registry)
+            _, control = measure(backend, swapped_images(train_sample), registry, threshold)
     baseline = None
     if settings.ocr_baseline:
         baseline_documents, seconds = ocr_baseline(requests, config)
-        baseline = evaluate_all(baseline_documents, registry, seconds)
+        baseline = evaluate_all(baseline_documents, registry, seconds, threshold)
     decision = decide(metrics, settings, eval_set, champion, champion_eval_set, fit, control, config.doc_types)
     decision.notes = notes
     selection = _selection(args.model)
 
     predictions = [{"id": d.id, "doc_type": d.doc_type, "expected": d.expected, "predicted": d.predicted,
-                    "answer": d.answer, "latency_s": d.latency_s, "correct": d.correct} for d in documents]  # fmt: skip
-    output.write_bytes("predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n"
-                                                    for p in predictions).encode("utf-8"))  # fmt: skip
+                    "answer": d.answer, "latency_s": d.latency_s, "correct": d.correct, "confidence": d.confidence,
+                    "needs_review": d.needs_review(threshold)} for d in documents]  # fmt: skip
+    output.write_bytes("predictions.jsonl", jsonl(predictions))
     saved = {"eval_set": eval_set, "model": args.model or config.evaluation.endpoint, "metrics": metrics,
              "baseline": baseline, "fit": fit, "image_control": control}  # fmt: skip
     output.write_bytes("metrics.json", json.dumps(saved, indent=2, ensure_ascii=False).encode("utf-8"))
@@ -260,7 +259,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
                   s3=config.storage.s3)  # fmt: skip
     output.write_bytes("report.html", page.encode("utf-8"))
 
-    logged = _flat(metrics)
+    logged = _flat(metrics) | _confidence_metrics(metrics["confidence"])
     for part, prefix in ((baseline, "ocr_baseline."), (fit, "fit."), (control, "image_control.")):
         logged |= _flat(part, prefix) if part else {}
     mlflow.log_metrics(logged)

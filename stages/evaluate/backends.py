@@ -8,8 +8,10 @@
   imports it only when that backend runs.
 
 Decoding is greedy everywhere. With ``evaluation.structured_output`` the answer is constrained
-to the document type's JSON schema where the backend supports it (OpenAI API:
-``response_format`` with ``json_schema``; vLLM offline: ``StructuredOutputsParams(json=...)``).
+to the document type's JSON schema (``decoding_schema``): transformers with llguidance
+(``finetune/adapters/constrained.py``), the OpenAI API with ``response_format`` (``json_schema``),
+vLLM offline with ``StructuredOutputsParams(json=...)``. Every backend asks for the generated
+tokens' log-probabilities, from which each field's confidence is computed (``confidence.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from stages.finetune.data import IMAGE_PLACEHOLDER, Example, Sample, load_image
 _BUDGET = {"date": 12, "time": 10, "money": 16, "integer": 16, "id": 32, "text": 96}  # characters per value
 
 
+class NoModelFolder(ValueError):
+    """A backend that runs the model itself was given no model folder."""
+
+
 @dataclass(frozen=True)
 class Request:
     """One eval document to answer."""
@@ -49,18 +55,43 @@ class Response:
     id: str
     answer: str
     latency_s: float  # until this document's answer was there (a batch's documents share one)
+    #: each generated token: (where it ends, in bytes of the answer's UTF-8, its log-probability)
+    logprobs: tuple[tuple[int, float], ...] = ()
+
+
+def byte_ends(pieces: list[tuple[bytes, float]]) -> tuple[tuple[int, float], ...]:
+    """Token pieces (their bytes, their log-probability) as (end offset, log-probability)."""
+    ends, total = [], 0
+    for piece, logprob in pieces:
+        total += len(piece)
+        ends.append((total, logprob))
+    return tuple(ends)
 
 
 class Backend(Protocol):
     def predict(self, requests: list[Request]) -> list[Response]: ...
 
 
+def value_budget(spec) -> int:
+    """The most characters a value of this field may take in an answer."""
+    return max([len(v) for v in spec.values or []] + [_BUDGET.get(spec.type, 32)])
+
+
 def max_new_tokens(doc_type: DocType, cap: int) -> int:
     """A token budget from the answer's schema: every key and a generous value in UTF-8 bytes
     (no tokenizer makes more tokens than bytes), at most ``cap``."""
-    longest = {spec.name: "x" * max([len(v) for v in spec.values or []] + [_BUDGET.get(spec.type, 32)]) * 3
-               for spec in doc_type.fields}  # fmt: skip
+    longest = {spec.name: "x" * value_budget(spec) * 3 for spec in doc_type.fields}
     return min(cap, len(json.dumps(longest, ensure_ascii=False).encode("utf-8")) + 8)
+
+
+def decoding_schema(doc_type: DocType) -> dict:
+    """The answer schema a constrained decoder follows: the type's, each string value bounded to its
+    budget, so that an answer closes within ``max_new_tokens`` whatever the model would ramble."""
+    schema = doc_type.answer_schema()
+    for spec in doc_type.fields:
+        if spec.type != "enum":
+            schema["properties"][spec.name]["maxLength"] = value_budget(spec)
+    return schema
 
 
 def batches(requests: list[Request], size: int) -> Iterator[list[Request]]:
@@ -84,7 +115,7 @@ def chat_messages(request: Request, config: PipelineConfig) -> list[dict]:
 
 def response_format(doc_type: DocType) -> dict:
     return {"type": "json_schema",
-            "json_schema": {"name": doc_type.id, "schema": doc_type.answer_schema(), "strict": True}}  # fmt: skip
+            "json_schema": {"name": doc_type.id, "schema": decoding_schema(doc_type), "strict": True}}  # fmt: skip
 
 
 class TransformersBackend:
@@ -113,10 +144,12 @@ class TransformersBackend:
             started = time.perf_counter()
             samples = [Sample(r.example, load_image(r.example.image, self.s3)) for r in batch]
             budget = max(max_new_tokens(r.doc_type, self.settings.max_new_tokens) for r in batch)
+            schemas = [decoding_schema(r.doc_type) for r in batch] if self.settings.structured_output else None
             with torch.no_grad():
-                answers = self.adapter.generate(self.model, samples, budget)
+                completions = self.adapter.complete(self.model, samples, budget, schemas)
             elapsed = time.perf_counter() - started
-            responses += [Response(r.example.id, a, elapsed) for r, a in zip(batch, answers, strict=True)]
+            responses += [Response(r.example.id, c.text, elapsed, c.logprobs)
+                          for r, c in zip(batch, completions, strict=True)]  # fmt: skip
         return responses
 
 
@@ -135,7 +168,8 @@ class OpenAIBackend:
     def request_arguments(self, request: Request) -> dict:
         settings = self.config.evaluation
         arguments = {"model": self.model, "messages": chat_messages(request, self.config), "temperature": 0,
-                     "max_tokens": max_new_tokens(request.doc_type, settings.max_new_tokens)}  # fmt: skip
+                     "max_tokens": max_new_tokens(request.doc_type, settings.max_new_tokens),
+                     "logprobs": True}  # fmt: skip
         if settings.structured_output:
             arguments["response_format"] = response_format(request.doc_type)
         return arguments
@@ -143,8 +177,11 @@ class OpenAIBackend:
     def _answer(self, request: Request) -> Response:
         started = time.perf_counter()
         completion = self.client.chat.completions.create(**self.request_arguments(request))
-        return Response(request.example.id, completion.choices[0].message.content or "",
-                        time.perf_counter() - started)  # fmt: skip
+        choice = completion.choices[0]
+        tokens = (choice.logprobs.content or []) if choice.logprobs else []
+        pieces = [(bytes(t.bytes) if t.bytes is not None else t.token.encode("utf-8"), t.logprob) for t in tokens]
+        return Response(request.example.id, choice.message.content or "", time.perf_counter() - started,
+                        byte_ends(pieces))  # fmt: skip
 
     def predict(self, requests: list[Request]) -> list[Response]:
         from concurrent.futures import ThreadPoolExecutor
@@ -166,9 +203,13 @@ class VllmBackend:
     def sampling_arguments(self, request: Request) -> dict:
         """Keyword arguments of ``vllm.SamplingParams`` for one request (no vllm needed to build them)."""
         settings = self.config.evaluation
-        arguments = {"temperature": 0.0, "max_tokens": max_new_tokens(request.doc_type, settings.max_new_tokens)}
+        arguments = {
+            "temperature": 0.0,
+            "max_tokens": max_new_tokens(request.doc_type, settings.max_new_tokens),
+            "logprobs": 0,
+        }  # the chosen token's only
         if settings.structured_output:
-            arguments["structured_outputs"] = {"json": request.doc_type.answer_schema()}
+            arguments["structured_outputs"] = {"json": decoding_schema(request.doc_type)}
         return arguments
 
     def predict(self, requests: list[Request]) -> list[Response]:
@@ -184,4 +225,24 @@ class VllmBackend:
         started = time.perf_counter()
         outputs = self.llm.chat([chat_messages(r, self.config) for r in requests], sampling_params=params)
         elapsed = time.perf_counter() - started
-        return [Response(r.example.id, o.outputs[0].text, elapsed) for r, o in zip(requests, outputs, strict=True)]
+        return [Response(r.example.id, o.outputs[0].text, elapsed, self.logprobs(o.outputs[0]))
+                for r, o in zip(requests, outputs, strict=True)]  # fmt: skip
+
+    @staticmethod
+    def logprobs(output) -> tuple[tuple[int, float], ...]:
+        """The chosen tokens' log-probabilities of a ``CompletionOutput``, by where each ends in its text."""
+        chosen = [step[token] for step, token in zip(output.logprobs or [], output.token_ids, strict=False)]
+        return byte_ends([((c.decoded_token or "").encode("utf-8"), c.logprob) for c in chosen])
+
+
+def open_backend(config: PipelineConfig, model: str | None) -> Backend:
+    """The configured backend: ``openai`` against ``evaluation.endpoint``, else ``vllm`` or
+    ``transformers`` on the model folder ``model`` (``NoModelFolder`` where it is not one)."""
+    settings = config.evaluation
+    if settings.backend == "openai":
+        return OpenAIBackend(settings.endpoint, settings.served_model, config)
+    if not model or not (Path(model) / "config.json").is_file():
+        raise NoModelFolder(f"--model {model}: backend {settings.backend} needs a model folder with config.json")
+    if settings.backend == "vllm":
+        return VllmBackend(Path(model), config)
+    return TransformersBackend.from_folder(Path(model), config)

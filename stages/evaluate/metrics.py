@@ -7,6 +7,9 @@
   field wrong);
 - per-field accuracy and character error rate (a diagnostic: how far off a wrong value is);
 - latency p50/p95 per document and throughput;
+- where the backend gives log-probabilities, each field's confidence, a calibration table
+  (accuracy against confidence) and what ``evaluation.review_threshold`` would send to review
+  (``confidence.py``);
 - Donut's field-level F1 and tree-edit-distance accuracy, so figures compare with the
   literature (CORD, SROIE).
 """
@@ -24,6 +27,7 @@ from zss import Node, simple_distance
 
 from stages.doctypes import DocType
 from stages.evaluate.backends import Backend, Request
+from stages.evaluate.confidence import calibration, document_confidence, field_confidence
 from stages.evaluate.parsing import extract_json, fits
 
 HEADLINE = ("field_accuracy", "document_accuracy", "json_validity")  # what gates, selection and reports show
@@ -42,10 +46,16 @@ class Scored:
     correct: dict[str, bool] = field(default_factory=dict)
     cer: dict[str, float] = field(default_factory=dict)
     valid: bool = False  # the object validates against the type's answer schema
+    confidence: dict[str, float] | None = None  # per field, where the backend gave log-probabilities
 
     @property
     def all_correct(self) -> bool:
         return all(self.correct.values())
+
+    def needs_review(self, threshold: float) -> bool | None:
+        """Whether its least confident field is below ``threshold`` (None: no confidence to tell)."""
+        least = document_confidence(self.confidence)
+        return None if least is None else least < threshold
 
 
 def score(doc_type: DocType, document_id: str, expected: dict, predicted: dict | None, answer: str,
@@ -124,9 +134,26 @@ def summarize(documents: list[Scored], doc_type: DocType) -> dict:
     }
 
 
-def evaluate_all(documents: list[Scored], registry: dict[str, DocType], duration_s: float) -> dict:
-    """``{"overall": {...}, "per_doc_type": {type: {...}}}``; Donut's scores overall are the
-    per-type ones weighted by documents."""
+def review(documents: list[Scored], threshold: float) -> dict | None:
+    """Confidence against accuracy: the calibration table over every field, and at ``threshold``
+    the share of documents sent to review and how accurate the ones accepted without it are.
+    None where no document has a confidence."""
+    rated = [d for d in documents if d.confidence is not None]
+    if not rated:
+        return None
+    accepted = [d for d in rated if not d.needs_review(threshold)]
+    return {
+        "calibration": calibration([(d.confidence[n], ok) for d in rated for n, ok in d.correct.items()]),
+        "review_threshold": threshold,
+        "review_rate": 1 - len(accepted) / len(rated),
+        "accepted": _pooled(accepted) if accepted else None,
+    }
+
+
+def evaluate_all(documents: list[Scored], registry: dict[str, DocType], duration_s: float,
+                 review_threshold: float = 0.9) -> dict:  # fmt: skip
+    """``{"overall": {...}, "per_doc_type": {type: {...}}, "confidence": {...} or None}``; Donut's
+    scores overall are the per-type ones weighted by documents."""
     by_type: dict[str, list[Scored]] = defaultdict(list)
     for document in documents:
         by_type[document.doc_type].append(document)
@@ -138,15 +165,21 @@ def evaluate_all(documents: list[Scored], registry: dict[str, DocType], duration
         **{key: sum(m[key] * m["documents"] for m in per_type.values()) / total
            for key in ("donut_field_f1", "donut_ted_accuracy")},
     }  # fmt: skip
-    return {"overall": overall, "per_doc_type": per_type}
+    return {"overall": overall, "per_doc_type": per_type, "confidence": review(documents, review_threshold)}
 
 
-def measure(backend: Backend, requests: list[Request], registry: dict[str, DocType]) -> tuple[list[Scored], dict]:
+def measure(backend: Backend, requests: list[Request], registry: dict[str, DocType],
+            review_threshold: float = 0.9) -> tuple[list[Scored], dict]:  # fmt: skip
     """Answer ``requests`` through ``backend`` and score every answer: the documents and their metrics."""
     started = time.perf_counter()
     responses = backend.predict(requests)
     duration = time.perf_counter() - started
-    documents = [score(r.doc_type, r.example.id, json.loads(r.example.answer),
-                       extract_json(a.answer, r.doc_type), a.answer, a.latency_s)
-                 for r, a in zip(requests, responses, strict=True)]  # fmt: skip
-    return documents, evaluate_all(documents, registry, duration)
+    documents = []
+    for request, response in zip(requests, responses, strict=True):
+        predicted = extract_json(response.answer, request.doc_type)
+        document = score(request.doc_type, request.example.id, json.loads(request.example.answer), predicted,
+                         response.answer, response.latency_s)  # fmt: skip
+        document.confidence = field_confidence(response.answer, predicted, [f.name for f in request.doc_type.fields],
+                                               response.logprobs)  # fmt: skip
+        documents.append(document)
+    return documents, evaluate_all(documents, registry, duration, review_threshold)

@@ -1,4 +1,5 @@
-"""The HTML report: per-type table beside the OCR baseline, the fit check (a sample of training
+"""The HTML report: per-type table beside the OCR baseline, confidence against accuracy (a
+calibration table, and what the review threshold sends to review), the fit check (a sample of training
 documents, and the same with swapped images), the finetune run's per-checkpoint accuracy with the
 chosen checkpoint, an accuracy plot, the fields most often wrong, and a gallery of failed
 documents with expected and predicted values, the differences marked. One self-contained file
@@ -139,6 +140,7 @@ def render(*, model: str, backend: str, eval_set: str, metrics: dict, baseline: 
     environment = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=select_autoescape())
     return environment.get_template(TEMPLATE).render(
         model=model, backend=backend, eval_set=eval_set, overall=metrics["overall"], per_type=metrics["per_doc_type"],
+        confidence=metrics.get("confidence"),
         baseline=baseline, decision=decision, plot=accuracy_plot(metrics, baseline), worst_fields=worst,
         fit=fit, control=control, selection=selection, selection_plot=selection and selection_plot(selection),
         failed=_failed(documents, images, gallery_size, s3), failed_total=sum(not d.all_correct for d in documents),

@@ -40,6 +40,9 @@ class Completion:
     text: str
     tokens: int  # tokens generated (the end-of-sequence token included where the model stopped)
     cut: bool  # stopped by the token budget rather than by the model
+    #: each generated token of ``text``: (where it ends, in bytes of ``text``'s UTF-8, its log-probability);
+    #: empty where the family cannot report them
+    logprobs: tuple[tuple[int, float], ...] = ()
 
 
 class Adapter(ABC):
@@ -89,9 +92,14 @@ class Adapter(ABC):
     def generate(self, model: Any, samples: list[Sample], max_new_tokens: int) -> list[str]:
         """The model's answers to the samples' prompts and images, greedy."""
 
-    def complete(self, model: Any, samples: list[Sample], max_new_tokens: int) -> list[Completion]:
-        """``generate`` with token counts; here each answer is re-tokenised to count it (a family
-        that sees its generated ids overrides this with the exact count)."""
+    def complete(self, model: Any, samples: list[Sample], max_new_tokens: int,
+                 schemas: list[dict] | None = None) -> list[Completion]:  # fmt: skip
+        """``generate`` with token counts and, where the family sees its generated ids, each token's
+        log-probability; with ``schemas``, row ``i`` can only answer JSON valid against ``schemas[i]``.
+        Here each answer is re-tokenised to count it, and constraints are refused."""
+        if schemas:
+            raise AdapterError(f"constrained decoding needs the generated ids, which {type(self).__name__} does "
+                               "not see: set evaluation.structured_output: false, or serve it with vLLM")  # fmt: skip
         texts = self.generate(model, samples, max_new_tokens)
         counts = [len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
         return [Completion(text, n, n >= max_new_tokens) for text, n in zip(texts, counts, strict=True)]

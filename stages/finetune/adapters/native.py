@@ -95,19 +95,34 @@ class NativeAdapter(Adapter):
     def generate(self, model: Any, samples: list[Sample], max_new_tokens: int) -> list[str]:
         return [completion.text for completion in self.complete(model, samples, max_new_tokens)]
 
-    def complete(self, model: Any, samples: list[Sample], max_new_tokens: int) -> list[Completion]:
+    def complete(self, model: Any, samples: list[Sample], max_new_tokens: int,
+                 schemas: list[dict] | None = None) -> list[Completion]:  # fmt: skip
         """One batch, padded on the left so that every row's answer starts at the same column; each
         row's tokens are counted up to its first end-of-sequence token."""
-        template = self.processor.apply_chat_template
+        from transformers import LogitsProcessorList
+
+        from stages.finetune.adapters.constrained import ChosenLogprobs, JsonSchemaConstraint
+
+        template, tokenizer = self.processor.apply_chat_template, self.processor.tokenizer
         prompts = [template(chat(s.example.prompt), add_generation_prompt=True, tokenize=False) for s in samples]
         inputs = self.processor(text=prompts, images=[[s.image] for s in samples], padding=True,
                                 padding_side="left", max_slice_nums=self.training.max_slice_nums,
                                 return_tensors="pt").to(model.device)  # fmt: skip
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answers = generated[:, inputs["input_ids"].shape[1] :].tolist()
-        texts = self.processor.tokenizer.batch_decode(answers, skip_special_tokens=True)
         stop = model.generation_config.eos_token_id
         stop = set(stop if isinstance(stop, list) else [stop])
-        ends = [next((i + 1 for i, token in enumerate(row) if token in stop), None) for row in answers]
-        return [Completion(text, end or len(row), end is None)
-                for text, end, row in zip(texts, ends, answers, strict=True)]  # fmt: skip
+        recorder = ChosenLogprobs()  # first: it reads the model's own scores, before any constraint
+        processors = [recorder] + ([JsonSchemaConstraint(tokenizer, schemas, sorted(stop))] if schemas else [])
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                   logits_processor=LogitsProcessorList(processors))  # fmt: skip
+        answers = generated[:, inputs["input_ids"].shape[1] :]
+        logprobs = recorder.result(answers).tolist()
+        completions = []
+        for row, row_logprobs in zip(answers.tolist(), logprobs, strict=True):
+            end = next((i + 1 for i, token in enumerate(row) if token in stop), None)
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            content = row[: end - 1] if end else row
+            ends = [len(tokenizer.decode(content[:i], skip_special_tokens=True).encode())
+                    for i in range(1, len(content) + 1)]  # fmt: skip
+            completions.append(Completion(text, end or len(row), end is None,
+                                          tuple(zip(ends, row_logprobs[: len(content)], strict=True))))  # fmt: skip
+        return completions
