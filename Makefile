@@ -9,7 +9,7 @@ EXTRAS := stages,train,airflow,dev
 CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup containers train-wheels demo airflow preflight test test-compose test-fast lint format lock clean
+.PHONY: setup containers train-wheels label-studio demo airflow preflight test test-compose test-fast lint format lock clean
 
 setup: $(INSTALLED) $(CJK_FONT) ## venv with the whole stack (torch CPU first) and the CJK font
 
@@ -35,6 +35,16 @@ containers: train-wheels ## podman and the local base image the container tests 
 train-wheels: setup ## the CPU torch wheel for local builds of docker/train.Dockerfile
 	@ls docker/wheels/torch-2.13.0*.whl >/dev/null 2>&1 || $(PIP) download -q --no-deps -d docker/wheels torch==2.13.0
 
+# Label Studio's server in its own venv: it pins packages below the stack's
+# (docker/label-studio/constraints.txt). The labelling loop's test starts it on 127.0.0.1.
+LABEL_STUDIO_VENV ?= .venv-label-studio
+$(LABEL_STUDIO_VENV)/.installed: docker/label-studio/constraints.txt
+	$(PYTHON) -m venv $(LABEL_STUDIO_VENV)
+	$(LABEL_STUDIO_VENV)/bin/pip install -q -c docker/label-studio/constraints.txt label-studio==1.23.2
+	touch $@
+
+label-studio: $(LABEL_STUDIO_VENV)/.installed ## Label Studio's server, in its own venv (.venv-label-studio)
+
 demo: setup ## run the pipeline end to end on the embedded default (CPU, local MLflow store)
 	$(PY) -m stages.demo
 
@@ -50,7 +60,7 @@ preflight: setup ## BASE=<folder or s3:// URI> [CONFIG="a.yaml b.yaml"]: check a
 	@test -n "$(BASE)" || (echo "usage: make preflight BASE=<folder or s3:// URI> [CONFIG=...]" >&2; exit 2)
 	$(PY) -m stages.preflight $(foreach c,$(CONFIG),--config $(c)) --base $(BASE) --output $(PREFLIGHT_OUT)
 
-test: setup containers ## every test: unit, integration and container tests
+test: setup containers label-studio ## every test: unit, integration and container tests
 	$(PY) -m pytest
 
 # docker-compose (Debian's 1.29) drives podman's Docker API; the stack's public images are replaced
@@ -75,6 +85,8 @@ format: setup
 	    -e "s/^MINIO_ROOT_PASSWORD=$$/MINIO_ROOT_PASSWORD=$$(openssl rand -hex 24)/" \
 	    -e "s/^AIRFLOW_JWT_SECRET=$$/AIRFLOW_JWT_SECRET=$$(openssl rand -hex 32)/" \
 	    -e "s/^AIRFLOW_SECRET_KEY=$$/AIRFLOW_SECRET_KEY=$$(openssl rand -hex 32)/" \
+	    -e "s/^LABEL_STUDIO_PASSWORD=$$/LABEL_STUDIO_PASSWORD=$$(openssl rand -hex 16)/" \
+	    -e "s/^LABEL_STUDIO_API_KEY=$$/LABEL_STUDIO_API_KEY=$$(openssl rand -hex 20)/" \
 	    -e "s/^DOCKER_GID=$$/DOCKER_GID=$$(stat -c %g /var/run/docker.sock 2>/dev/null || echo 0)/" .env.example > $@
 	@echo "wrote $@ with random secrets"
 

@@ -45,6 +45,7 @@ def test_make_env_writes_random_passwords(tmp_path):
                and not line.startswith("#"))  # fmt: skip
     assert len(env["POSTGRES_PASSWORD"]) == 48 and len(env["MINIO_ROOT_PASSWORD"]) == 48
     assert env["POSTGRES_PASSWORD"] != env["MINIO_ROOT_PASSWORD"]
+    assert len(env["LABEL_STUDIO_PASSWORD"]) == 32 and len(env["LABEL_STUDIO_API_KEY"]) == 40
     assert oct((tmp_path / ".env").stat().st_mode & 0o777) == "0o600"
 
 
@@ -102,6 +103,36 @@ def test_mlflow_image_serves_compose_hostnames_and_refuses_others(docker_client)
         probe = docker_client.containers.run(image, [], entrypoint=["python", "-c", "import psycopg, boto3"],
                                              network_mode="none", remove=True)  # fmt: skip
         assert probe == b""
+    finally:
+        container.stop(timeout=5)
+
+
+@pytest.mark.integration
+@pytest.mark.container
+def test_label_studio_image_starts_with_the_first_user_and_token_compose_gives_it(docker_client):
+    """The compose Label Studio, built here, started with the service's settings: healthy, and its API
+    answers the token from .env (as the stages send it)."""
+    image = "localhost/doc-extraction/label-studio:test"
+    docker_client.images.build(path=str(ROOT), dockerfile="docker/label-studio.Dockerfile", tag=image,
+                               buildargs={"BASE_IMAGE": LOCAL_BASE}, rm=True)  # fmt: skip
+    service, port, token = SERVICES["label-studio"], free_port(), "f" * 40
+    environment = {"LABEL_STUDIO_USERNAME": "reviewer@example.com", "LABEL_STUDIO_PASSWORD": "not-a-secret-2",
+                   "LABEL_STUDIO_USER_TOKEN": token}  # fmt: skip
+    assert set(environment) == set(service["environment"])
+    container = docker_client.containers.run(image, [*service["command"], "--internal-host", "127.0.0.1", "--port",
+                                                     str(port)], environment=environment, network_mode="host",
+                                             detach=True, remove=True)  # fmt: skip
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", lambda: container.reload() or container.status == "running",
+                      timeout=300)  # fmt: skip
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/projects",
+                                         headers={"Authorization": f"Token {token}"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+        stranger = urllib.request.Request(f"http://127.0.0.1:{port}/api/projects",
+                                          headers={"Authorization": "Token " + "0" * 40})  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(stranger, timeout=30)
     finally:
         container.stop(timeout=5)
 

@@ -1,0 +1,180 @@
+"""``python -m stages.prelabel``: unlabelled documents into Label Studio, pre-filled, worst first.
+
+Reads every image under ``--images`` (a folder or s3:// prefix without labels) of one document
+type, answers each with the champion model (``--model`` a folder; default: the registry's
+champion, downloaded; with no champion, the OCR baseline), and creates one Label Studio task per
+document in the type's project (``<labelling.project_prefix>: <type>``, created with a labelling
+configuration generated from the registry) with the answer as its pre-annotation, each field's
+confidence as its score. Tasks are imported least confident first, so a reviewer starts where
+the model is least sure; ``needs_review`` in the task data marks documents below
+``evaluation.review_threshold``. An image that does not decode is listed in ``rejected.jsonl``
+with the reason and the rest go on. Writes ``predictions.jsonl``, ``tasks.json``,
+``labeling_config.xml`` and ``rejected.jsonl``; ``stages.collect_labels`` brings the reviewed
+values back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import io
+import json
+import mimetypes
+import sys
+import tempfile
+from pathlib import PurePosixPath
+
+from PIL import Image
+
+from stages.cli import BadInputError, main, stage_parser
+from stages.config import PipelineConfig
+from stages.doctypes import DocType, load_registry
+from stages.evaluate.confidence import document_confidence, field_confidence
+from stages.finetune.data import Example
+from stages.label_studio import LabelStudio, labelling_config, result_items
+from stages.manifest import StageOutput, jsonl
+from stages.storage import Storage, StorageError, StorageUnavailable, open_storage
+
+STAGE = "prelabel"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = stage_parser(STAGE, __doc__)
+    parser.add_argument("--images", required=True, help="unlabelled images: a folder or s3:// prefix")
+    parser.add_argument("--doc-type", required=True, help="the document type of every image (a registry id)")
+    parser.add_argument("--model", help="the model folder that pre-fills (default: the registry's champion)")
+    return parser
+
+
+def read_images(source: Storage, s3) -> tuple[list[tuple[str, bytes]], list[dict]]:
+    """(uri, bytes) of every image that decodes, and the rest with their reasons."""
+    good, rejected = [], []
+    for key in sorted(source.list()):
+        if not key.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        uri = source.uri_of(key)
+        try:
+            data = source.read_bytes(key)
+            with Image.open(io.BytesIO(data)) as image:
+                image.verify()
+        except StorageUnavailable:
+            raise
+        except (StorageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            rejected.append({"image": uri, "reason": f"not a readable image: {type(exc).__name__}: {exc}"})
+            continue
+        good.append((uri, data))
+    return good, rejected
+
+
+def champion_model(config: PipelineConfig, cache: str) -> tuple[str | None, str]:
+    """The registry champion's files downloaded into ``cache`` and its name, or None and why not."""
+    import mlflow
+
+    from stages.publish.registry import CHAMPION, Registry
+
+    registered = config.publish.registered_model
+    champion = Registry(config.tracking.tracking_uri, registered).version_of(CHAMPION)
+    if champion is None:
+        return None, f"no champion of {registered}: pre-filled by the OCR baseline"
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=champion.source, dst_path=cache,
+                                                 tracking_uri=config.tracking.tracking_uri)  # fmt: skip
+    return folder, f"{registered} version {champion.version}"
+
+
+def predict_with_model(config: PipelineConfig, model: str, doc_type: DocType, images: list[str]) -> list[dict]:
+    """Each image's fields and per-field confidence from the model (the evaluation backend)."""
+    from stages.evaluate.backends import NoModelFolder, Request, open_backend
+    from stages.evaluate.parsing import extract_json
+
+    settings = config.evaluation.model_copy(update={"structured_output": config.labelling.structured_output})
+    try:
+        backend = open_backend(config.model_copy(update={"evaluation": settings}), model)
+    except NoModelFolder as exc:
+        raise BadInputError(str(exc)) from exc
+    requests = [Request(Example(id=uri, doc_type=doc_type.id, image=uri, conversations=[
+        {"role": "user", "content": doc_type.prompt}, {"role": "assistant", "content": ""}]), doc_type)
+        for uri in images]  # fmt: skip
+    predictions = []
+    for response in backend.predict(requests):
+        fields = extract_json(response.answer, doc_type)
+        confidence = field_confidence(response.answer, fields, [f.name for f in doc_type.fields], response.logprobs)
+        predictions.append({"fields": fields or {}, "confidence": confidence, "answer": response.answer})
+    return predictions
+
+
+def predict_with_ocr(config: PipelineConfig, doc_type: DocType, images: list[str]) -> list[dict]:
+    """Each image's fields from the OCR baseline: no confidence, so every document is reviewed."""
+    from stages.evaluate.baseline import OcrBaseline
+    from stages.finetune.data import load_image
+
+    reader = OcrBaseline()
+    return [{"fields": reader.read(doc_type, load_image(uri, config.storage.s3))[0], "confidence": None,
+             "answer": ""} for uri in images]  # fmt: skip
+
+
+def display_url(uri: str, data: bytes) -> str:
+    """What the reviewer's browser loads: a local image inline as a data URL; an s3:// image as is
+    (Label Studio signs it through the project's S3 source storage)."""
+    if uri.startswith("s3://"):
+        return uri
+    mime = mimetypes.guess_type(uri)[0] or "image/png"
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
+    registry = load_registry(config.doctypes_dir)
+    if args.doc_type not in registry:
+        raise BadInputError(f"--doc-type {args.doc_type}: not in the registry {sorted(registry)}")
+    doc_type = registry[args.doc_type]
+    source = open_storage(args.images, config.storage.s3)
+    images, rejected = read_images(source, config.storage.s3)
+    if not images:
+        raise BadInputError(f"{source.uri}: no readable image ({len(rejected)} rejected)")
+    with tempfile.TemporaryDirectory(prefix="champion-") as cache:
+        model, model_version = (args.model, PurePosixPath(args.model).name) if args.model else champion_model(
+            config, cache)  # fmt: skip
+        uris = [uri for uri, _ in images]
+        predictions = (predict_with_model(config, model, doc_type, uris) if model
+                       else predict_with_ocr(config, doc_type, uris))  # fmt: skip
+    threshold = config.evaluation.review_threshold
+    documents = []
+    for (uri, data), prediction in zip(images, predictions, strict=True):
+        least = document_confidence(prediction["confidence"])
+        documents.append({"source": uri, "sha256": hashlib.sha256(data).hexdigest(), **prediction,
+                          "document_confidence": least,
+                          "needs_review": least is None or least < threshold})  # fmt: skip
+    documents.sort(key=lambda d: (d["document_confidence"] or 0.0, d["source"]))
+    image_bytes = dict(images)
+    tasks = [{"data": {"image": display_url(d["source"], image_bytes[d["source"]]), "source": d["source"],
+                       "doc_type": doc_type.id, "confidence": d["document_confidence"],
+                       "needs_review": d["needs_review"]},
+              "predictions": [{"model_version": model_version, "score": d["document_confidence"] or 0.0,
+                               "result": result_items(doc_type, d["fields"], d["confidence"])}]}
+             for d in documents]  # fmt: skip
+
+    label_config = labelling_config(doc_type)
+    output.write_bytes("labeling_config.xml", label_config.encode("utf-8"))
+    output.write_bytes("predictions.jsonl", jsonl({k: v for k, v in d.items() if k != "answer"} for d in documents))
+    output.write_bytes("rejected.jsonl", jsonl(rejected))
+    output.write_bytes("tasks.json", json.dumps([{**t, "data": {**t["data"], "image": t["data"]["source"]}}
+                                                 for t in tasks], ensure_ascii=False, indent=1).encode())  # fmt: skip
+
+    studio = LabelStudio(config.labelling)
+    project = studio.project(f"{config.labelling.project_prefix}: {doc_type.id}", label_config)
+    imported = studio.import_tasks(project["id"], tasks)
+    confidences = [d["document_confidence"] for d in documents if d["document_confidence"] is not None]
+    return StageOutput(
+        inputs={"images": source.uri, "doc_type": doc_type.id, "model": model_version},
+        outputs={"project": f"{config.labelling.url.rstrip('/')}/projects/{project['id']}",
+                 **{n: output.uri_of(n) for n in ("predictions.jsonl", "tasks.json", "rejected.jsonl")}},
+        counts={"documents": len(documents), "imported": imported, "rejected": len(rejected),
+                "needs_review": sum(d["needs_review"] for d in documents)},
+        metrics={"review_rate": sum(d["needs_review"] for d in documents) / len(documents),
+                 **({"mean_document_confidence": sum(confidences) / len(confidences)} if confidences else {})},
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main(STAGE, build_parser(), run))
