@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 
 from stages.cli import BadInputError, main, stage_parser
 from stages.config import PipelineConfig
-from stages.doctypes import DocType, load_registry
-from stages.label_studio import LabelStudio, result_fields
+from stages.doctypes import DocType
+from stages.label_studio import LabelStudio, project_title, registered_type, result_fields
 from stages.landing import LabelRecord, write_batch
 from stages.manifest import StageOutput, jsonl
 from stages.storage import Storage, StorageError, StorageUnavailable, open_storage
@@ -52,12 +52,9 @@ def changes(doc_type: DocType, prefilled: dict, final: dict) -> list[str]:
 
 
 def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
-    registry = load_registry(config.doctypes_dir)
-    if args.doc_type not in registry:
-        raise BadInputError(f"--doc-type {args.doc_type}: not in the registry {sorted(registry)}")
-    doc_type = registry[args.doc_type]
+    doc_type = registered_type(config, args.doc_type)
     studio = LabelStudio(config.labelling)
-    title = f"{config.labelling.project_prefix}: {doc_type.id}"
+    title = project_title(config.labelling, doc_type)
     project = studio.find_project(title)
     if project is None:
         raise BadInputError(f"Label Studio at {config.labelling.url} has no project {title!r}: run stages.prelabel")

@@ -16,8 +16,9 @@ import os
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-from stages.config import LabellingConfig
-from stages.doctypes import DocType
+from stages.cli import BadInputError
+from stages.config import LabellingConfig, PipelineConfig
+from stages.doctypes import DocType, load_registry
 
 API_KEY_ENV = "LABEL_STUDIO_API_KEY"
 IMAGE = "image"  # the Image tag's name, which every field's result points at
@@ -25,6 +26,19 @@ IMAGE = "image"  # the Image tag's name, which every field's result points at
 
 class LabelStudioError(RuntimeError):
     """Label Studio refused or did not answer; the message says which call and why."""
+
+
+def registered_type(config: PipelineConfig, name: str) -> DocType:
+    """The registry's document type of this id (a ``BadInputError`` naming the registry's otherwise)."""
+    registry = load_registry(config.doctypes_dir)
+    if name not in registry:
+        raise BadInputError(f"--doc-type {name}: not in the registry {sorted(registry)}")
+    return registry[name]
+
+
+def project_title(settings: LabellingConfig, doc_type: DocType) -> str:
+    """The one project of a document type."""
+    return f"{settings.project_prefix}: {doc_type.id}"
 
 
 def labelling_config(doc_type: DocType) -> str:

@@ -29,10 +29,10 @@ from PIL import Image
 
 from stages.cli import BadInputError, main, stage_parser
 from stages.config import PipelineConfig
-from stages.doctypes import DocType, load_registry
+from stages.doctypes import DocType
 from stages.evaluate.confidence import document_confidence, field_confidence
 from stages.finetune.data import Example
-from stages.label_studio import LabelStudio, labelling_config, result_items
+from stages.label_studio import LabelStudio, labelling_config, project_title, registered_type, result_items
 from stages.manifest import StageOutput, jsonl
 from stages.storage import Storage, StorageError, StorageUnavailable, open_storage
 
@@ -124,10 +124,7 @@ def display_url(uri: str, data: bytes) -> str:
 
 
 def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
-    registry = load_registry(config.doctypes_dir)
-    if args.doc_type not in registry:
-        raise BadInputError(f"--doc-type {args.doc_type}: not in the registry {sorted(registry)}")
-    doc_type = registry[args.doc_type]
+    doc_type = registered_type(config, args.doc_type)
     source = open_storage(args.images, config.storage.s3)
     images, rejected = read_images(source, config.storage.s3)
     if not images:
@@ -162,7 +159,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
                                                  for t in tasks], ensure_ascii=False, indent=1).encode())  # fmt: skip
 
     studio = LabelStudio(config.labelling)
-    project = studio.project(f"{config.labelling.project_prefix}: {doc_type.id}", label_config)
+    project = studio.project(project_title(config.labelling, doc_type), label_config)
     imported = studio.import_tasks(project["id"], tasks)
     confidences = [d["document_confidence"] for d in documents if d["document_confidence"] is not None]
     return StageOutput(
