@@ -103,13 +103,18 @@ class LabelStudio:
                       allowed_methods=None)  # fmt: skip
         self.session.mount("http://", HTTPAdapter(max_retries=retry))
         self.session.mount("https://", HTTPAdapter(max_retries=retry))
-        if key.count(".") == 2:  # a personal access token: a refresh JWT, exchanged for an access token
-            access = self._call("POST", "/api/token/refresh", json={"refresh": key})["access"]
-            self.session.headers["Authorization"] = f"Bearer {access}"
+        # a personal access token is a refresh JWT, exchanged for short-lived access tokens as they expire
+        self.refresh_token = key if key.count(".") == 2 else None
+        if self.refresh_token:
+            self._refresh()
         else:
             self.session.headers["Authorization"] = f"Token {key}"
 
-    def _call(self, method: str, path: str, **kwargs) -> Any:
+    def _refresh(self) -> None:
+        access = self._call("POST", "/api/token/refresh", json={"refresh": self.refresh_token}, renew=False)["access"]
+        self.session.headers["Authorization"] = f"Bearer {access}"
+
+    def _call(self, method: str, path: str, renew: bool = True, **kwargs) -> Any:
         import requests
 
         try:
@@ -117,6 +122,9 @@ class LabelStudio:
         except requests.RequestException as exc:
             raise LabelStudioError(f"Label Studio at {self.url} did not answer {method} {path}: "
                                    f"{type(exc).__name__}") from None  # fmt: skip
+        if response.status_code == 401 and self.refresh_token and renew:  # the access token expired
+            self._refresh()
+            return self._call(method, path, renew=False, **kwargs)
         if response.status_code >= 400:
             raise LabelStudioError(f"Label Studio refused {method} {path}: HTTP {response.status_code} "
                                    f"{response.text[:300]}")  # fmt: skip
