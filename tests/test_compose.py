@@ -109,6 +109,7 @@ def test_mlflow_image_serves_compose_hostnames_and_refuses_others(docker_client)
 
 @pytest.mark.integration
 @pytest.mark.container
+@pytest.mark.compose  # installing Label Studio into the image takes 3-4 minutes: `make test-compose`, not CI
 def test_label_studio_image_starts_with_the_first_user_and_token_compose_gives_it(docker_client):
     """The compose Label Studio, built here, started with the service's settings: healthy, and its API
     answers the token from .env (as the stages send it)."""
