@@ -136,3 +136,18 @@ def test_prelabel_without_a_reachable_server_fails_saying_so(overlay, tiny_model
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert "did not answer" in result["error"] and closed in result["error"]
     assert (tmp_path / "out" / "predictions.jsonl").is_file(), "what was predicted is kept"
+
+
+def test_without_a_champion_the_ocr_baseline_prefills_and_every_document_is_reviewed(
+    label_studio, overlay, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(API_KEY_ENV, TOKEN)
+    config = [*overlay, write_overlay(tmp_path, "labelling.yaml", f"labelling: {{url: '{label_studio}'}}\n")]
+    images = Path(land_synthetic(tmp_path / "labelled", 2, seed=5, doc_types=[DOC_TYPE])) / "images"
+    out = tmp_path / "prelabel"
+    assert run_stage("prelabel", config, "--output", str(out), "--images", str(images), "--doc-type", DOC_TYPE) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert "OCR baseline" in result["inputs"]["model"] and result["counts"]["imported"] == 2
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all(p["confidence"] is None and p["needs_review"] for p in predictions)
+    assert any(p["fields"] for p in predictions), "the OCR reads clean synthetic tickets"
