@@ -3,10 +3,13 @@ registry, results both ways, what counts as reviewed and changed, and a client t
 
 from __future__ import annotations
 
+import itertools
+import json
 import socket
 import threading
 import time
 import xml.etree.ElementTree as ET
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -88,3 +91,42 @@ def test_a_stalled_server_is_a_bounded_failure(monkeypatch):
         client.find_project("doc-extraction: receipt_en")
     assert time.monotonic() - started < 10
     listener.close()
+
+
+def test_an_expired_access_token_is_refreshed_once_with_the_personal_access_token(monkeypatch):
+    """A personal access token (a refresh JWT) is exchanged for an access token, and again when the
+    server answers 401 mid-stage; a second 401 is a failure, not a loop."""
+    seen, accesses = [], (f"access-{n}" for n in itertools.count(1))
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send(200, {"access": next(accesses)})
+
+        def do_GET(self):  # noqa: N802
+            seen.append(self.headers["Authorization"])
+            expired = self.headers["Authorization"] == "Bearer access-1" or "always" in self.path
+            self._send(401, {"detail": "expired"}) if expired else self._send(200, {"results": []})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv(API_KEY_ENV, "header.payload.signature")
+    try:
+        client = LabelStudio(LabellingConfig(url=f"http://127.0.0.1:{server.server_address[1]}", retries=0))
+        assert client.find_project("doc-extraction: receipt_en") is None
+        assert seen == ["Bearer access-1", "Bearer access-2"]
+        with pytest.raises(LabelStudioError, match="HTTP 401"):
+            client._call("GET", "/api/always")
+    finally:
+        server.shutdown()
