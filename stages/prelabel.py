@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_images(source: Storage, s3) -> tuple[list[tuple[str, bytes]], list[dict]]:
+def read_images(source: Storage) -> tuple[list[tuple[str, bytes]], list[dict]]:
     """(uri, bytes) of every image that decodes, and the rest with their reasons."""
     good, rejected = [], []
     for key in sorted(source.list()):
@@ -126,7 +126,7 @@ def display_url(uri: str, data: bytes) -> str:
 def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
     doc_type = registered_type(config, args.doc_type)
     source = open_storage(args.images, config.storage.s3)
-    images, rejected = read_images(source, config.storage.s3)
+    images, rejected = read_images(source)
     if not images:
         raise BadInputError(f"{source.uri}: no readable image ({len(rejected)} rejected)")
     with tempfile.TemporaryDirectory(prefix="champion-") as cache:
