@@ -43,8 +43,8 @@ class JsonSchemaConstraint:
         self.stop_ids = set(stop_ids)
         self.ended = [False] * len(schemas)
         self.matchers = [_matcher(self.tokenizer, schema) for schema in schemas]
-        self.words = (self.tokenizer.vocab_size + 31) // 32
-        self.bitmask = torch.full((len(schemas), self.words), -1, dtype=torch.int32)
+        words = (self.tokenizer.vocab_size + 31) // 32  # one bit per token
+        self.bitmask = torch.full((len(schemas), words), -1, dtype=torch.int32)
         self.prompt_length: int | None = None
         self.bits = torch.arange(32, dtype=torch.int32)
 
@@ -73,10 +73,6 @@ class JsonSchemaConstraint:
             masked[:, width:] = float("-inf")
             scores[rows] = masked
         return scores
-
-    def errors(self) -> list[str]:
-        """What went wrong per row ('' where nothing did)."""
-        return [matcher.get_error() for matcher in self.matchers]
 
 
 class ChosenLogprobs:
