@@ -83,14 +83,23 @@ def _fail(stage: str, message: str, code: int) -> int:
     return code
 
 
-def main(stage: str, parser: argparse.ArgumentParser, run: Runner, argv: list[str] | None = None) -> int:
+def main(
+    stage: str,
+    parser: argparse.ArgumentParser,
+    run: Runner,
+    argv: list[str] | None = None,
+    settle: Callable[[argparse.Namespace, PipelineConfig], None] | None = None,
+) -> int:
     """Parse flags, take the output folder, run the stage under MLflow, write ``result.json``;
-    returns the exit code."""
+    returns the exit code. ``settle`` may adjust the flags once the configuration is known
+    (finetune on node k > 0 of a multi-node run writes its own files in a folder of its own)."""
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad flags
     redact_output()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_pipeline_config(args.config, args.overrides)
+        if settle:
+            settle(args, config)
         output = open_storage(args.output, config.storage.s3)
     except (ConfigError, StorageError) as exc:
         return _fail(stage, _one_line(exc), EXIT_BAD_INPUT)

@@ -188,14 +188,29 @@ class ModelConfig(_Strict):
 
 
 class LaunchConfig(_Strict):
-    """torchrun's layout. The environment variable named beside a key, when set, wins: cluster
-    schedulers and the DAG set them per node."""
+    """torchrun's layout. The environment variable named beside a key (or Kubeflow Trainer's
+    ``PET_`` one), when set, wins: cluster schedulers set them per node."""
 
-    gpus_per_node: int = Field(1, ge=1, description="GPUS_PER_NODE: processes per node (CPU: 1)")
-    nnodes: int = Field(1, ge=1, description="NNODES")
-    node_rank: int = Field(0, ge=0, description="NODE_RANK")
-    master_addr: str = Field("127.0.0.1", description="MASTER_ADDR: node 0's address")
-    master_port: int = Field(29500, ge=1, le=65535, description="MASTER_PORT")
+    gpus_per_node: int = Field(1, ge=1, description="GPUS_PER_NODE (PET_NPROC_PER_NODE): processes per node (CPU: 1)")
+    nnodes: int = Field(1, ge=1, le=64, description="NNODES (PET_NNODES): nodes, each running the stage")
+    node_rank: int = Field(0, ge=0, description="NODE_RANK (PET_NODE_RANK): this node's index; node 0 reports the run")
+    master_addr: str = Field("127.0.0.1", description="MASTER_ADDR (PET_MASTER_ADDR): node 0, the rendezvous host")
+    master_port: int = Field(29500, ge=1, le=65535, description="MASTER_PORT (PET_MASTER_PORT)")
+    rendezvous_timeout_s: int = Field(
+        900, ge=10, description="how long nodes wait for each other at the rendezvous before the run fails"
+    )
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="memory of each GPU: the plan refuses a layout estimated not to fit (null: not checked)"
+    )
+    host_memory_gib: float | None = Field(
+        None, gt=0, description="host memory of each node for the same check (CPU offload lives there)"
+    )
+
+    @model_validator(mode="after")
+    def _rank_in_range(self) -> LaunchConfig:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} is not below nnodes {self.nnodes}")
+        return self
 
 
 class TrainingConfig(_Strict):
@@ -447,6 +462,17 @@ class KubernetesConfig(_Strict):
     data_claim: str | None = Field(None, description="a PersistentVolumeClaim mounted at data_mount_path")
     data_mount_path: str = "/data"
     node_selector: dict[str, str] = {}
+    conn_id: str = Field("kubernetes_default", description="Airflow connection to the cluster (its kubeconfig)")
+    training_runtime: str = Field(
+        "torch-distributed", description="the Kubeflow Trainer ClusterTrainingRuntime finetune's TrainJob runs on"
+    )
+    credentials_secret: str | None = Field(
+        None, description="a Secret holding orchestration.pass_environment's keys, given to the TrainJob's nodes"
+    )
+    kubernetes_version: str = Field(
+        "1.33", description="the cluster's version, whose schemas the TrainJob's pod must pass"
+    )
+    poll_seconds: float = Field(15, gt=0, description="how often the TrainJob's status and logs are read")
 
 
 class OrchestrationConfig(_Strict):

@@ -6,6 +6,7 @@ No GPU here: bf16, CUDA memory and NCCL are not exercised; DeepSpeed runs on its
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import mlflow
 import pytest
@@ -21,7 +23,7 @@ import torch
 from PIL import Image
 
 from stages.config import EvaluationConfig, LaunchConfig, S3Config, TrainingConfig, load_pipeline_config
-from stages.finetune.__main__ import launch_settings, torchrun_command
+from stages.finetune.__main__ import launch_settings, settle_node, torchrun_command
 from stages.finetune.adapters import IGNORE_INDEX, load_adapter
 from stages.finetune.data import Example, Sample, read_examples, split_fitting
 from stages.finetune.train import TrainSpec, checkpoint_problem, latest_checkpoint, training_arguments
@@ -149,17 +151,37 @@ def test_launch_layout_from_config_or_environment():
     launch = launch_settings(config, {"GPUS_PER_NODE": "8", "NNODES": "2", "NODE_RANK": "1",
                                       "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "23456"})  # fmt: skip
     assert (launch.gpus_per_node, launch.nnodes, launch.node_rank) == (8, 2, 1)
-    command = torchrun_command(launch, Path("spec.json"))
-    assert command[1:3] == ["-m", "torch.distributed.run"] and command[-3:] == [
-        "-m",
-        "stages.finetune.train",
-        "spec.json",
-    ]
-    assert {"--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1",
-            "--master-port=23456"} <= set(command)  # fmt: skip
-    assert "--standalone" in torchrun_command(config, Path("spec.json"))
+    command = torchrun_command(launch, Path("spec.json"), Path("/data/run/finetune"))
+    assert command[1:3] == ["-m", "torch.distributed.run"] and command[-3:] == ["-m", "stages.finetune.train",
+                                                                                "spec.json"]  # fmt: skip
+    assert {"--nproc-per-node=8", "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:23456",
+            "--rdzv-conf=join_timeout=900"} <= set(command)  # fmt: skip
+    same_run = torchrun_command(
+        launch.model_copy(update={"node_rank": 0}), Path("other.json"), Path("/data/run/finetune")
+    )
+    assert [a for a in command if a.startswith("--rdzv-id")] == [a for a in same_run if a.startswith("--rdzv-id")]
+    assert "--standalone" in torchrun_command(config, Path("spec.json"), Path("ft"))
     with pytest.raises(ValueError, match="gpus_per_node"):
         launch_settings(config, {"GPUS_PER_NODE": "0"})
+    with pytest.raises(ValueError, match="node_rank 2 is not below nnodes 2"):
+        launch_settings(config, {"NNODES": "2", "NODE_RANK": "2"})
+
+
+def test_kubeflow_trainers_variables_set_the_layout_and_node_k_gets_a_folder_of_its_own(tmp_path):
+    """What the torch-distributed runtime sets in each node's pod (PET_*) is the layout; our own
+    names win where both are set. Node 1 writes its manifest and data beside the shared checkpoints."""
+    pet = {"PET_NPROC_PER_NODE": "4", "PET_NNODES": "2", "PET_NODE_RANK": "1",
+           "PET_MASTER_ADDR": "job-node-0-0.job", "PET_MASTER_PORT": "29400"}  # fmt: skip
+    launch = launch_settings(LaunchConfig(), pet)
+    assert (launch.gpus_per_node, launch.nnodes, launch.node_rank, launch.master_addr, launch.master_port) == (
+        4, 2, 1, "job-node-0-0.job", 29400)  # fmt: skip
+    assert launch_settings(LaunchConfig(), {**pet, "NODE_RANK": "0"}).node_rank == 0
+    config = load_pipeline_config([ROOT / "configs" / "pipeline.yaml"])
+    for rank, output in (("0", "/data/run/finetune"), ("1", "/data/run/finetune/nodes/1")):
+        args = argparse.Namespace(output="/data/run/finetune/")
+        with patch.dict(os.environ, {**pet, "PET_NODE_RANK": rank}):
+            settle_node(args, config)
+        assert (args.checkpoints, args.output.rstrip("/")) == ("/data/run/finetune/", output)
 
 
 def saved_checkpoint(folder: Path, zero: bool = False) -> Path:
@@ -260,7 +282,7 @@ def test_finetune_trains_saves_and_tracks(finetune_config, exported, tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("deepspeed", "processes"), [("zero2", 2), ("zero2_offload", 1)])
+@pytest.mark.parametrize(("deepspeed", "processes"), [("zero2", 2), ("zero2_offload", 1), ("zero3", 1)])
 def test_deepspeed_keeps_the_trainers_cosine_schedule(finetune_config, exported, tmp_path, deepspeed, processes):
     """DeepSpeed on its CPU accelerator, torchrun processes talking over gloo as GPUs over NCCL.
     The first run compiles DeepSpeed's shared-memory op (~30 s) and, with the optimizer offloaded,

@@ -5,8 +5,11 @@ checks that every train and eval document fits ``training.model_max_length`` (th
 do not are listed in ``unfit.jsonl`` with the reason, never cut; more than
 ``training.max_unfit_fraction`` of the train documents fails the stage before training),
 then runs ``stages.finetune.train`` under torchrun (``training.launch``, or GPUS_PER_NODE,
-NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT from the environment). Checkpoints land in the
-output folder, which must be local or mounted: a retried run continues from the latest one.
+NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT from the environment, or Kubeflow Trainer's PET_
+variables). Checkpoints land in the output folder, which must be local or mounted: a retried
+run continues from the latest one. Across nodes every node runs this stage with the same flags
+and mounts the same output folder: checkpoints are written there by all of them, while node
+k > 0 keeps its own copy of the data, spec and manifest in ``<output>/nodes/<k>``.
 Every evaluation also scores the answers the model generates for a fixed sample of eval
 documents; ``selection.json`` names the best checkpoint by ``training.selection`` and why.
 """
@@ -14,10 +17,12 @@ documents; ``selection.json`` names the best checkpoint by ``training.selection`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from stages.cli import BadInputError, main, stage_parser
@@ -32,8 +37,9 @@ from stages.storage import LocalStorage, Storage, StorageError, StorageUnavailab
 
 STAGE = "finetune"
 SELECTION = "selection.json"
-LAUNCH_ENV = {"gpus_per_node": "GPUS_PER_NODE", "nnodes": "NNODES", "node_rank": "NODE_RANK",
-              "master_addr": "MASTER_ADDR", "master_port": "MASTER_PORT"}  # fmt: skip
+LAUNCH_ENV = {"gpus_per_node": ("GPUS_PER_NODE", "PET_NPROC_PER_NODE"), "nnodes": ("NNODES", "PET_NNODES"),
+              "node_rank": ("NODE_RANK", "PET_NODE_RANK"), "master_addr": ("MASTER_ADDR", "PET_MASTER_ADDR"),
+              "master_port": ("MASTER_PORT", "PET_MASTER_PORT")}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,21 +49,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def launch_settings(config: LaunchConfig, environ: dict[str, str]) -> LaunchConfig:
-    """The configured layout with any of GPUS_PER_NODE, NNODES, ... from the environment on top."""
-    overrides = {key: environ[name] for key, name in LAUNCH_ENV.items() if environ.get(name)}
+def launch_settings(config: LaunchConfig, environ: Mapping[str, str]) -> LaunchConfig:
+    """The configured layout with any of GPUS_PER_NODE, NNODES, ... (or PET_NPROC_PER_NODE,
+    PET_NNODES, ...) from the environment on top."""
+    overrides = {key: value for key, names in LAUNCH_ENV.items()
+                 if (value := next((environ[n] for n in names if environ.get(n)), None))}  # fmt: skip
     return LaunchConfig.model_validate({**config.model_dump(), **overrides})
 
 
-def torchrun_command(launch: LaunchConfig, spec: Path) -> list[str]:
-    """torchrun for ``stages.finetune.train``: standalone on one node, a c10d rendezvous at
-    MASTER_ADDR:MASTER_PORT across several."""
+def settle_node(args: argparse.Namespace, config: PipelineConfig) -> None:
+    """Checkpoints go to ``--output`` from every node; node k > 0 writes its lock, manifest,
+    prepared data and spec to ``<output>/nodes/<k>``, so nodes sharing the folder do not collide."""
+    args.checkpoints = args.output
+    rank = launch_settings(config.training.launch, os.environ).node_rank
+    if rank:
+        args.output = f"{args.output.rstrip('/')}/nodes/{rank}"
+
+
+def torchrun_command(launch: LaunchConfig, spec: Path, checkpoints: Path) -> list[str]:
+    """torchrun for ``stages.finetune.train``: standalone on one node; across several, a c10d
+    rendezvous hosted by node 0 at MASTER_ADDR:MASTER_PORT, named after the checkpoint folder
+    that every node of the run shares."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={launch.gpus_per_node}"]
     if launch.nnodes == 1:
         command.append("--standalone")  # a free local port: two runs on one machine do not collide
     else:
-        command += [f"--nnodes={launch.nnodes}", f"--node-rank={launch.node_rank}",
-                    f"--master-addr={launch.master_addr}", f"--master-port={launch.master_port}"]  # fmt: skip
+        run_id = hashlib.sha256(str(checkpoints).encode()).hexdigest()[:16]
+        command += [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-id={run_id}",
+                    f"--rdzv-endpoint={launch.master_addr}:{launch.master_port}",
+                    f"--rdzv-conf=join_timeout={launch.rendezvous_timeout_s}"]  # fmt: skip
     return [*command, "-m", "stages.finetune.train", str(spec)]
 
 
@@ -112,6 +132,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     if not isinstance(output, LocalStorage):
         raise BadInputError(f"--output {output.uri}: checkpoints need a local or mounted folder, not object storage")
     out = Path(output.uri).resolve()
+    checkpoints = Path(args.checkpoints).resolve()
     data = open_storage(args.data, config.storage.s3)
     training = config.training
     try:
@@ -131,7 +152,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     spec = TrainSpec(
         model_dir=str(model_dir.resolve()), model=config.model, training=training, evaluation=config.evaluation,
         doctypes_dir=str(config.doctypes_dir.resolve()), train_file=str(out / "data" / "train.json"),
-        eval_file=str(out / "data" / "eval.json") if evaluation else None, output_dir=str(out),
+        eval_file=str(out / "data" / "eval.json") if evaluation else None, output_dir=str(checkpoints),
         deepspeed_config=str((config.deepspeed_dir / f"{training.deepspeed}.json").resolve())
         if training.deepspeed else None,
         s3=config.storage.s3, tracking_uri=config.tracking.tracking_uri, mlflow_run_id=run_id,
@@ -141,13 +162,13 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU (tests, the embedded demo)
     launch = launch_settings(training.launch, os.environ)
-    done = subprocess.run(torchrun_command(launch, out / "train_spec.json"), env=env, check=False,
+    done = subprocess.run(torchrun_command(launch, out / "train_spec.json", checkpoints), env=env, check=False,
                           preexec_fn=die_with_parent)  # fmt: skip
     if done.returncode:
         raise RuntimeError(f"training exited with code {done.returncode}; its log is above")
-    if launch.node_rank != 0:
-        return StageOutput(outputs={"checkpoints": str(out)})  # node 0 reports the run
-    result = json.loads((out / RESULT).read_text())
+    if launch.node_rank != 0:  # node 0 reports the run
+        return StageOutput(outputs={"checkpoints": str(checkpoints)}, counts={"node_rank": launch.node_rank})
+    result = json.loads((checkpoints / RESULT).read_text())
     selection = result["selection"]
     output.write_bytes(SELECTION, json.dumps(selection, indent=2).encode("utf-8"))
     mlflow.log_artifact(str(out / "unfit.jsonl"), STAGE)
@@ -156,7 +177,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     return StageOutput(
         inputs={"data": data.uri, "base_model": args.base_model or config.model.base,
                 **({"dataset_version": version} if version else {})},
-        outputs={"checkpoints": str(out), "tensorboard": str(out / "tensorboard"),
+        outputs={"checkpoints": str(checkpoints), "tensorboard": str(checkpoints / "tensorboard"),
                  "last_checkpoint": result["last_checkpoint"], "best_checkpoint": selection["checkpoint"] or "",
                  "selection": output.uri_of(SELECTION),
                  "resumed_from": result["resumed_from"] or "", "unfit": output.uri_of("unfit.jsonl")},
@@ -170,4 +191,4 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
 
 
 if __name__ == "__main__":
-    sys.exit(main(STAGE, build_parser(), run))
+    sys.exit(main(STAGE, build_parser(), run, settle=settle_node))
