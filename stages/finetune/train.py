@@ -204,6 +204,26 @@ def adapter_trainer(adapter, scorer: SelectionScorer | None, **kwargs):
     return AdapterTrainer(**kwargs)
 
 
+def cpu_tensors_record_no_stream() -> None:
+    """DeepSpeed 0.19's ZeRO-3 ``zero_grad`` calls ``record_stream`` on every gradient its
+    accelerator holds; on the CPU accelerator those are CPU tensors, which have no streams
+    (RuntimeError: unknown parameter type). On CPU runs (tests, the demo) the call does nothing."""
+    import torch
+
+    record_stream = torch.Tensor.record_stream
+
+    def on_device_only(tensor, stream):
+        if tensor.device.type != "cpu":
+            record_stream(tensor, stream)
+
+    torch.Tensor.record_stream = on_device_only
+
+
+def zero_stage(deepspeed_config: Path) -> int:
+    """The ZeRO stage a DeepSpeed config file asks for (0: none)."""
+    return json.loads(deepspeed_config.read_text()).get("zero_optimization", {}).get("stage", 0)
+
+
 def train(spec: TrainSpec) -> dict:
     """Train (or continue training) and return what rank 0 reports."""
     import torch
@@ -216,6 +236,12 @@ def train(spec: TrainSpec) -> dict:
     adapter = load_adapter(Path(spec.model_dir), spec.model, spec.training)
     dtype = torch.bfloat16 if spec.training.bf16 else torch.float32
     model = adapter.load_model(dtype)
+    if spec.deepspeed_config and zero_stage(Path(spec.deepspeed_config)) == 3:
+        from deepspeed.utils import set_z3_leaf_modules_by_suffix
+
+        set_z3_leaf_modules_by_suffix(model, list(adapter.zero3_leaf_modules))
+        if use_cpu:
+            cpu_tensors_record_no_stream()
     train_set = ExampleDataset(read_examples(Path(spec.train_file).read_bytes(), spec.train_file), spec.s3)
     eval_set = None
     if spec.eval_file:
@@ -261,15 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")  # fmt: skip
     die_with_parent()
+    import torch.distributed as dist
+
     spec = with_locations(TrainSpec.model_validate_json(Path(args[0]).read_text()), dict(os.environ))
     try:
         with exclusive(Path(spec.output_dir), ".train.lock") if rank == 0 else nullcontext():
             result = train(spec)
         if result.pop("is_world_process_zero"):
             Path(spec.output_dir, RESULT).write_text(json.dumps(result, indent=2))
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no node ends before the result is written, wherever the rendezvous put rank 0
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # without it, one CPU run in three aborts at exit
     return 0

@@ -53,6 +53,9 @@ class Adapter(ABC):
     #: the transformers auto class that loads the model, and whether its code comes with the checkpoint
     auto_class: str = "AutoModel"
     trust_remote_code: bool = False
+    #: modules ZeRO-3 gathers whole (name suffixes): the vision side runs a varying number of
+    #: sub-calls per batch (one per image or slice), which ranks must not disagree on
+    zero3_leaf_modules: tuple[str, ...] = ()
 
     def __init__(self, model_dir: Path, model: ModelConfig, training: TrainingConfig):
         self.model_dir = Path(model_dir)

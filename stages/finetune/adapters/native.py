@@ -55,6 +55,7 @@ class NativeAdapter(Adapter):
                        "chat_template.json", "generation_config.json", "vocab.json", "merges.txt",
                        "added_tokens.json")  # fmt: skip
     auto_class = "AutoModelForImageTextToText"
+    zero3_leaf_modules = ("vision_tower", "merger")
 
     def load_processor(self) -> Any:
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer

@@ -63,6 +63,7 @@ class RemoteCodeAdapter(Adapter):
                        "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
                        "chat_template.json")  # fmt: skip
     trust_remote_code = True
+    zero3_leaf_modules = ("vpm", "resampler")
 
     def load_processor(self) -> Any:
         from transformers import AutoProcessor
