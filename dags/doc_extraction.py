@@ -90,12 +90,13 @@ with DAG(
             decided, config = planning.make_plan(HOME, CONFIG_PATHS, params, events, run_id)
         except ConfigError as exc:
             raise AirflowFailException(str(exc)) from None
+        print(f"memory plan: {decided.memory or 'not estimated (no safetensors weights to count)'}")
         if decided.dry_run:
             paths = planning.stage_config_paths(CONFIG, CONFIG_PATHS)
             for stage in planning.STAGES:
                 print(f"dry run: stages.{stage} would run: {' '.join(planning.stage_command(stage, decided, paths))}")
         else:
-            logged = {"config": config.model_dump(mode="json"), "form": dict(params)}
+            logged = {"config": config.model_dump(mode="json"), "form": dict(params), "memory_plan": decided.memory}
             tags = {"airflow.dag_run_id": run_id, "run.folder": decided.run_uri}
             decided.mlflow_run_id = planning.in_home(
                 HOME, tracking.start_pipeline_run, config.tracking, f"airflow-{decided.run_name}", logged, tags

@@ -24,6 +24,7 @@ import mlflow
 import pytest
 import yaml
 
+from stages import memory_plan
 from stages.config import ConfigError
 from stages.local_airflow import airflow_environment
 from stages.orchestration import plan as planning
@@ -132,12 +133,12 @@ def test_a_checkpoint_the_environment_cannot_run_fails_the_plan_before_any_stage
 
 HOSTILE_FORMS = {
     "learning_rate": [1, 0, -0.1, 2, "0.1", None], "max_steps": [0, -1, 1.5, "10", None],
-    "gpus": [-1, 65, 0.5], "base_model": ["", 3, None],
+    "gpus": [-1, 65, 0.5], "base_model": ["", 3, None], "nodes": [0, 65, 1.5, 2],  # 2: not with the local launcher
     "doc_types": [[], ["passport"], "receipt_en", None, ["einvoice", "einvoice"]],
     "batches": ["batch-1", [1]], "skip_publish": ["yes", None], "dry_run": [1],
 }  # fmt: skip
 GOOD_FORMS = {"learning_rate": [0.999, 1e-9], "max_steps": [1], "gpus": [0, 64], "batches": [None, [], ["b"]],
-              "doc_types": [["receipt_en", "thsr_ticket"], ["einvoice"]]}  # fmt: skip
+              "nodes": [1], "doc_types": [["receipt_en", "thsr_ticket"], ["einvoice"]]}  # fmt: skip
 
 
 def test_the_form_refuses_exactly_what_the_plan_refuses(dag_configs, tmp_path):
@@ -197,6 +198,20 @@ def test_new_batches_leave_out_ingested_announced_and_incomplete_ones(dag_config
     assert plan.batches == []  # the event named a batch already ingested
 
 
+def test_a_run_spans_nodes_only_as_a_trainjob_and_its_plan_says_what_memory_it_needs(dag_configs, tmp_path):
+    paths = [str(p) for p in dag_configs]
+    form = {**planning.form_defaults(planning.load_config(ROOT, paths)), "nodes": 2, "gpus": 8}
+    with pytest.raises(ConfigError, match="nodes 2 needs orchestration.launcher kubernetes"):
+        planning.make_plan(ROOT, paths, form, [], "manual__1")
+    kube = tmp_path / "kube.yaml"
+    kube.write_text("orchestration: {launcher: kubernetes}\ntraining: {launch: {gpu_memory_gib: 80}}\n")
+    plan, config = planning.make_plan(ROOT, [*paths, str(kube)], form, [], "manual__1")
+    assert (plan.nodes, plan.gpus, config.training.launch.nnodes, config.training.launch.gpus_per_node) == (2, 8, 2, 8)
+    assert plan.memory.startswith(f"{memory_plan.NAMES[config.training.deepspeed]}, batch ")
+    assert "on 2 x 8 GPUs of 80 GiB" in plan.memory
+    assert planning.in_home(ROOT, planning.form_params, config)["nodes"]["maximum"] == 64  # nodes offered here
+
+
 def _plan(gpus: int) -> planning.Plan:
     """A run's plan as the launchers receive it from the plan task."""
     return planning.Plan(run_name="r", run_uri="/data/runs/r", datasets_uri="/data/ds", batches=[], overrides={},
@@ -238,17 +253,16 @@ def test_docker_launcher_hands_gpus_shm_ulimits_and_nccl_to_the_container(dag_co
 def test_kubernetes_launcher_asks_for_gpus_and_a_memory_backed_shm(dag_configs, tmp_path):
     settings = "orchestration: {launcher: kubernetes, kubernetes: {namespace: ml, data_claim: pipeline-data}}\n"
     config, plan = _config_with(dag_configs, tmp_path, settings), _plan(gpus=4)
-    finetune = stage_operator("finetune", config, ROOT, [])
-    finetune.pod_spec_for(plan)
-    assert finetune.namespace == "ml" and finetune.cmds == ["python"]
-    assert finetune.arguments[:2] == ["-m", "stages.finetune"]
-    assert finetune.container_resources.limits == {"nvidia.com/gpu": "4"}
-    shm = {v.name: v for v in finetune.volumes}["dshm"].empty_dir
+    patch = stage_operator("patch", config, ROOT, [])
+    patch.pod_spec_for(plan)
+    assert patch.namespace == "ml" and patch.cmds == ["python"]
+    assert patch.arguments[:2] == ["-m", "stages.patch"]
+    assert patch.container_resources.limits == {"nvidia.com/gpu": "4"}
+    shm = {v.name: v for v in patch.volumes}["dshm"].empty_dir
     assert shm.medium == "Memory" and shm.size_limit == "32Gi"
-    assert {m.mount_path for m in finetune.volume_mounts} == {"/dev/shm", "/data"}
-    assert {"NCCL_DEBUG": "WARN", "MLFLOW_RUN_ID": "abc"}.items() <= {
-        e.name: e.value for e in finetune.env_vars
-    }.items()
+    assert {m.mount_path for m in patch.volume_mounts} == {"/dev/shm", "/data"}
+    assert {"NCCL_DEBUG": "WARN", "MLFLOW_RUN_ID": "abc"}.items() <= {e.name: e.value for e in patch.env_vars}.items()
+    assert type(stage_operator("finetune", config, ROOT, [])).__name__ == "TrainJobOperator"  # tests/test_trainjob.py
     export = stage_operator("export", config, ROOT, [])
     export.pod_spec_for(plan)
     assert export.container_resources is None and "dshm" not in {v.name for v in export.volumes}

@@ -10,7 +10,8 @@ and what DockerOperator does not template (``device_requests``, ``shm_size``) is
 - ``docker``: DockerOperator; GPU stages get ``gpu_container`` (device requests, shm size,
   IPC mode, ulimits, NCCL environment) through ``stages.launch.gpu_run_arguments``.
 - ``kubernetes``: KubernetesPodOperator; GPU stages get ``nvidia.com/gpu`` limits and a
-  memory-backed emptyDir at ``/dev/shm``.
+  memory-backed emptyDir at ``/dev/shm``; finetune is a Kubeflow TrainJob over the run's
+  nodes (``trainjob.TrainJobOperator``).
 
 Provider modules are imported when an operator is built, so a deployment only needs the
 provider of the launcher it uses.
@@ -227,9 +228,14 @@ def stage_operator(stage: str, config: PipelineConfig, home: Path, config_paths:
             pass_environment=settings.pass_environment,
             mount_tmp_dir=False, **common,
         )  # fmt: skip
+    kube = settings.kubernetes
+    if stage == "finetune":
+        from stages.orchestration.trainjob import TrainJobOperator
+
+        return TrainJobOperator(stage=stage, config=config, config_paths=config_paths, poll_seconds=kube.poll_seconds,
+                                **common)  # fmt: skip
     from kubernetes.client import models as k8s
 
-    kube = settings.kubernetes
     volumes, volume_mounts = [], []
     if kube.data_claim:
         claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=kube.data_claim)
@@ -238,6 +244,6 @@ def stage_operator(stage: str, config: PipelineConfig, home: Path, config_paths:
     return _kubernetes_stage_operator(
         stage=stage, config_paths=config_paths, gpu=gpu, image=image, namespace=kube.namespace,
         service_account_name=kube.service_account, node_selector=kube.node_selector, env_vars=environment,
-        volumes=volumes, volume_mounts=volume_mounts, name=f"doc-extraction-{stage}",
+        volumes=volumes, volume_mounts=volume_mounts, name=f"doc-extraction-{stage}", kubernetes_conn_id=kube.conn_id,
         on_finish_action="delete_succeeded_pod", get_logs=True, **common,
     )  # fmt: skip

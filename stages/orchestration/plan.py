@@ -54,6 +54,10 @@ class RunForm(BaseModel):
     max_steps: int = Field(ge=1, title="Max steps")
     learning_rate: float = Field(gt=0, lt=1, title="Learning rate")
     gpus: int = Field(ge=0, le=64, title="GPUs per node", description="GPUs per node for finetune (0: CPU)")
+    nodes: int = Field(
+        1, ge=1, le=64, title="Nodes", description="nodes for finetune, each with the GPUs above (above 1: the "
+        "kubernetes launcher, a Kubeflow TrainJob)",
+    )  # fmt: skip
     batches: list[str] | None = Field(
         None, title="Batches", description="landed batches to ingest; empty: every new completed batch"
     )
@@ -77,7 +81,7 @@ class RunForm(BaseModel):
             "model": {"base": self.base_model},
             "doc_types": self.doc_types,
             "training": {"max_steps": self.max_steps, "learning_rate": self.learning_rate,
-                         "launch": {"gpus_per_node": max(self.gpus, 1)}},
+                         "launch": {"gpus_per_node": max(self.gpus, 1), "nnodes": self.nodes}},
         }  # fmt: skip
 
 
@@ -87,6 +91,7 @@ def form_defaults(config: PipelineConfig) -> dict[str, Any]:
         base_model=config.model.base, doc_types=config.doc_types, max_steps=config.training.max_steps,
         learning_rate=config.training.learning_rate,
         gpus=config.training.launch.gpus_per_node if config.gpu_container.gpus is None else config.gpu_container.gpus,
+        nodes=config.training.launch.nnodes,
         skip_publish=not config.orchestration.publish,
     ).model_dump()  # fmt: skip
 
@@ -113,6 +118,10 @@ def form_params(config: PipelineConfig) -> dict[str, dict[str, Any]]:
     ids = sorted(doc_types)
     shown = {name: f"{doc_type.display_name} ({name})" for name, doc_type in doc_types.items()}
     params["doc_types"].update(items={"type": "string", "enum": ids}, examples=ids, values_display=shown)
+    if config.orchestration.launcher != "kubernetes":  # only a TrainJob spans nodes
+        params["nodes"].update(
+            maximum=1, description=f"1: the {config.orchestration.launcher} launcher starts one node"
+        )
     return params
 
 
@@ -125,6 +134,8 @@ class Plan(BaseModel):
     batches: list[str]
     overrides: dict[str, Any]
     gpus: int
+    nodes: int = 1
+    memory: str | None = None  # the memory plan, as the plan task prints it
     skip_publish: bool
     dry_run: bool
     mlflow_run_id: str | None = None
@@ -206,6 +217,35 @@ def new_batches(home: Path, config: PipelineConfig, announced: set[str] = frozen
     return [batch for batch in in_home(home, completed_batches, config) if batch not in done]
 
 
+def check_memory(config: PipelineConfig, model_config: dict[str, Any], gpus: int, nodes: int) -> str | None:
+    """The memory plan of this run's finetune, described; ``ConfigError`` with the nearest layout that
+    fits when GPU training is estimated not to fit ``training.launch.gpu_memory_gib`` (or the host's
+    ``host_memory_gib``). None when the base model has no safetensors weights to count."""
+    from stages import memory_plan
+
+    tensors = memory_plan.tensor_sizes(config.model.base, config.storage.s3)
+    if not tensors:
+        return None
+    launch = config.training.launch
+    shape = memory_plan.shape_of(model_config, tensors)
+    layout = memory_plan.plan_layout(config.training, gpus, nodes)
+    found = memory_plan.estimate(shape, layout, launch.gpu_memory_gib, launch.host_memory_gib)
+    if gpus and not found.fits:
+        near = memory_plan.nearest_fit(shape, layout, launch.gpu_memory_gib or found.gpu_gib, launch.host_memory_gib)
+        way = "none of ZeRO-2, ZeRO-2 with CPU offload or ZeRO-3 at batch 1 fits: more GPUs or nodes would"
+        if near:
+            accumulate = config.training.gradient_accumulation_steps * layout.batch // near.layout.batch
+            way = (
+                f"nearest that fits: {near.describe()} (training.deepspeed: {near.layout.deepspeed}, "
+                f"per_device_train_batch_size: {near.layout.batch}, gradient_accumulation_steps: {accumulate})"
+            )
+        raise ConfigError(
+            f"memory plan: {found.describe()}; that exceeds training.launch "
+            f"(gpu_memory_gib {launch.gpu_memory_gib}, host_memory_gib {launch.host_memory_gib}); {way}"
+        )
+    return found.describe()
+
+
 def run_folder_name(run_id: str) -> str:
     """A folder name from an Airflow run id (``manual__2026-11-25T10:00:00+00:00``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("_")
@@ -227,7 +267,12 @@ def make_plan(
         raise ConfigError(f"the run's form: {problems}") from None
     overrides = form.overrides()
     config = load_config(home, paths, overrides)
-    in_home(home, check_base_model, config.model, config.storage.s3)  # refused here, not hours into a GPU booking
+    if form.nodes > 1 and config.orchestration.launcher != "kubernetes":
+        raise ConfigError(f"the run's form: nodes {form.nodes} needs orchestration.launcher kubernetes (a Kubeflow "
+                          f"TrainJob); the {config.orchestration.launcher} launcher starts one node")  # fmt: skip
+    # refused here, not hours into a GPU booking
+    model_config = in_home(home, check_base_model, config.model, config.storage.s3)
+    memory = in_home(home, check_memory, config, model_config, form.gpus, form.nodes)
     chosen = list(dict.fromkeys(form.batches or event_batches))
     if chosen:
         done = in_home(home, ingested_batches, config)
@@ -238,7 +283,8 @@ def make_plan(
     run_uri = f"{config.storage.runs_uri.rstrip('/')}/{name}"
     plan = Plan(
         run_name=name, run_uri=run_uri, datasets_uri=config.storage.datasets_uri, batches=batches,
-        overrides=overrides, gpus=form.gpus, skip_publish=form.skip_publish, dry_run=form.dry_run,
+        overrides=overrides, gpus=form.gpus, nodes=form.nodes, memory=memory, skip_publish=form.skip_publish,
+        dry_run=form.dry_run,
         tracking_uri=redact_text(config.tracking.tracking_uri),  # a plan is an XCom, shown in the UI
     )  # fmt: skip
     return plan, config
