@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(STAGE, __doc__)
     parser.add_argument("--data", required=True, help="the export stage's output (train.json, eval.json)")
     parser.add_argument("--base-model", help="a folder or s3:// URI; default: model.base of the config")
+    parser.set_defaults(checkpoints=None)  # settle_node's: the shared checkpoint folder (None: --output)
     return parser
 
 
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     if not isinstance(output, LocalStorage):
         raise BadInputError(f"--output {output.uri}: checkpoints need a local or mounted folder, not object storage")
     out = Path(output.uri).resolve()
-    checkpoints = Path(args.checkpoints).resolve()
+    checkpoints = Path(args.checkpoints or output.uri).resolve()
     data = open_storage(args.data, config.storage.s3)
     training = config.training
     try:
