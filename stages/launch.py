@@ -19,6 +19,11 @@ def gpu_environment(settings: GpuContainerConfig) -> dict[str, str]:
     return environment
 
 
+def shm_quantity(settings: GpuContainerConfig) -> str:
+    """``shm_size`` as a Kubernetes quantity (``32g`` → ``32Gi``): a memory-backed /dev/shm's size."""
+    return settings.shm_size.upper() + "i"
+
+
 def gpu_run_arguments(settings: GpuContainerConfig, gpus: int | list[str] | None) -> dict[str, Any]:
     """Keyword arguments for docker-py's ``containers.run``/``create`` (and DockerOperator's
     equivalents): shared memory, IPC, ulimits, NCCL environment and the GPUs to hand over.

@@ -31,7 +31,7 @@ from airflow.sdk import BaseOperator
 
 from stages.cli import EXIT_BAD_INPUT
 from stages.config import PipelineConfig
-from stages.launch import gpu_environment
+from stages.launch import gpu_environment, shm_quantity
 from stages.orchestration.plan import Plan, stage_command, stage_config_paths
 from stages.tracking import PARENT_RUN_ENV
 
@@ -178,7 +178,7 @@ def _kubernetes_stage_operator(**kwargs):
                 environment.update(gpu_environment(settings))
                 if plan.gpus:
                     self.container_resources = k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": str(plan.gpus)})
-                shm = k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=settings.shm_size.upper() + "i")
+                shm = k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=shm_quantity(settings))
                 self.volumes = [*self.volumes, k8s.V1Volume(name="dshm", empty_dir=shm)]
                 self.volume_mounts = [*self.volume_mounts, k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")]
             self.env_vars = [k8s.V1EnvVar(name=key, value=value) for key, value in environment.items()]

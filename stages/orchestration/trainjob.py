@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk import BaseOperator
 
 from stages.config import ConfigError, PipelineConfig
-from stages.launch import gpu_environment
+from stages.launch import gpu_environment, shm_quantity
 from stages.orchestration.launchers import StageLaunch
 from stages.orchestration.plan import Plan, stage_command
 
@@ -48,7 +47,7 @@ def train_job(name: str, config: PipelineConfig, plan: Plan, command: list[str],
             secret_key_ref=m.IoK8sApiCoreV1SecretKeySelector(name=kube.credentials_secret, key=key, optional=True)))
             for key in config.orchestration.pass_environment]  # fmt: skip
     shm = m.IoK8sApiCoreV1EmptyDirVolumeSource(
-        medium="Memory", size_limit=m.IoK8sApimachineryPkgApiResourceQuantity(settings.shm_size.upper() + "i")
+        medium="Memory", size_limit=m.IoK8sApimachineryPkgApiResourceQuantity(shm_quantity(settings))
     )
     volumes = [m.IoK8sApiCoreV1Volume(name="dshm", empty_dir=shm)]
     mounts = [m.IoK8sApiCoreV1VolumeMount(name="dshm", mount_path="/dev/shm")]
@@ -204,7 +203,7 @@ class TrainJobOperator(StageLaunch, BaseOperator):
                 GROUP, VERSION, kube.namespace, PLURAL, self.job_name, propagation_policy="Foreground",
                 _request_timeout=REQUEST_TIMEOUT,
             )  # fmt: skip
-            self.log.info("deleted TrainJob %s/%s at %s", kube.namespace, self.job_name, datetime.now(UTC).isoformat())
+            self.log.info("deleted TrainJob %s/%s", kube.namespace, self.job_name)
         except Exception as exc:  # noqa: BLE001 - reported, and the original failure stands
             self.log.error("could not delete TrainJob %s/%s: %s", kube.namespace, self.job_name, exc)
 
