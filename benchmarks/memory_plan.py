@@ -14,10 +14,7 @@ import argparse
 import json
 
 from stages.config import S3Config
-from stages.memory_plan import TRIED, Layout, ModelShape, estimate, nearest_fit, shape_of, tensor_sizes
-
-MINICPM_V_2_6 = ModelShape(parameters=8_099_175_152, largest_tensor=151_666 * 3584, hidden=3584, layers=28,
-                           vocab=151_666, vision_hidden=1152, vision_layers=27, patches_per_slice=1024)  # fmt: skip
+from stages.memory_plan import MINICPM_V_2_6, TRIED, Layout, estimate, nearest_fit, shape_of, tensor_sizes
 
 
 def main() -> None:

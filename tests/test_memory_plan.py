@@ -9,13 +9,10 @@ import pytest
 
 from stages import memory_plan
 from stages.config import ConfigError, load_pipeline_config
-from stages.memory_plan import Layout, ModelShape, estimate, nearest_fit
+from stages.memory_plan import MINICPM_V_2_6, Layout, estimate, nearest_fit
 from stages.orchestration.plan import check_memory
 from tests.conftest import PIPELINE
 
-# MiniCPM-V 2.6 (Qwen2-7B + SigLIP-400M, 8.1 B parameters) as its config.json describes it.
-MINICPM_V_2_6 = ModelShape(parameters=8_099_175_152, largest_tensor=151_666 * 3584, hidden=3584, layers=28,
-                           vocab=151_666, vision_hidden=1152, vision_layers=27, patches_per_slice=1024)  # fmt: skip
 RECIPE = Layout(deepspeed="zero2_offload", batch=4, tokens=2048, slices=10, gpus_per_node=4, nodes=1)
 
 
