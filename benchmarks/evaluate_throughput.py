@@ -21,14 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.config import SyntheticConfig, load_pipeline_config
-from stages.doctypes import load_registry
-from stages.evaluate.backends import Request, TransformersBackend
-from stages.evaluate.metrics import evaluate_all, score
-from stages.evaluate.parsing import extract_json, fits
-from stages.finetune.data import Example
-from stages.synthetic import generate
-from stages.tiny_model import build
+from docpipe.answering.backends import Request, TransformersBackend
+from docpipe.answering.parsing import extract_json, fits
+from docpipe.answering.scoring import evaluate_all, score
+from docpipe.config import SyntheticConfig, load_pipeline_config
+from docpipe.data.examples import Example
+from docpipe.doctypes import load_registry
+from tools.synthetic import generate
+from tools.tiny_model import build
 
 ROOT = Path(__file__).resolve().parents[1]
 

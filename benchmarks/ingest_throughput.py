@@ -23,14 +23,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from stages.cli import config_flags, main
-from stages.config import SyntheticConfig
-from stages.dataset import image_key
-from stages.doctypes import load_registry
-from stages.ingest import STAGE, build_parser, run
-from stages.landing import write_batch
-from stages.storage import LocalStorage, open_storage
-from stages.synthetic import generate
+from docpipe.config import SyntheticConfig
+from docpipe.contract import config_flags, main
+from docpipe.data.dataset import image_key
+from docpipe.data.landing import write_batch
+from docpipe.doctypes import load_registry
+from docpipe.storage import LocalStorage, open_storage
+from stages.ingest.__main__ import STAGE, build_parser, run
+from tools.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 

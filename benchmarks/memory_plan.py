@@ -1,5 +1,5 @@
 """The memory plan for a model and a layout: per-GPU and host memory of each ZeRO option at
-each batch size, whether it fits, and the nearest layout that does (stages/memory_plan.py).
+each batch size, whether it fits, and the nearest layout that does (docpipe/model/memory_plan.py).
 
 Defaults are the practitioners' setting: MiniCPM-V 2.6 (8.1 B parameters; Qwen2-7B and
 SigLIP-400M shapes) on one node of 4 x 48 GB, batch 4 x 2048 tokens, 9 slices + overview.
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from stages.config import S3Config
-from stages.memory_plan import MINICPM_V_2_6, TRIED, Layout, estimate, nearest_fit, shape_of, tensor_sizes
+from docpipe.config import S3Config
+from docpipe.model.memory_plan import MINICPM_V_2_6, TRIED, Layout, estimate, nearest_fit, shape_of, tensor_sizes
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = MINICPM_V_2_6
     if args.model:
-        from stages.compatibility import read_model_config
+        from docpipe.model.compatibility import read_model_config
 
         shape = shape_of(read_model_config(args.model, S3Config()), tensor_sizes(args.model, S3Config()))
     print(

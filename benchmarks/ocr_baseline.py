@@ -1,6 +1,6 @@
 """The OCR baseline on real receipts: field accuracy per field and latency, on the shared SROIE sample.
 
-Runs ``stages.evaluate.baseline.OcrBaseline`` (RapidOCR PP-OCRv4 + the receipt_en rules) on every
+Runs ``docpipe.answering.ocr_baseline.OcrBaseline`` (RapidOCR PP-OCRv4 + the receipt_en rules) on every
 ``img/*.jpg`` of a folder in SROIE's layout (``key/*.json`` beside it), scores each field exactly
 as the evaluate stage does, and prints per-field accuracy, field and document accuracy, and
 seconds per receipt (p50/p95). ``--show-misses`` prints each wrong field. ``--synthetic N``
@@ -21,11 +21,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from stages.config import SyntheticConfig
-from stages.doctypes import DocType, load_registry
-from stages.evaluate.baseline import OcrBaseline
-from stages.evaluate.metrics import evaluate_all, score
-from stages.synthetic import generate
+from docpipe.answering.ocr_baseline import OcrBaseline
+from docpipe.answering.scoring import evaluate_all, score
+from docpipe.config import SyntheticConfig
+from docpipe.doctypes import DocType, load_registry
+from tools.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared")) / "data" / "sroie-sample"

@@ -24,8 +24,9 @@ from pathlib import Path
 from airflow.sdk import DAG, Asset, AssetAlias, AssetWatcher, Param, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from stages.orchestration import plan as planning
-from stages.orchestration.launchers import PLAN_TASK, stage_operator
+from docpipe.orchestration import plan as planning
+from docpipe.orchestration.launchers import stage_operator
+from docpipe.orchestration.stage_task import PLAN_TASK
 
 HOME = Path(os.environ.get("DOC_EXTRACTION_HOME", Path(__file__).resolve().parents[1]))
 CONFIG_PATHS = os.environ.get("DOC_EXTRACTION_CONFIG", "configs/pipeline.yaml").split(os.pathsep)
@@ -82,8 +83,8 @@ with DAG(
     @task(task_id=PLAN_TASK)
     def plan(*, params, run_id, triggering_asset_events=None) -> dict:
         """Validate the form and the configuration, choose the batches, start the MLflow parent run."""
-        from stages import tracking
-        from stages.config import ConfigError
+        from docpipe import tracking
+        from docpipe.loader import ConfigError
 
         events = planning.batches_from_events(triggering_asset_events or {})
         try:
@@ -118,7 +119,7 @@ with DAG(
     @task(task_id="summary", trigger_rule="all_done")
     def summary(plan: dict | None) -> dict:
         """Each stage's outcome from its manifest, the MLflow run ended with it, and its link."""
-        from stages import tracking
+        from docpipe import tracking
 
         if plan is None:
             raise AirflowFailException("the plan task failed, so no stage ran: its log names the form field, "

@@ -1,7 +1,7 @@
 # Airflow image for docker-compose (and any Airflow deployment): api-server, scheduler,
 # dag-processor and triggerer, with the DAG, its providers (docker, amazon with the async SQS
-# trigger, cncf-kubernetes, standard, common-messaging) and the light part of the stages package
-# the DAG imports (configs, planning, launchers). No torch or transformers: stages run in their
+# trigger, cncf-kubernetes, standard, common-messaging) and the library the DAG imports
+# (docpipe: configuration, planning, launchers). No torch or transformers: stages run in their
 # own images (stages.Dockerfile, train.Dockerfile), started through the Docker socket or as pods.
 # Build from the repository root:  docker build -f docker/airflow.Dockerfile -t doc-extraction/airflow .
 ARG BASE_IMAGE=python:3.11-slim-bookworm
@@ -21,10 +21,10 @@ WORKDIR /app
 # psycopg2 and asyncpg (Airflow 3 also opens the metadata database asynchronously) for Postgres.
 COPY pyproject.toml constraints.txt README.md ./
 RUN python3 -m venv /opt/venv \
-    && mkdir stages && touch stages/__init__.py \
+    && mkdir docpipe && touch docpipe/__init__.py \
     && pip install -c constraints.txt ".[airflow]" "psycopg2-binary==2.9.13" "asyncpg==0.32.0" \
-    && rm -rf stages
-COPY stages ./stages
+    && rm -rf docpipe
+COPY docpipe ./docpipe
 COPY configs ./configs
 COPY dags ./dags
 RUN pip install --no-deps -c constraints.txt .

@@ -4,7 +4,7 @@
 # CPU Adam, shared-memory comms) with the CUDA toolkit and g++ when a run first needs them.
 # Where nothing can be pulled, docker/local-base.sh builds a Debian stand-in (CPU only).
 # How the container must run (shm size, IPC, ulimits, NCCL variables): `gpu_container:` in
-# configs/pipeline.yaml, applied by stages/launch.py.
+# configs/pipeline.yaml, applied by docpipe/orchestration/containers.py.
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
 FROM ${BASE_IMAGE}
 
@@ -29,14 +29,16 @@ COPY pyproject.toml constraints.txt README.md ./
 RUN python3 -m venv /opt/venv \
     && pip install --find-links /tmp/wheels torch==2.13.0 \
     && grep -v '^torch==' constraints.txt > /tmp/constraints.txt \
-    && mkdir stages && touch stages/__init__.py \
+    && mkdir stages docpipe tools && touch stages/__init__.py docpipe/__init__.py tools/__init__.py \
     && pip install -c /tmp/constraints.txt ".[stages,train]" \
-    && rm -rf stages /tmp/wheels
+    && rm -rf stages docpipe tools /tmp/wheels
 # flash-attn is optional (FLASH_ATTN=1): it compiles against the CUDA toolkit for a long while,
 # and the models train without it (the default attention is PyTorch's SDPA).
 ARG FLASH_ATTN=0
 RUN if [ "$FLASH_ATTN" = 1 ]; then pip install --no-build-isolation flash-attn==2.8.3.post2; fi
+COPY docpipe ./docpipe
 COPY stages ./stages
+COPY tools ./tools
 COPY configs ./configs
 RUN pip install --no-deps -c /tmp/constraints.txt .
 

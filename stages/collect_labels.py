@@ -19,13 +19,13 @@ import argparse
 import sys
 from datetime import UTC, datetime
 
-from stages.cli import BadInputError, main, stage_parser
-from stages.config import PipelineConfig
-from stages.doctypes import DocType
-from stages.label_studio import LabelStudio, project_title, registered_type, result_fields
-from stages.landing import LabelRecord, write_batch
-from stages.manifest import StageOutput, jsonl
-from stages.storage import Storage, StorageError, StorageUnavailable, open_storage
+from docpipe.config import PipelineConfig
+from docpipe.contract import BadInputError, main, stage_parser
+from docpipe.data.landing import LabelRecord, write_batch
+from docpipe.doctypes import DocType
+from docpipe.label_studio import LabelStudio, project_title, registered_type, result_fields
+from docpipe.manifest import StageOutput, jsonl
+from docpipe.storage import Storage, StorageError, StorageUnavailable, open_storage
 
 STAGE = "collect_labels"
 

@@ -10,19 +10,19 @@ documents only (a golden set) exports with an empty ``train.json``: it can be ev
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from collections import Counter
 from pathlib import Path
 
-from stages import tracking
-from stages.cli import BadInputError, main, stage_parser
-from stages.config import PipelineConfig
-from stages.dataset import DatasetRecord, latest_version, read_manifest
-from stages.doctypes import DocType, load_registry
-from stages.manifest import StageOutput
-from stages.storage import Storage, StorageError, StorageUnavailable, open_storage
+from docpipe import tracking
+from docpipe.config import PipelineConfig
+from docpipe.contract import BadInputError, main, stage_parser
+from docpipe.data.dataset import latest_version, read_manifest
+from docpipe.data.examples import example_for
+from docpipe.doctypes import load_registry
+from docpipe.manifest import StageOutput
+from docpipe.storage import Storage, StorageError, StorageUnavailable, open_storage
 
 STAGE = "export"
 
@@ -32,27 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", help="the datasets location (default: storage.datasets_uri)")
     parser.add_argument("--version", help="dataset version id (default: the latest)")
     return parser
-
-
-def prompt_for(record: DatasetRecord, doc_type: DocType, use_variants: bool) -> str:
-    """The type's prompt; train documents draw a fixed variant by their hash when variants are on."""
-    prompts = [doc_type.prompt, *doc_type.prompt_variants]
-    if record.split == "eval" or not use_variants:
-        return doc_type.prompt
-    return prompts[int(hashlib.sha256(f"prompt:{record.id}".encode()).hexdigest()[:8], 16) % len(prompts)]
-
-
-def conversation(record: DatasetRecord, doc_type: DocType, image_root: str, use_variants: bool) -> dict:
-    """One training example in the MiniCPM-V finetune format."""
-    return {
-        "id": record.id,
-        "doc_type": doc_type.id,  # beside the recipe's keys: evaluation scores each document by its type
-        "image": f"{image_root.rstrip('/')}/{record.image}",
-        "conversations": [
-            {"role": "user", "content": prompt_for(record, doc_type, use_variants)},
-            {"role": "assistant", "content": doc_type.canonical_answer(record.fields)},
-        ],
-    }
 
 
 def _dumps(data) -> bytes:
@@ -79,7 +58,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         if record.doc_type not in config.doc_types:
             counts["skipped_doc_type"] += 1
             continue
-        splits[record.split].append(conversation(record, registry[record.doc_type], image_root,
+        splits[record.split].append(example_for(record, registry[record.doc_type], image_root,
                                                  config.export.prompt_variants))  # fmt: skip
         counts[f"{record.split}.{record.doc_type}"] += 1
     if not splits["train"] and not splits["eval"]:

@@ -25,12 +25,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from stages.cli import BadInputError, main, stage_parser
-from stages.config import PipelineConfig
-from stages.finetune.adapters import Adapter, AdapterError, adapter_class, load_adapter, resolve_model_dir
-from stages.finetune.data import Example, Sample, load_image, read_examples
-from stages.manifest import StageOutput
-from stages.storage import LocalStorage, Storage
+from docpipe.config import PipelineConfig
+from docpipe.contract import BadInputError, main, stage_parser
+from docpipe.data.examples import Example, Sample, load_image, read_examples
+from docpipe.manifest import StageOutput
+from docpipe.model.adapters import Adapter, AdapterError, adapter_class, load_adapter, resolve_model_dir
+from docpipe.storage import LocalStorage, Storage
 
 STAGE = "patch"
 WEIGHT_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json")

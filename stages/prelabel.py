@@ -27,14 +27,14 @@ from pathlib import PurePosixPath
 
 from PIL import Image
 
-from stages.cli import BadInputError, main, stage_parser
-from stages.config import PipelineConfig
-from stages.doctypes import DocType
-from stages.evaluate.confidence import document_confidence, field_confidence
-from stages.finetune.data import Example
-from stages.label_studio import LabelStudio, labelling_config, project_title, registered_type, result_items
-from stages.manifest import StageOutput, jsonl
-from stages.storage import Storage, StorageError, StorageUnavailable, open_storage
+from docpipe.answering.confidence import document_confidence, field_confidence
+from docpipe.config import PipelineConfig
+from docpipe.contract import BadInputError, main, stage_parser
+from docpipe.data.examples import Example
+from docpipe.doctypes import DocType
+from docpipe.label_studio import LabelStudio, labelling_config, project_title, registered_type, result_items
+from docpipe.manifest import StageOutput, jsonl
+from docpipe.storage import Storage, StorageError, StorageUnavailable, open_storage
 
 STAGE = "prelabel"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
@@ -72,7 +72,7 @@ def champion_model(config: PipelineConfig, cache: str) -> tuple[str | None, str]
     """The registry champion's files downloaded into ``cache`` and its name, or None and why not."""
     import mlflow
 
-    from stages.publish.registry import CHAMPION, Registry
+    from docpipe.registry import CHAMPION, Registry
 
     registered = config.publish.registered_model
     champion = Registry(config.tracking.tracking_uri, registered).version_of(CHAMPION)
@@ -85,8 +85,8 @@ def champion_model(config: PipelineConfig, cache: str) -> tuple[str | None, str]
 
 def predict_with_model(config: PipelineConfig, model: str, doc_type: DocType, images: list[str]) -> list[dict]:
     """Each image's fields and per-field confidence from the model (the evaluation backend)."""
-    from stages.evaluate.backends import NoModelFolder, Request, open_backend
-    from stages.evaluate.parsing import extract_json
+    from docpipe.answering.backends import NoModelFolder, Request, open_backend
+    from docpipe.answering.parsing import extract_json
 
     settings = config.evaluation.model_copy(update={"structured_output": config.labelling.structured_output})
     try:
@@ -106,8 +106,8 @@ def predict_with_model(config: PipelineConfig, model: str, doc_type: DocType, im
 
 def predict_with_ocr(config: PipelineConfig, doc_type: DocType, images: list[str]) -> list[dict]:
     """Each image's fields from the OCR baseline: no confidence, so every document is reviewed."""
-    from stages.evaluate.baseline import OcrBaseline
-    from stages.finetune.data import load_image
+    from docpipe.answering.ocr_baseline import OcrBaseline
+    from docpipe.data.examples import load_image
 
     reader = OcrBaseline()
     return [{"fields": reader.read(doc_type, load_image(uri, config.storage.s3))[0], "confidence": None,

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 import docker
-from stages.cli import config_flags
-from stages.config import S3Config
+from docpipe.config import S3Config
+from docpipe.contract import config_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "configs" / "pipeline.yaml"
@@ -227,7 +227,7 @@ STAGE_IMAGE = "localhost/doc-extraction/stages:test"
 @pytest.fixture(scope="session")
 def stage_image(docker_client) -> str:
     """docker/stages.Dockerfile built from the working tree."""
-    from stages.manifest import git_commit
+    from docpipe.manifest import git_commit
 
     try:
         docker_client.images.get(LOCAL_BASE)
@@ -250,7 +250,7 @@ TRAIN_IMAGE = "localhost/doc-extraction/train:test"
 @pytest.fixture(scope="session")
 def train_image(docker_client) -> str:
     """docker/train.Dockerfile from the local base (for the CUDA devel image) and CPU torch (for CUDA torch)."""
-    from stages.manifest import git_commit
+    from docpipe.manifest import git_commit
 
     if not list((ROOT / "docker" / "wheels").glob("torch-2.13.0*.whl")):
         pytest.fail("docker/wheels/ has no torch wheel: run `make train-wheels`")
@@ -261,8 +261,8 @@ def train_image(docker_client) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """The tiny random MiniCPM-V 4.6 the demo uses, built offline (stages/tiny_model.py)."""
-    from stages.tiny_model import build
+    """The tiny random MiniCPM-V 4.6 the demo uses, built offline (tools/tiny_model.py)."""
+    from tools.tiny_model import build
 
     return build(tmp_path_factory.mktemp("models") / "tiny-minicpmv4_6", ROOT / "configs" / "doctypes")
 
@@ -277,7 +277,7 @@ def build_remote_code_model(output: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModel
 
-    from stages.tiny_model import build_tokenizer
+    from tools.tiny_model import build_tokenizer
 
     output.mkdir(parents=True)
     for code in REMOTE_CODE.glob("*.py"):
@@ -318,7 +318,7 @@ def run_stage(stage: str, config_paths: list[Path], *args: str) -> int:
     """A stage's CLI in this process (flags, tracking, result.json), as ``python -m`` would run it."""
     import importlib
 
-    from stages.cli import main
+    from docpipe.contract import main
 
     module = importlib.import_module(f"stages.{stage}")
     if hasattr(module, "__path__"):  # a package: the stage lives in its __main__
@@ -342,11 +342,11 @@ def jpeg(seed: int = 0, size=(96, 64), **save_args) -> bytes:
 def land_synthetic(location: Path | str, count: int, seed: int = 0, doc_types: list[str] | None = None,
                    s3: S3Config | None = None) -> str:  # fmt: skip
     """A completed landing batch of ``count`` synthetic documents (every type unless named); its URI."""
-    from stages.config import SyntheticConfig
-    from stages.doctypes import load_registry
-    from stages.landing import write_batch
-    from stages.storage import open_storage
-    from stages.synthetic import generate
+    from docpipe.config import SyntheticConfig
+    from docpipe.data.landing import write_batch
+    from docpipe.doctypes import load_registry
+    from docpipe.storage import open_storage
+    from tools.synthetic import generate
 
     registry = load_registry(ROOT / "configs" / "doctypes")
     chosen = [registry[name] for name in doc_types] if doc_types else list(registry.values())

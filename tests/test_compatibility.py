@@ -1,5 +1,5 @@
 """Whether a base model can run in the pipeline's environment, from its config.json alone: the
-plan's check before anything is launched (``stages.compatibility``)."""
+plan's check before anything is launched (``docpipe.model.compatibility``)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import tomllib
 import boto3
 import pytest
 
-from stages.compatibility import (
+from docpipe.config import ModelConfig, S3Config
+from docpipe.loader import ConfigError
+from docpipe.model.compatibility import (
     NATIVE_MODEL_TYPES,
     TRANSFORMERS_VERSION,
     IncompatibleModel,
     check_base_model,
     problems,
 )
-from stages.config import ConfigError, ModelConfig, S3Config
 from tests.conftest import ROOT, free_port
 
 NATIVE = ModelConfig(base="unused")

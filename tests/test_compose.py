@@ -10,7 +10,8 @@ import urllib.request
 import pytest
 import yaml
 
-from stages.config import ConfigError, load_pipeline_config
+from docpipe.config import load_pipeline_config
+from docpipe.loader import ConfigError
 from tests.conftest import LOCAL_BASE, PIPELINE, ROOT, free_port, wait_for_http
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -165,7 +166,7 @@ def test_the_scheduler_starts_stage_containers_on_the_compose_network(overlays, 
     """The compose overlay's docker launcher reaches the engine through the mounted socket, puts
     stages on this compose project's network and mounts the run folders the DAG reads too, at
     the host folder compose names (DOC_EXTRACTION_DATA); on a host without GPUs as well."""
-    from stages.orchestration.launchers import host_path
+    from docpipe.orchestration.launchers import host_path
 
     config = load_pipeline_config([PIPELINE, *(ROOT / "configs" / "overlays" / name for name in overlays)])
     settings = config.orchestration

@@ -31,7 +31,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from stages.config import S3Config
+from docpipe.config import S3Config
 from tests.conftest import LOCAL_BASE, ROOT, land_synthetic
 
 pytestmark = [pytest.mark.integration, pytest.mark.container, pytest.mark.compose]

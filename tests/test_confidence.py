@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from stages.evaluate.backends import byte_ends
-from stages.evaluate.confidence import calibration, field_confidence, value_spans
-from stages.evaluate.metrics import Scored, review
+from docpipe.answering.backends import byte_ends
+from docpipe.answering.confidence import calibration, field_confidence, value_spans
+from docpipe.answering.scoring import Scored, review
 
 
 def tokens(answer: str, cuts: list[int], logprobs: list[float]) -> tuple[tuple[int, float], ...]:

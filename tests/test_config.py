@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages.config import ConfigError, load_pipeline_config
+from docpipe.config import load_pipeline_config
+from docpipe.loader import ConfigError
 from tests.conftest import EMBEDDED, PIPELINE, ROOT
 
 

@@ -19,10 +19,10 @@ import mlflow
 import pytest
 
 import docker
-from stages import tracking
-from stages.config import TrackingConfig, load_pipeline_config
-from stages.launch import gpu_run_arguments
-from stages.manifest import RESULT_FILE, git_commit
+from docpipe import tracking
+from docpipe.config import TrackingConfig, load_pipeline_config
+from docpipe.manifest import RESULT_FILE, git_commit
+from docpipe.orchestration.containers import gpu_run_arguments
 from tests.conftest import LOCAL_BASE, ROOT, SMOKE, land_synthetic, run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
@@ -57,7 +57,7 @@ def test_stage_runs_in_its_container_and_continues_the_pipeline_run(docker_clien
 
     logs = docker_client.containers.run(
         stage_image,
-        ["python", "-m", "stages.synthetic", *CONFIG_FLAGS, "--output", "/work/landing/b1", "--count", "4"],
+        ["python", "-m", "tools.synthetic", *CONFIG_FLAGS, "--output", "/work/landing/b1", "--count", "4"],
         environment={tracking.PARENT_RUN_ENV: parent},
         volumes={str(workdir): {"bind": "/work", "mode": "rw"}},
         network_mode="none",
@@ -79,7 +79,7 @@ def test_bad_input_in_a_container_exits_2_with_the_reason(docker_client, stage_i
     with pytest.raises(docker.errors.ContainerError) as caught:
         docker_client.containers.run(
             stage_image,
-            ["python", "-m", "stages.synthetic", *CONFIG_FLAGS, "--output", "/work/out", "--doc-types", "nope"],
+            ["python", "-m", "tools.synthetic", *CONFIG_FLAGS, "--output", "/work/out", "--doc-types", "nope"],
             volumes={str(workdir): {"bind": "/work", "mode": "rw"}},
             network_mode="none",
             remove=True,
@@ -167,13 +167,13 @@ def test_preflight_runs_in_the_training_image_on_a_remote_code_checkpoint(
     """The README's preflight command in the image it is meant for: the checkpoint's own code is
     loaded by an unprivileged user (transformers copies it into its module cache) and the stages
     run one training step, patch and answer."""
-    from stages.preflight import PIPELINE_STAGES
+    from tools.preflight import PIPELINE_STAGES
 
     shutil.copytree(remote_code_model, workdir / "model")
     for path in workdir.rglob("*"):
         path.chmod(0o777 if path.is_dir() else 0o666)
     remote = json.dumps({"model": {"adapter": "remote_code", "llm_type": "qwen2"}})  # reaches every stage too
-    command = ["python", "-m", "stages.preflight", "--config", "configs/pipeline.yaml", "--config",
+    command = ["python", "-m", "tools.preflight", "--config", "configs/pipeline.yaml", "--config",
                "configs/overlays/embedded.yaml", "--overrides", remote, "--base", "/work/model",
                "--output", "/work/preflight"]  # fmt: skip
     logs = docker_client.containers.run(train_image, command, volumes={str(workdir): {"bind": "/work", "mode": "rw"}},
@@ -237,9 +237,9 @@ def test_two_nodes_in_containers_train_as_one_node_with_two_processes(docker_cli
     node's pod; node 0 hosts the c10d rendezvous; both mount one folder (the shared volume).
     Reference: one container, one node, two processes, same seed and global batch (2 x 2).
     Both under DeepSpeed ZeRO-2 over gloo (NCCL's place on CPU)."""
-    from stages.config import load_pipeline_config
-    from stages.orchestration.plan import Plan
-    from stages.orchestration.trainjob import finetune_job
+    from docpipe.config import load_pipeline_config
+    from docpipe.orchestration.plan import Plan
+    from docpipe.orchestration.trainjob import finetune_job
 
     export_for_containers(workdir, tiny_model, export="runs/two/export")
     shutil.copytree(workdir / "runs" / "two" / "export", workdir / "runs" / "one" / "export")

@@ -7,8 +7,8 @@ import json
 import jsonschema
 import pytest
 
-from stages.config import ConfigError
-from stages.doctypes import LabelError, load_registry
+from docpipe.doctypes import LabelError, load_registry
+from docpipe.loader import ConfigError
 from tests.conftest import ROOT, SROIE
 
 REGISTRY = load_registry(ROOT / "configs" / "doctypes")
@@ -43,8 +43,8 @@ def test_canonical_answer_has_fixed_order_and_keeps_non_ascii():
 @pytest.mark.parametrize("doc_type", REGISTRY.values(), ids=lambda d: d.id)
 def test_canonical_fields_are_a_fixed_point(doc_type):
     """Stored labels are canonical; canonicalising them again (as export does) changes nothing."""
-    from stages.config import SyntheticConfig
-    from stages.synthetic import generate
+    from docpipe.config import SyntheticConfig
+    from tools.synthetic import generate
 
     for record, _, _ in generate([doc_type], SyntheticConfig(count=10, seed=4)):
         canonical = doc_type.canonical_fields(record.fields)

@@ -3,7 +3,7 @@
 The tiny model is random: these tests check the machinery (backends, parsing, scoring, gate,
 report, MLflow), not accuracy. vLLM cannot be installed here (its wheel needs torch 2.14 and
 transformers <5.21): its backend's requests are checked as built, without importing vllm.
-The OpenAI-compatible server on loopback is ``stages.serve`` running the tiny model on CPU,
+The OpenAI-compatible server on loopback is ``tools.openai_standin`` running the tiny model on CPU,
 standing in for the vLLM server.
 """
 
@@ -19,14 +19,14 @@ import mlflow
 import pytest
 from PIL import Image
 
-from stages.config import EvaluationConfig, load_pipeline_config
-from stages.doctypes import load_registry
+from docpipe.answering.backends import OpenAIBackend, Request, VllmBackend, decoding_schema, max_new_tokens
+from docpipe.answering.ocr_baseline import Box, Extractor, OcrBaseline, reading_order, spaced
+from docpipe.answering.scoring import evaluate_all, score
+from docpipe.config import EvaluationConfig, load_pipeline_config
+from docpipe.data.examples import read_examples
+from docpipe.doctypes import load_registry
 from stages.evaluate.__main__ import swapped_images
-from stages.evaluate.backends import OpenAIBackend, Request, VllmBackend, decoding_schema, max_new_tokens
-from stages.evaluate.baseline import Box, Extractor, OcrBaseline, reading_order, spaced
 from stages.evaluate.gate import decide
-from stages.evaluate.metrics import evaluate_all, score
-from stages.finetune.data import read_examples
 from tests.conftest import ROOT, SROIE, config_flags, free_port, land_synthetic, run_stage, wait_for_http, write_overlay
 
 REGISTRY = load_registry(ROOT / "configs" / "doctypes")
@@ -158,10 +158,10 @@ def test_a_golden_set_compares_every_model_on_the_same_documents_without_trainin
 
 @pytest.fixture
 def served(overlay, tiny_model, tmp_path):
-    """stages.serve on loopback: an OpenAI-compatible server running the tiny model on CPU."""
+    """tools.openai_standin on loopback: an OpenAI-compatible server running the tiny model on CPU."""
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "stages.serve", "--model", str(tiny_model), "--port", str(port),
+        [sys.executable, "-m", "tools.openai_standin", "--model", str(tiny_model), "--port", str(port),
          "--served-model-name", "tiny", *config_flags(overlay)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from stages.config import EvaluationConfig, Thresholds
-from stages.doctypes import load_registry
+from docpipe.answering.parsing import extract_json
+from docpipe.answering.scoring import donut_scores, evaluate_all, score
+from docpipe.config import EvaluationConfig, Thresholds
+from docpipe.doctypes import load_registry
 from stages.evaluate.gate import decide
-from stages.evaluate.metrics import donut_scores, evaluate_all, score
-from stages.evaluate.parsing import extract_json
 from tests.conftest import ROOT
 
 REGISTRY = load_registry(ROOT / "configs" / "doctypes")

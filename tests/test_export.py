@@ -8,7 +8,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from stages.doctypes import load_registry
+from docpipe.doctypes import load_registry
 from tests.conftest import ROOT, land_synthetic, run_stage, write_overlay
 
 REGISTRY = load_registry(ROOT / "configs" / "doctypes")

@@ -27,10 +27,10 @@ import boto3
 import mlflow
 import pytest
 
-from stages.config import S3Config, TrackingConfig
-from stages.landing import COMPLETE_MARKER
-from stages.locking import FolderInUse, exclusive
-from stages.redaction import redact_output, redact_text
+from docpipe.config import S3Config, TrackingConfig
+from docpipe.data.landing import COMPLETE_MARKER
+from docpipe.locking import FolderInUse, exclusive
+from docpipe.redaction import redact_output, redact_text
 from tests.conftest import ROOT, config_flags, land_synthetic, run_module, write_overlay
 
 SECRETS = {  # planted where a careless writer would pick them up

@@ -22,10 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.config import EvaluationConfig, LaunchConfig, S3Config, TrainingConfig, load_pipeline_config
-from stages.finetune.__main__ import launch_settings, settle_node, torchrun_command
-from stages.finetune.adapters import IGNORE_INDEX, load_adapter
-from stages.finetune.data import Example, Sample, read_examples, split_fitting
+from docpipe.config import EvaluationConfig, TorchrunLayout, S3Config, TrainingConfig, load_pipeline_config
+from docpipe.data.examples import Example, Sample, read_examples, split_fitting
+from docpipe.model.adapters import IGNORE_INDEX, load_adapter
+from stages.finetune.__main__ import layout_from_environment, route_node_outputs, torchrun_command
 from stages.finetune.train import TrainSpec, checkpoint_problem, latest_checkpoint, training_arguments
 from tests.conftest import ROOT, config_flags, finetune, run_stage, write_overlay
 
@@ -64,7 +64,7 @@ def test_labels_cover_only_the_answer(tiny_model, exported):
 def test_each_native_family_trains_on_a_batch(family, exported, tmp_path):
     """A tiny model of each native family: forward and backward through the adapter's batch, and
     tune_vision=false keeps the vision encoder's weights out of training."""
-    from stages.tiny_model import build
+    from tools.tiny_model import build
 
     model_dir = build(tmp_path / family, ROOT / "configs" / "doctypes", family=family)
     adapter = adapter_for(model_dir, tune_vision=False)
@@ -146,9 +146,9 @@ def test_training_arguments_follow_the_config(tmp_path):
 
 
 def test_launch_layout_from_config_or_environment():
-    config = LaunchConfig(gpus_per_node=2)
-    assert launch_settings(config, {}) == config
-    launch = launch_settings(config, {"GPUS_PER_NODE": "8", "NNODES": "2", "NODE_RANK": "1",
+    config = TorchrunLayout(gpus_per_node=2)
+    assert layout_from_environment(config, {}) == config
+    launch = layout_from_environment(config, {"GPUS_PER_NODE": "8", "NNODES": "2", "NODE_RANK": "1",
                                       "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "23456"})  # fmt: skip
     assert (launch.gpus_per_node, launch.nnodes, launch.node_rank) == (8, 2, 1)
     command = torchrun_command(launch, Path("spec.json"), Path("/data/run/finetune"))
@@ -162,9 +162,9 @@ def test_launch_layout_from_config_or_environment():
     assert [a for a in command if a.startswith("--rdzv-id")] == [a for a in same_run if a.startswith("--rdzv-id")]
     assert "--standalone" in torchrun_command(config, Path("spec.json"), Path("ft"))
     with pytest.raises(ValueError, match="gpus_per_node"):
-        launch_settings(config, {"GPUS_PER_NODE": "0"})
+        layout_from_environment(config, {"GPUS_PER_NODE": "0"})
     with pytest.raises(ValueError, match="node_rank 2 is not below nnodes 2"):
-        launch_settings(config, {"NNODES": "2", "NODE_RANK": "2"})
+        layout_from_environment(config, {"NNODES": "2", "NODE_RANK": "2"})
 
 
 def test_kubeflow_trainers_variables_set_the_layout_and_node_k_gets_a_folder_of_its_own(tmp_path):
@@ -172,15 +172,15 @@ def test_kubeflow_trainers_variables_set_the_layout_and_node_k_gets_a_folder_of_
     names win where both are set. Node 1 writes its manifest and data beside the shared checkpoints."""
     pet = {"PET_NPROC_PER_NODE": "4", "PET_NNODES": "2", "PET_NODE_RANK": "1",
            "PET_MASTER_ADDR": "job-node-0-0.job", "PET_MASTER_PORT": "29400"}  # fmt: skip
-    launch = launch_settings(LaunchConfig(), pet)
+    launch = layout_from_environment(TorchrunLayout(), pet)
     assert (launch.gpus_per_node, launch.nnodes, launch.node_rank, launch.master_addr, launch.master_port) == (
         4, 2, 1, "job-node-0-0.job", 29400)  # fmt: skip
-    assert launch_settings(LaunchConfig(), {**pet, "NODE_RANK": "0"}).node_rank == 0
+    assert layout_from_environment(TorchrunLayout(), {**pet, "NODE_RANK": "0"}).node_rank == 0
     config = load_pipeline_config([ROOT / "configs" / "pipeline.yaml"])
     for rank, output in (("0", "/data/run/finetune"), ("1", "/data/run/finetune/nodes/1")):
         args = argparse.Namespace(output="/data/run/finetune/")
         with patch.dict(os.environ, {**pet, "PET_NODE_RANK": rank}):
-            settle_node(args, config)
+            route_node_outputs(args, config)
         assert (args.checkpoints, args.output.rstrip("/")) == ("/data/run/finetune/", output)
 
 
@@ -384,7 +384,7 @@ def test_a_killed_run_continues_from_its_last_complete_checkpoint(finetune_confi
 
 
 def test_the_remote_code_adapter_drives_a_checkpoint_through_its_own_code(remote_code_model, exported):
-    from stages.config import ModelConfig
+    from docpipe.config import ModelConfig
 
     model_config = ModelConfig(base=str(remote_code_model), adapter="remote_code", llm_type="qwen2")
     adapter = load_adapter(remote_code_model, model_config, TrainingConfig(bf16=False, max_slice_nums=4))
@@ -425,7 +425,7 @@ def test_the_remote_code_adapter_drives_a_checkpoint_through_its_own_code(remote
     ],
 )  # fmt: skip
 def test_each_llm_type_has_its_own_chat_format(llm_type, prompt, answer):
-    from stages.finetune.adapters.remote_code import chat_format
+    from docpipe.model.adapters.remote_code import chat_format
 
     chat = chat_format(llm_type, {})
     assert (chat.prompt("X"), chat.answer("{}")) == (prompt, answer)
@@ -433,8 +433,8 @@ def test_each_llm_type_has_its_own_chat_format(llm_type, prompt, answer):
 
 def test_an_unknown_or_contradicted_llm_type_is_refused(tmp_path):
     """The recipe fell back to another chat format for an unknown type (upstream renamed qwen2 to qwen)."""
-    from stages.config import ModelConfig
-    from stages.finetune.adapters.remote_code import chat_format
+    from docpipe.config import ModelConfig
+    from docpipe.model.adapters.remote_code import chat_format
 
     with pytest.raises(ValueError, match="llm_type 'qwen' is unknown"):
         chat_format("qwen", {})

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import SyntheticConfig
-from stages.dataset import latest_version, read_manifest
-from stages.doctypes import load_registry
-from stages.importers import ImportMapping, read_source
-from stages.landing import write_batch
-from stages.storage import open_storage
-from stages.synthetic import generate
+from docpipe.config import SyntheticConfig
+from docpipe.data.dataset import latest_version, read_manifest
+from docpipe.data.landing import write_batch
+from docpipe.doctypes import load_registry
+from docpipe.storage import open_storage
+from stages.ingest.importers import ImportMapping, read_source
 from tests.conftest import ROOT, jpeg, run_stage, write_overlay
+from tools.synthetic import generate
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MAPPINGS = ROOT / "configs" / "importers"

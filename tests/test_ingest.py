@@ -14,10 +14,10 @@ import mlflow
 import pytest
 from PIL import Image
 
-from stages.config import S3Config
-from stages.dataset import latest_version, read_card, read_manifest, split_for
-from stages.landing import COMPLETE_MARKER, LABELS_FILE, LabelRecord, marker_for, write_batch
-from stages.storage import open_storage
+from docpipe.config import S3Config
+from docpipe.data.dataset import latest_version, read_card, read_manifest, split_for
+from docpipe.data.landing import COMPLETE_MARKER, LABELS_FILE, LabelRecord, marker_for, write_batch
+from docpipe.storage import open_storage
 from tests.conftest import jpeg, run_stage, write_overlay
 
 TICKET = {

@@ -13,10 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from stages.collect_labels import changes, reviewed
-from stages.config import LabellingConfig
-from stages.doctypes import load_registry
-from stages.label_studio import (
+from docpipe.config import LabellingConfig
+from docpipe.doctypes import load_registry
+from docpipe.label_studio import (
     API_KEY_ENV,
     LabelStudio,
     LabelStudioError,
@@ -24,6 +23,7 @@ from stages.label_studio import (
     result_fields,
     result_items,
 )
+from stages.collect_labels import changes, reviewed
 from tests.conftest import ROOT
 
 REGISTRY = load_registry(ROOT / "configs" / "doctypes")

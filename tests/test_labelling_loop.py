@@ -14,10 +14,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from stages.config import LabellingConfig
-from stages.doctypes import load_registry
-from stages.label_studio import API_KEY_ENV, LabelStudio, result_fields, result_items
-from stages.landing import COMPLETE_MARKER, LABELS_FILE
+from docpipe.config import LabellingConfig
+from docpipe.data.landing import COMPLETE_MARKER, LABELS_FILE
+from docpipe.doctypes import load_registry
+from docpipe.label_studio import API_KEY_ENV, LabelStudio, result_fields, result_items
 from tests.conftest import ROOT, free_port, land_synthetic, run_stage, wait_for_http, write_overlay
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""``make airflow`` (``python -m stages.local_airflow``): the demo's Airflow as a running service.
+"""``make airflow`` (``python -m tools.local_airflow``): the demo's Airflow as a running service.
 
 Started as a new user would, from a shell without the venv on PATH: it comes up on loopback
 only, prints where the admin password is, has the pipeline DAGs unpaused, starts a pipeline
@@ -58,7 +58,7 @@ def test_local_airflow_serves_on_loopback_and_runs_a_landed_batch_within_a_minut
     bare = {"HOME": os.environ.get("HOME", "/root"), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # venv not active
     out = (tmp_path / "stdout.log").open("w")
     service = subprocess.Popen(
-        [sys.executable, "-m", "stages.local_airflow", "--config", str(PIPELINE), "--config", str(EMBEDDED),
+        [sys.executable, "-m", "tools.local_airflow", "--config", str(PIPELINE), "--config", str(EMBEDDED),
          "--config", str(overlay), "--airflow-home", str(home), "--port", str(port)],
         cwd=ROOT, env=bare, stdout=out, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip

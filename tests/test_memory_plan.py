@@ -1,4 +1,4 @@
-"""The memory plan (stages/memory_plan.py): DeepSpeed's estimators, the practitioners' data point,
+"""The memory plan (docpipe/model/memory_plan.py): DeepSpeed's estimators, the practitioners' data point,
 parameter counts from safetensors headers (a folder and S3), and the plan task's refusal."""
 
 from __future__ import annotations
@@ -7,10 +7,11 @@ import shutil
 
 import pytest
 
-from stages import memory_plan
-from stages.config import ConfigError, load_pipeline_config
-from stages.memory_plan import MINICPM_V_2_6, Layout, estimate, nearest_fit
-from stages.orchestration.plan import check_memory
+from docpipe.config import load_pipeline_config
+from docpipe.loader import ConfigError
+from docpipe.model import memory_plan
+from docpipe.model.memory_plan import MINICPM_V_2_6, Layout, estimate, nearest_fit
+from docpipe.orchestration.plan import check_memory
 from tests.conftest import PIPELINE
 
 RECIPE = Layout(deepspeed="zero2_offload", batch=4, tokens=2048, slices=10, gpus_per_node=4, nodes=1)

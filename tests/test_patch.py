@@ -50,7 +50,7 @@ def _listing(folder: Path) -> dict[str, bytes]:
 def test_patched_checkpoint_loads_and_generates(config, checkpoint, tiny_model, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-    from stages.finetune.adapters.native import chat, image_only_processor
+    from docpipe.model.adapters.native import chat, image_only_processor
 
     before = (_listing(checkpoint), _listing(tiny_model))
     out = tmp_path / "patched"
@@ -116,7 +116,7 @@ def test_remote_code_files_and_config_keys_come_back_from_the_base(tmp_path):
         (base / name).write_text(name)
     (checkpoint / "config.json").write_text(json.dumps({"version": 2.5, "hidden_size": 8}))
     save_file({"w": torch.zeros(1)}, checkpoint / "model.safetensors")
-    from stages.finetune.adapters.remote_code import RemoteCodeAdapter
+    from docpipe.model.adapters.remote_code import RemoteCodeAdapter
 
     report = assemble(checkpoint, base, RemoteCodeAdapter.processor_files, tmp_path / "out")
     assert {"processing_minicpmv.py", "image_processing_minicpmv.py", "preprocessor_config.json"} <= set(

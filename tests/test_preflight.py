@@ -1,4 +1,4 @@
-"""``python -m stages.preflight``, what a user runs first on a base model, on a checkpoint whose code
+"""``python -m tools.preflight``, what a user runs first on a base model, on a checkpoint whose code
 was written for transformers 4.x, as the published MiniCPM-V 2.6's was. Its passing run, on a
 tiny checkpoint whose code ships beside its weights (ours, to 2.6's interface), is the training
 image's test in ``test_containers.py``: the command the README gives, where it is meant to run."""
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from stages.preflight import PIPELINE_STAGES, transformers_imports
 from tests.conftest import EMBEDDED, PIPELINE, ROOT, config_flags, write_overlay
+from tools.preflight import PIPELINE_STAGES, transformers_imports
 
 REMOTE = "model: {adapter: remote_code, llm_type: qwen2}\n"
 
 
 def preflight(configs: list[Path], base: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "stages.preflight", *config_flags(configs), "--base", str(base), "--output",
+    command = [sys.executable, "-m", "tools.preflight", *config_flags(configs), "--base", str(base), "--output",
                str(out), *extra]  # fmt: skip
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
@@ -35,9 +35,9 @@ def test_the_imports_of_a_checkpoints_code_are_found_where_they_are_written():
 
 def test_a_hub_cache_snapshot_is_read_through_its_links(tmp_path):
     """A hub cache's snapshot folder links every file to a blob outside it; transformers follows them."""
-    from stages.compatibility import check_base_model
-    from stages.config import ModelConfig, S3Config
-    from stages.preflight import check_imports
+    from docpipe.config import ModelConfig, S3Config
+    from docpipe.model.compatibility import check_base_model
+    from tools.preflight import check_imports
 
     blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
     blobs.mkdir(), snapshot.mkdir(parents=True)

@@ -3,7 +3,7 @@ and smoke-tested through the OpenAI API.
 
 What stands in for what here (no GPU, nothing can be pulled):
 - the official vLLM OpenAI-server image: ``tests/fixtures/vllm-standin``, the project's training
-  image plus a ``vllm serve`` that runs ``stages.serve`` (the same API) on CPU;
+  image plus a ``vllm serve`` that runs ``tools.openai_standin`` (the same API) on CPU;
 - the container registry: Debian's ``docker-registry`` on loopback, plain HTTP;
 - the GPU: none (``publish.smoke_gpus: 0``); the serving image's own build is the real one.
 """
@@ -71,7 +71,7 @@ def publish_config(overlay, tmp_path, local_registry) -> list[Path]:
 
 
 def test_serve_flags_are_vllms_and_in_one_place(overlay):
-    from stages.config import load_pipeline_config
+    from docpipe.config import load_pipeline_config
 
     config = load_pipeline_config(overlay)
     flags = serve_flags(config, "/models/served")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import TrainingConfig
-from stages.finetune.data import Example, fixed_sample
+from docpipe.config import TrainingConfig
+from docpipe.data.examples import Example, fixed_sample
 from stages.finetune.selection import CheckpointScore, choose, curve
 
 

@@ -8,8 +8,8 @@ import json
 import boto3
 import pytest
 
-from stages.landing import COMPLETE_MARKER, LABELS_FILE, LabelRecord, read_marker, write_batch
-from stages.storage import LocalStorage, S3Storage, StorageError, open_storage
+from docpipe.data.landing import COMPLETE_MARKER, LABELS_FILE, LabelRecord, read_marker, write_batch
+from docpipe.storage import LocalStorage, S3Storage, StorageError, open_storage
 
 
 @pytest.fixture(params=["local", "s3"])

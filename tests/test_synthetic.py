@@ -11,11 +11,11 @@ import jsonschema
 import pytest
 from PIL import Image
 
-from stages.config import DegradationConfig, SyntheticConfig
-from stages.doctypes import load_registry
-from stages.synthetic import generate
-from stages.synthetic.render import FontMissingError, font_path, render
+from docpipe.config import DegradationConfig, SyntheticConfig
+from docpipe.doctypes import load_registry
 from tests.conftest import ROOT
+from tools.synthetic import generate
+from tools.synthetic.render import FontMissingError, font_path, render
 
 REGISTRY = load_registry(ROOT / "configs" / "doctypes")
 DOC_TYPES = list(REGISTRY.values())

@@ -8,9 +8,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from stages import tracking
-from stages.config import TrackingConfig
-from stages.manifest import StageResult
+from docpipe import tracking
+from docpipe.config import TrackingConfig
+from docpipe.manifest import StageResult
 from tests.conftest import config_flags, run_module
 
 
@@ -113,11 +113,11 @@ def test_failed_result_marks_the_run_failed(tracking_config):
 @pytest.mark.integration
 def test_stage_process_continues_the_pipeline_run(overlay, tmp_path):
     """A stage launched with MLFLOW_RUN_ID logs a child of that run, as the DAG's launchers do."""
-    from stages.config import load_pipeline_config
+    from docpipe.config import load_pipeline_config
 
     config = load_pipeline_config(overlay)
     parent = tracking.start_pipeline_run(config.tracking, "pipeline", {})
-    done = run_module("stages.synthetic", *config_flags(overlay), "--output", str(tmp_path / "b"), "--count", "2",
+    done = run_module("tools.synthetic", *config_flags(overlay), "--output", str(tmp_path / "b"), "--count", "2",
                       env={tracking.PARENT_RUN_ENV: parent})  # fmt: skip
     assert done.returncode == 0, done.stderr
     client = mlflow.MlflowClient(config.tracking.tracking_uri)

@@ -1,4 +1,4 @@
-"""finetune as a Kubeflow TrainJob (stages/orchestration/trainjob.py), with no cluster here.
+"""finetune as a Kubeflow TrainJob (docpipe/orchestration/trainjob.py), with no cluster here.
 
 The manifest is built with Kubeflow Trainer's API models and its node pod checked against the
 Kubernetes schemas; the operator's conversation (submit, follow status and logs, delete) runs
@@ -18,10 +18,11 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from stages.config import ConfigError, load_pipeline_config
-from stages.orchestration import trainjob
-from stages.orchestration.launchers import stage_operator
-from stages.orchestration.plan import Plan, stage_command
+from docpipe.config import load_pipeline_config
+from docpipe.loader import ConfigError
+from docpipe.orchestration import trainjob
+from docpipe.orchestration.launchers import stage_operator
+from docpipe.orchestration.plan import Plan, stage_command
 from tests.conftest import PIPELINE, ROOT
 
 JOBS = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ml/trainjobs"

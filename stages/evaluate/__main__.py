@@ -23,16 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-from stages import tracking
-from stages.cli import BadInputError, main, stage_parser
-from stages.config import FitCheckConfig, PipelineConfig
-from stages.doctypes import DocType, load_registry
-from stages.evaluate.backends import NoModelFolder, Request, open_backend
+from docpipe import tracking
+from docpipe.answering.backends import NoModelFolder, Request, open_backend
+from docpipe.answering.scoring import HEADLINE, Scored, evaluate_all, measure, score
+from docpipe.config import FitCheckConfig, PipelineConfig
+from docpipe.contract import BadInputError, main, stage_parser
+from docpipe.data.examples import DataError, Example, fixed_sample, read_examples
+from docpipe.doctypes import DocType, load_registry
+from docpipe.manifest import StageOutput, jsonl
+from docpipe.storage import Storage, StorageError, StorageUnavailable, open_storage
 from stages.evaluate.gate import decide
-from stages.evaluate.metrics import HEADLINE, Scored, evaluate_all, measure, score
-from stages.finetune.data import DataError, Example, fixed_sample, read_examples
-from stages.manifest import StageOutput, jsonl
-from stages.storage import Storage, StorageError, StorageUnavailable, open_storage
 
 STAGE = "evaluate"
 
@@ -68,8 +68,8 @@ def read_requests(data: Storage, name: str, registry: dict[str, DocType]) -> tup
 
 def golden_requests(config: PipelineConfig, name: str, registry: dict[str, DocType]) -> tuple[list[Request], str]:
     """The eval documents of a golden set's pinned version, of the run's types; its id is ``name@version``."""
-    from stages.dataset import read_manifest
-    from stages.export import conversation
+    from docpipe.data.dataset import read_manifest
+    from docpipe.data.examples import example_for
 
     pinned = config.evaluation.eval_sets[name]
     dataset = open_storage(pinned.dataset, config.storage.s3)
@@ -80,7 +80,7 @@ def golden_requests(config: PipelineConfig, name: str, registry: dict[str, DocTy
     except StorageError as exc:
         raise BadInputError(f"eval set {name!r}: version {pinned.version} of {dataset.uri} not found: {exc}") from exc
     root = dataset.uri if "://" in dataset.uri else str(Path(dataset.uri).resolve())
-    examples = [Example.model_validate(conversation(r, registry[r.doc_type], root, use_variants=False))
+    examples = [Example.model_validate(example_for(r, registry[r.doc_type], root, use_variants=False))
                 for r in records if r.split == "eval" and r.doc_type in config.doc_types]  # fmt: skip
     if not examples:
         raise BadInputError(f"eval set {name!r} ({dataset.uri} version {pinned.version}): no eval document of types "
@@ -125,8 +125,8 @@ def swapped_images(requests: list[Request]) -> list[Request]:
 
 
 def ocr_baseline(requests: list[Request], config: PipelineConfig) -> tuple[list[Scored], float]:
-    from stages.evaluate.baseline import OcrBaseline
-    from stages.finetune.data import load_image
+    from docpipe.answering.ocr_baseline import OcrBaseline
+    from docpipe.data.examples import load_image
 
     reader, documents, started = OcrBaseline(), [], time.perf_counter()
     for request in requests:
@@ -169,7 +169,7 @@ def _selection(model: str | None) -> dict | None:
 def registered_champion(config: PipelineConfig, eval_set: str) -> tuple[str | None, str]:
     """The registered champion's ``metrics.json`` where it was evaluated on ``eval_set``, and a note
     on what was (or could not be) compared."""
-    from stages.publish.registry import CHAMPION, EVALUATION_METRICS, Registry
+    from docpipe.registry import CHAMPION, EVALUATION_METRICS, Registry
 
     champion = Registry(config.tracking.tracking_uri, config.publish.registered_model).version_of(CHAMPION)
     if champion is None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from stages.config import EvaluationConfig
-from stages.evaluate.metrics import HEADLINE
+from docpipe.answering.scoring import HEADLINE
+from docpipe.config import EvaluationConfig
 
 GATED = HEADLINE
 NO_REGRESSION = ("field_accuracy", "document_accuracy")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from stages.config import S3Config
-from stages.evaluate.metrics import HEADLINE, Scored
-from stages.finetune.data import load_image
+from docpipe.answering.scoring import HEADLINE, Scored
+from docpipe.config import S3Config
+from docpipe.data.examples import load_image
 
 TEMPLATE = "report.html.j2"
 THUMBNAIL = (240, 320)

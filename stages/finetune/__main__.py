@@ -25,19 +25,19 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from stages.cli import BadInputError, main, stage_parser
-from stages.config import LaunchConfig, PipelineConfig
-from stages.dataset import DatasetCard
-from stages.finetune.adapters import Adapter, AdapterError, load_adapter, resolve_model_dir
-from stages.finetune.data import DataError, Example, Unfit, read_examples, split_fitting, write_examples
+from docpipe.config import TorchrunLayout, PipelineConfig
+from docpipe.contract import BadInputError, main, stage_parser
+from docpipe.data.dataset import DatasetCard
+from docpipe.data.examples import DataError, Example, Unfit, read_examples, split_fitting, write_examples
+from docpipe.manifest import StageOutput
+from docpipe.model.adapters import Adapter, AdapterError, load_adapter, resolve_model_dir
+from docpipe.redaction import redact
+from docpipe.storage import LocalStorage, Storage, StorageError, StorageUnavailable, open_storage
 from stages.finetune.train import RESULT, TrainSpec, die_with_parent, location_environment
-from stages.manifest import StageOutput
-from stages.redaction import redact
-from stages.storage import LocalStorage, Storage, StorageError, StorageUnavailable, open_storage
 
 STAGE = "finetune"
 SELECTION = "selection.json"
-LAUNCH_ENV = {"gpus_per_node": ("GPUS_PER_NODE", "PET_NPROC_PER_NODE"), "nnodes": ("NNODES", "PET_NNODES"),
+LAYOUT_ENV = {"gpus_per_node": ("GPUS_PER_NODE", "PET_NPROC_PER_NODE"), "nnodes": ("NNODES", "PET_NNODES"),
               "node_rank": ("NODE_RANK", "PET_NODE_RANK"), "master_addr": ("MASTER_ADDR", "PET_MASTER_ADDR"),
               "master_port": ("MASTER_PORT", "PET_MASTER_PORT")}  # fmt: skip
 
@@ -46,28 +46,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(STAGE, __doc__)
     parser.add_argument("--data", required=True, help="the export stage's output (train.json, eval.json)")
     parser.add_argument("--base-model", help="a folder or s3:// URI; default: model.base of the config")
-    parser.set_defaults(checkpoints=None)  # settle_node's: the shared checkpoint folder (None: --output)
+    parser.set_defaults(checkpoints=None)  # route_node_outputs's: the shared checkpoint folder (None: --output)
     return parser
 
 
-def launch_settings(config: LaunchConfig, environ: Mapping[str, str]) -> LaunchConfig:
+def layout_from_environment(config: TorchrunLayout, environ: Mapping[str, str]) -> TorchrunLayout:
     """The configured layout with any of GPUS_PER_NODE, NNODES, ... (or PET_NPROC_PER_NODE,
     PET_NNODES, ...) from the environment on top."""
-    overrides = {key: value for key, names in LAUNCH_ENV.items()
+    overrides = {key: value for key, names in LAYOUT_ENV.items()
                  if (value := next((environ[n] for n in names if environ.get(n)), None))}  # fmt: skip
-    return LaunchConfig.model_validate({**config.model_dump(), **overrides})
+    return TorchrunLayout.model_validate({**config.model_dump(), **overrides})
 
 
-def settle_node(args: argparse.Namespace, config: PipelineConfig) -> None:
+def route_node_outputs(args: argparse.Namespace, config: PipelineConfig) -> None:
     """Checkpoints go to ``--output`` from every node; node k > 0 writes its lock, manifest,
     prepared data and spec to ``<output>/nodes/<k>``, so nodes sharing the folder do not collide."""
     args.checkpoints = args.output
-    rank = launch_settings(config.training.launch, os.environ).node_rank
+    rank = layout_from_environment(config.training.launch, os.environ).node_rank
     if rank:
         args.output = f"{args.output.rstrip('/')}/nodes/{rank}"
 
 
-def torchrun_command(launch: LaunchConfig, spec: Path, checkpoints: Path) -> list[str]:
+def torchrun_command(launch: TorchrunLayout, spec: Path, checkpoints: Path) -> list[str]:
     """torchrun for ``stages.finetune.train``: standalone on one node; across several, a c10d
     rendezvous hosted by node 0 at MASTER_ADDR:MASTER_PORT, named after the checkpoint folder
     that every node of the run shares."""
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **location_environment(spec.tracking_uri, spec.s3)}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU (tests, the embedded demo)
-    launch = launch_settings(training.launch, os.environ)
+    launch = layout_from_environment(training.launch, os.environ)
     done = subprocess.run(torchrun_command(launch, out / "train_spec.json", checkpoints), env=env, check=False,
                           preexec_fn=die_with_parent)  # fmt: skip
     if done.returncode:
@@ -192,4 +192,4 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
 
 
 if __name__ == "__main__":
-    sys.exit(main(STAGE, build_parser(), run, settle=settle_node))
+    sys.exit(main(STAGE, build_parser(), run, adjust_args=route_node_outputs))

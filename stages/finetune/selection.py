@@ -15,10 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stages.config import EvaluationConfig, S3Config
-from stages.doctypes import load_registry
-from stages.evaluate.metrics import HEADLINE, measure
-from stages.finetune.data import Example, fixed_sample
+from docpipe.answering.scoring import HEADLINE, measure
+from docpipe.config import EvaluationConfig, S3Config
+from docpipe.data.examples import Example, fixed_sample
+from docpipe.doctypes import load_registry
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -28,14 +28,14 @@ class SelectionScorer:
 
     def __init__(self, adapter: Any, examples: list[Example], documents: int, seed: int, doctypes_dir: Path,
                  settings: EvaluationConfig, s3: S3Config):  # fmt: skip
-        from stages.evaluate.backends import Request
+        from docpipe.answering.backends import Request
 
         self.registry = load_registry(Path(doctypes_dir))
         self.requests = [Request(e, self.registry[e.doc_type]) for e in fixed_sample(examples, documents, seed)]
         self.adapter, self.settings, self.s3 = adapter, settings, s3
 
     def __call__(self, model: Any) -> dict[str, float]:
-        from stages.evaluate.backends import TransformersBackend
+        from docpipe.answering.backends import TransformersBackend
 
         _, metrics = measure(TransformersBackend(self.adapter, model.eval(), self.settings, self.s3), self.requests,
                              self.registry)  # fmt: skip

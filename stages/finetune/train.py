@@ -23,12 +23,12 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from stages.config import EvaluationConfig, ModelConfig, S3Config, TrainingConfig
-from stages.finetune.adapters import load_adapter
-from stages.finetune.data import ExampleDataset, read_examples
+from docpipe.config import EvaluationConfig, ModelConfig, S3Config, TrainingConfig
+from docpipe.data.examples import ExampleDataset, read_examples
+from docpipe.locking import exclusive
+from docpipe.model.adapters import load_adapter
+from docpipe.redaction import redact_output
 from stages.finetune.selection import CHECKPOINT_PREFIX, SelectionScorer, choose, curve
-from stages.locking import exclusive
-from stages.redaction import redact_output
 
 log = logging.getLogger("stages.finetune")
 RESULT = "train_result.json"
@@ -228,7 +228,7 @@ def train(spec: TrainSpec) -> dict:
     """Train (or continue training) and return what rank 0 reports."""
     import torch
 
-    from stages.finetune.metrics import MlflowMetrics
+    from stages.finetune.callbacks import MlflowMetrics
 
     use_cpu = not torch.cuda.is_available()
     output_dir = Path(spec.output_dir)

@@ -21,17 +21,17 @@ import json
 import sys
 from pathlib import Path
 
-from stages.cli import BadInputError, main, stage_parser
-from stages.config import PipelineConfig
-from stages.dataset import DatasetCard
-from stages.doctypes import load_registry
-from stages.evaluate.backends import Request, chat_messages, max_new_tokens
-from stages.evaluate.parsing import extract_json
-from stages.finetune.data import read_examples
-from stages.manifest import StageOutput, git_commit
+from docpipe.answering.backends import Request, chat_messages, max_new_tokens
+from docpipe.answering.parsing import extract_json
+from docpipe.config import PipelineConfig
+from docpipe.contract import BadInputError, main, stage_parser
+from docpipe.data.dataset import DatasetCard
+from docpipe.data.examples import read_examples
+from docpipe.doctypes import load_registry
+from docpipe.manifest import StageOutput, git_commit
+from docpipe.registry import EVALUATION_METRICS, Registry
+from docpipe.storage import Storage, StorageError, open_storage
 from stages.publish.image import build_and_push, build_context, smoke_test
-from stages.publish.registry import EVALUATION_METRICS, Registry
-from stages.storage import Storage, StorageError, open_storage
 
 STAGE = "publish"
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from stages.config import PipelineConfig
-from stages.launch import gpu_run_arguments
-from stages.locking import LOCK_SUFFIX
+from docpipe.config import PipelineConfig
+from docpipe.locking import LOCK_SUFFIX
+from docpipe.orchestration.containers import gpu_run_arguments
 
 DOCKERFILE = Path(__file__).resolve().parents[2] / "docker" / "serving.Dockerfile"
 BAKED_MODEL = "/models/served"

@@ -10,9 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from stages.cli import EXIT_BAD_INPUT
-from stages.config import ConfigError, load_pipeline_config
-from stages.publish.registry import Registry
+from docpipe.config import load_pipeline_config
+from docpipe.contract import EXIT_BAD_INPUT
+from docpipe.loader import ConfigError
+from docpipe.registry import Registry
 
 
 def main(argv: list[str] | None = None) -> int:

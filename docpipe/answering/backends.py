@@ -1,0 +1,248 @@
+"""Where predictions come from, behind one interface: ``predict(requests) -> responses``.
+
+- ``transformers``: the model folder loaded through its adapter, batched greedy ``generate``
+  (CPU or GPU);
+- ``openai``: any OpenAI-compatible ``/v1/chat/completions`` endpoint, such as the published
+  vLLM image, the image sent inline as a data URL;
+- ``vllm``: vLLM's offline engine, batched; vLLM lives only in the GPU images, so this module
+  imports it only when that backend runs.
+
+Decoding is greedy everywhere. With ``evaluation.structured_output`` the answer is constrained
+to the document type's JSON schema (``decoding_schema``): transformers with llguidance
+(``finetune/adapters/constrained.py``), the OpenAI API with ``response_format`` (``json_schema``),
+vLLM offline with ``StructuredOutputsParams(json=...)``. Every backend asks for the generated
+tokens' log-probabilities, from which each field's confidence is computed (``confidence.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from docpipe.config import EvaluationConfig, PipelineConfig, S3Config
+from docpipe.data.examples import IMAGE_PLACEHOLDER, Example, Sample, load_image
+from docpipe.doctypes import DocType
+
+_BUDGET = {"date": 12, "time": 10, "money": 16, "integer": 16, "id": 32, "text": 96}  # characters per value
+
+
+class NoModelFolder(ValueError):
+    """A backend that runs the model itself was given no model folder."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One eval document to answer."""
+
+    example: Example
+    doc_type: DocType
+
+    @property
+    def question(self) -> str:
+        """The prompt without its image placeholder, as chat APIs take the image separately."""
+        return self.example.prompt.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+@dataclass(frozen=True)
+class Response:
+    id: str
+    answer: str
+    latency_s: float  # until this document's answer was there (a batch's documents share one)
+    #: each generated token: (where it ends, in bytes of the answer's UTF-8, its log-probability)
+    logprobs: tuple[tuple[int, float], ...] = ()
+
+
+def byte_ends(pieces: list[tuple[bytes, float]]) -> tuple[tuple[int, float], ...]:
+    """Token pieces (their bytes, their log-probability) as (end offset, log-probability)."""
+    ends, total = [], 0
+    for piece, logprob in pieces:
+        total += len(piece)
+        ends.append((total, logprob))
+    return tuple(ends)
+
+
+class Backend(Protocol):
+    def predict(self, requests: list[Request]) -> list[Response]: ...
+
+
+def value_budget(spec) -> int:
+    """The most characters a value of this field may take in an answer."""
+    return max([len(v) for v in spec.values or []] + [_BUDGET.get(spec.type, 32)])
+
+
+def max_new_tokens(doc_type: DocType, cap: int) -> int:
+    """A token budget from the answer's schema: every key and a generous value in UTF-8 bytes
+    (no tokenizer makes more tokens than bytes), at most ``cap``."""
+    longest = {spec.name: "x" * value_budget(spec) * 3 for spec in doc_type.fields}
+    return min(cap, len(json.dumps(longest, ensure_ascii=False).encode("utf-8")) + 8)
+
+
+def decoding_schema(doc_type: DocType) -> dict:
+    """The answer schema a constrained decoder follows: the type's, each string value bounded to its
+    budget, so that an answer closes within ``max_new_tokens`` whatever the model would ramble."""
+    schema = doc_type.answer_schema()
+    for spec in doc_type.fields:
+        if spec.type != "enum":
+            schema["properties"][spec.name]["maxLength"] = value_budget(spec)
+    return schema
+
+
+def batches(requests: list[Request], size: int) -> Iterator[list[Request]]:
+    for start in range(0, len(requests), size):
+        yield requests[start : start + size]
+
+
+def data_url(image_uri: str, config: PipelineConfig) -> str:
+    buffer = io.BytesIO()
+    load_image(image_uri, config.storage.s3).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat_messages(request: Request, config: PipelineConfig) -> list[dict]:
+    """The document as an OpenAI chat request: the image, then the question."""
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(request.example.image, config)}},
+        {"type": "text", "text": request.question},
+    ]}]  # fmt: skip
+
+
+def response_format(doc_type: DocType) -> dict:
+    return {"type": "json_schema",
+            "json_schema": {"name": doc_type.id, "schema": decoding_schema(doc_type), "strict": True}}  # fmt: skip
+
+
+class TransformersBackend:
+    """Batched greedy generation through the model family's adapter, with a model in memory: the
+    patched folder's (``from_folder``) or the one being trained (checkpoint selection)."""
+
+    def __init__(self, adapter, model, settings: EvaluationConfig, s3: S3Config):
+        self.adapter, self.model, self.settings, self.s3 = adapter, model, settings, s3
+
+    @classmethod
+    def from_folder(cls, model_dir: Path, config: PipelineConfig) -> TransformersBackend:
+        import torch
+
+        from docpipe.model.adapters import load_adapter
+
+        adapter = load_adapter(model_dir, config.model, config.training)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        return cls(adapter, adapter.from_pretrained(dtype).to(device).eval(), config.evaluation, config.storage.s3)
+
+    def predict(self, requests: list[Request]) -> list[Response]:
+        import torch
+
+        responses = []
+        for batch in batches(requests, self.settings.batch_size):
+            started = time.perf_counter()
+            samples = [Sample(r.example, load_image(r.example.image, self.s3)) for r in batch]
+            budget = max(max_new_tokens(r.doc_type, self.settings.max_new_tokens) for r in batch)
+            schemas = [decoding_schema(r.doc_type) for r in batch] if self.settings.structured_output else None
+            with torch.no_grad():
+                completions = self.adapter.complete(self.model, samples, budget, schemas)
+            elapsed = time.perf_counter() - started
+            responses += [Response(r.example.id, c.text, elapsed, c.logprobs)
+                          for r, c in zip(batch, completions, strict=True)]  # fmt: skip
+        return responses
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible server; requests go concurrently, up to ``evaluation.batch_size`` at once."""
+
+    def __init__(self, endpoint: str, model: str, config: PipelineConfig):
+        from openai import OpenAI
+
+        # A key only where the server wants one, from the environment; vLLM's default wants none.
+        self.client = OpenAI(base_url=endpoint, api_key=os.environ.get("OPENAI_API_KEY", "none"), max_retries=3,
+                             timeout=600)  # fmt: skip
+        self.model = model
+        self.config = config
+
+    def request_arguments(self, request: Request) -> dict:
+        settings = self.config.evaluation
+        arguments = {"model": self.model, "messages": chat_messages(request, self.config), "temperature": 0,
+                     "max_tokens": max_new_tokens(request.doc_type, settings.max_new_tokens),
+                     "logprobs": True}  # fmt: skip
+        if settings.structured_output:
+            arguments["response_format"] = response_format(request.doc_type)
+        return arguments
+
+    def _answer(self, request: Request) -> Response:
+        started = time.perf_counter()
+        completion = self.client.chat.completions.create(**self.request_arguments(request))
+        choice = completion.choices[0]
+        tokens = (choice.logprobs.content or []) if choice.logprobs else []
+        pieces = [(bytes(t.bytes) if t.bytes is not None else t.token.encode("utf-8"), t.logprob) for t in tokens]
+        return Response(request.example.id, choice.message.content or "", time.perf_counter() - started,
+                        byte_ends(pieces))  # fmt: skip
+
+    def predict(self, requests: list[Request]) -> list[Response]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.config.evaluation.batch_size) as pool:
+            return list(pool.map(self._answer, requests))
+
+
+class VllmBackend:
+    """vLLM's offline engine: the whole eval set as one batch of chat requests."""
+
+    def __init__(self, model_dir: Path, config: PipelineConfig):
+        from vllm import LLM
+
+        self.config = config
+        self.llm = LLM(model=str(model_dir), trust_remote_code=config.model.adapter == "remote_code",
+                       max_model_len=config.training.model_max_length, limit_mm_per_prompt={"image": 1})  # fmt: skip
+
+    def sampling_arguments(self, request: Request) -> dict:
+        """Keyword arguments of ``vllm.SamplingParams`` for one request (no vllm needed to build them)."""
+        settings = self.config.evaluation
+        arguments = {
+            "temperature": 0.0,
+            "max_tokens": max_new_tokens(request.doc_type, settings.max_new_tokens),
+            "logprobs": 0,
+        }  # the chosen token's only
+        if settings.structured_output:
+            arguments["structured_outputs"] = {"json": decoding_schema(request.doc_type)}
+        return arguments
+
+    def predict(self, requests: list[Request]) -> list[Response]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params = []
+        for request in requests:
+            arguments = self.sampling_arguments(request)
+            if "structured_outputs" in arguments:
+                arguments["structured_outputs"] = StructuredOutputsParams(**arguments["structured_outputs"])
+            params.append(SamplingParams(**arguments))
+        started = time.perf_counter()
+        outputs = self.llm.chat([chat_messages(r, self.config) for r in requests], sampling_params=params)
+        elapsed = time.perf_counter() - started
+        return [Response(r.example.id, o.outputs[0].text, elapsed, self.logprobs(o.outputs[0]))
+                for r, o in zip(requests, outputs, strict=True)]  # fmt: skip
+
+    @staticmethod
+    def logprobs(output) -> tuple[tuple[int, float], ...]:
+        """The chosen tokens' log-probabilities of a ``CompletionOutput``, by where each ends in its text."""
+        chosen = [step[token] for step, token in zip(output.logprobs or [], output.token_ids, strict=False)]
+        return byte_ends([((c.decoded_token or "").encode("utf-8"), c.logprob) for c in chosen])
+
+
+def open_backend(config: PipelineConfig, model: str | None) -> Backend:
+    """The configured backend: ``openai`` against ``evaluation.endpoint``, else ``vllm`` or
+    ``transformers`` on the model folder ``model`` (``NoModelFolder`` where it is not one)."""
+    settings = config.evaluation
+    if settings.backend == "openai":
+        return OpenAIBackend(settings.endpoint, settings.served_model, config)
+    if not model or not (Path(model) / "config.json").is_file():
+        raise NoModelFolder(f"--model {model}: backend {settings.backend} needs a model folder with config.json")
+    if settings.backend == "vllm":
+        return VllmBackend(Path(model), config)
+    return TransformersBackend.from_folder(Path(model), config)

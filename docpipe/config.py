@@ -1,0 +1,470 @@
+"""Typed pipeline configuration: YAML files validated by pydantic.
+
+``load_pipeline_config`` reads ``configs/pipeline.yaml`` and any overlays (small files
+that override keys, merged in order) and returns a ``PipelineConfig``. Every error names
+the file that set the offending key, the key and the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from docpipe.doctypes import load_registry
+from docpipe.loader import load_model
+
+DEFAULT_CONFIG = Path("configs/pipeline.yaml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class S3Config(_Strict):
+    """How to reach the S3 API; credentials come from the environment, never from here."""
+
+    endpoint_url: str | None = Field(None, description="MinIO, moto or another S3-compatible endpoint")
+    region: str = "us-east-1"
+    max_attempts: int = Field(3, ge=1, le=20, description="attempts per S3 call, the first included")
+    connect_timeout_s: float = Field(5, gt=0, description="seconds to open a connection to the S3 endpoint")
+    read_timeout_s: float = Field(15, gt=0, description="seconds an S3 endpoint may stay silent within a call")
+
+    def call_bound_s(self) -> float:
+        """The longest one S3 call can take before it fails: every attempt timing out, plus backoff."""
+        backoff = sum(min(2.0**retry, 20.0) for retry in range(self.max_attempts - 1))  # botocore's standard mode
+        return self.max_attempts * (self.connect_timeout_s + self.read_timeout_s) + backoff
+
+
+class StorageConfig(_Strict):
+    """Where batches land, datasets and run outputs live: local paths or s3:// URIs."""
+
+    landing_uri: str
+    datasets_uri: str
+    runs_uri: str
+    s3: S3Config = S3Config()
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str = Field(description="MLflow tracking URI: sqlite:///..., http(s)://...")
+    experiment: str = "doc-extraction"
+    artifact_location: str | None = Field(
+        None, description="artifact root for a new experiment (local path or s3:// URI)"
+    )
+    request_timeout_s: int = Field(20, ge=1, description="seconds one call to a tracking server may take")
+    max_retries: int = Field(2, ge=0, le=10, description="retries of a failed call to a tracking server")
+
+
+class ModelConfig(_Strict):
+    """The base model to finetune: a local folder, a mounted volume or an s3:// URI."""
+
+    base: str
+    adapter: Literal["native", "remote_code"] = Field(
+        "native", description="native: transformers 5.x classes; remote_code: trust_remote_code"
+    )
+    llm_type: Literal["qwen2", "llama3", "minicpm"] | None = Field(
+        None, description="the remote-code recipe's LLM_TYPE; required for remote_code"
+    )
+
+    @model_validator(mode="after")
+    def _llm_type_matches_adapter(self) -> ModelConfig:
+        if self.adapter == "remote_code" and self.llm_type is None:
+            raise ValueError("llm_type is required when adapter is remote_code")
+        if self.adapter == "native" and self.llm_type is not None:
+            raise ValueError("llm_type applies only to adapter remote_code")
+        return self
+
+
+class TorchrunLayout(_Strict):
+    """torchrun's layout. The environment variable named beside a key (or Kubeflow Trainer's
+    ``PET_`` one), when set, wins: cluster schedulers set them per node."""
+
+    gpus_per_node: int = Field(1, ge=1, description="GPUS_PER_NODE (PET_NPROC_PER_NODE): processes per node (CPU: 1)")
+    nnodes: int = Field(1, ge=1, le=64, description="NNODES (PET_NNODES): nodes, each running the stage")
+    node_rank: int = Field(0, ge=0, description="NODE_RANK (PET_NODE_RANK): this node's index; node 0 reports the run")
+    master_addr: str = Field("127.0.0.1", description="MASTER_ADDR (PET_MASTER_ADDR): node 0, the rendezvous host")
+    master_port: int = Field(29500, ge=1, le=65535, description="MASTER_PORT (PET_MASTER_PORT)")
+    rendezvous_timeout_s: int = Field(
+        900, ge=10, description="how long nodes wait for each other at the rendezvous before the run fails"
+    )
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="memory of each GPU: the plan refuses a layout estimated not to fit (null: not checked)"
+    )
+    host_memory_gib: float | None = Field(
+        None, gt=0, description="host memory of each node for the same check (CPU offload lives there)"
+    )
+
+    @model_validator(mode="after")
+    def _rank_in_range(self) -> TorchrunLayout:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} is not below nnodes {self.nnodes}")
+        return self
+
+
+class TrainingConfig(_Strict):
+    """Full-finetune hyperparameters; defaults mirror the practitioner recipe."""
+
+    learning_rate: float = Field(1e-6, gt=0)
+    lr_scheduler_type: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_ratio: Probability = 0.01
+    weight_decay: float = Field(0.1, ge=0)
+    adam_beta2: float = Field(0.95, gt=0, lt=1)
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    max_slice_nums: int = Field(9, ge=1, le=9, description="above 9 crashes MiniCPM-V 2.6 code")
+    model_max_length: int = Field(2048, ge=64)
+    per_device_train_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: int = Field(10000, ge=1)
+    eval_steps: int = Field(1000, ge=1)
+    save_steps: int = Field(2000, ge=1)
+    save_total_limit: int = Field(5, ge=1)
+    tune_vision: bool = True
+    tune_llm: bool = True
+    deepspeed: Literal["zero2", "zero2_offload", "zero3"] | None = Field(
+        "zero2_offload", description="a config in configs/deepspeed/, or null for none"
+    )
+    max_unfit_fraction: Probability = Field(
+        0.01, description="share of train documents that may not fit model_max_length before the run fails"
+    )
+    seed: int = 42
+    dataloader_num_workers: int = Field(2, ge=0)
+    launch: TorchrunLayout = TorchrunLayout()
+    selection: Literal["field_accuracy", "document_accuracy", "eval_loss"] = Field(
+        "field_accuracy", description="what makes a checkpoint the best one: accuracy of its generated answers, or loss"
+    )
+    selection_documents: int = Field(
+        64, ge=0, description="eval documents answered at every evaluation to score the checkpoint (0: none)"
+    )
+
+    @model_validator(mode="after")
+    def _something_to_tune(self) -> TrainingConfig:
+        if not (self.tune_vision or self.tune_llm):
+            raise ValueError("tune_vision and tune_llm are both false: nothing would be trained")
+        return self
+
+    @model_validator(mode="after")
+    def _checkpoints_are_scored(self) -> TrainingConfig:
+        if self.save_steps % self.eval_steps:
+            raise ValueError(f"save_steps {self.save_steps} must be a multiple of eval_steps {self.eval_steps}: "
+                             "every saved checkpoint is scored")  # fmt: skip
+        if self.selection != "eval_loss" and not self.selection_documents:
+            raise ValueError(f"selection {self.selection} needs selection_documents above 0")
+        return self
+
+
+class GpuContainerConfig(_Strict):
+    """How GPU stage containers run; pipeline.yaml says what each setting is for."""
+
+    image: str = "doc-extraction/train:latest"
+    shm_size: str = Field("32g", pattern=r"^\d+[kmg]?$")
+    ipc_mode: str | None = None
+    ulimits: dict[str, int] | None = Field(
+        {"memlock": -1, "stack": 67108864}, description="null: the engine's defaults (where limits can't be raised)"
+    )
+    environment: dict[str, str] = {}
+    cuda_visible_devices: str | None = None
+    gpus: int | None = Field(
+        None, ge=0, description="GPUs a run's GPU stages get unless its form says otherwise (null: "
+        "training.launch.gpus_per_node; 0: none, a host without GPUs)",
+    )  # fmt: skip
+
+
+class Thresholds(_Strict):
+    field_accuracy: Probability
+    document_accuracy: Probability
+    json_validity: Probability
+
+
+class FitCheckConfig(_Strict):
+    """Training documents answered beside the eval set: train against eval tells under-fitting from
+    over-fitting, and the same documents with their images swapped tell reading from guessing."""
+
+    documents: int = Field(64, ge=0, description="training documents in the fixed sample (0: no fit check)")
+    seed: int = Field(0, description="draws the sample; the same seed and train set give the same sample")
+    image_control: bool = Field(True, description="answer the sample again with each image swapped for another's")
+    thresholds: Thresholds | None = Field(None, description="the gate also needs the fit to reach these")
+    max_control_ratio: Probability | None = Field(
+        None, description="the gate also needs the control's field accuracy at most this share of the fit's"
+    )
+
+    @model_validator(mode="after")
+    def _control_for_ratio(self) -> FitCheckConfig:
+        if self.max_control_ratio is not None and not self.image_control:
+            raise ValueError("max_control_ratio needs image_control")
+        if (self.thresholds or self.max_control_ratio is not None) and not self.documents:
+            raise ValueError("a gate on the fit check needs documents above 0")
+        return self
+
+
+class EvalSetConfig(_Strict):
+    """A golden evaluation set: the eval documents of one pinned dataset version (a batch ingested
+    with ``--eval-only`` makes every document of it one), the same for every model compared."""
+
+    dataset: str = Field(min_length=1, description="the datasets location (folder or s3://) that holds the version")
+    version: str = Field(min_length=1, description="the pinned dataset version id")
+
+
+class EvaluationConfig(_Strict):
+    """How the eval set is answered, and the accuracy gates: defaults for every type, overrides per type."""
+
+    backend: Literal["transformers", "openai", "vllm"] = Field(
+        "transformers", description="transformers: batched generate; openai: an OpenAI-compatible server; vllm"
+    )
+    endpoint: str | None = Field(None, description="openai backend: the server's base URL, e.g. http://host:8000/v1")
+    served_model: str = Field("doc-extraction", description="openai backend: the model name the server serves")
+    batch_size: int = Field(8, ge=1, description="documents per generate call (concurrent requests for openai)")
+    max_new_tokens: int = Field(512, ge=1, description="cap on the budget derived from each type's answer schema")
+    structured_output: bool = Field(
+        False, description="constrain answers to the type's JSON schema (transformers: llguidance; openai; vllm)"
+    )
+    review_threshold: Probability = Field(
+        0.9, description="a document whose least confident field is below this goes to review (report, labelling)"
+    )
+    ocr_baseline: bool = Field(True, description="also run the OCR pipeline on the eval set and report it beside")
+    gallery_size: int = Field(24, ge=0, description="failed documents shown in the report")
+
+    thresholds: Thresholds = Thresholds(field_accuracy=0.98, document_accuracy=0.92, json_validity=0.99)
+    per_doc_type: dict[str, Thresholds] = {}
+    regression_tolerance: Probability = Field(
+        0.005, description="how far below the champion a challenger may fall and still pass"
+    )
+    min_eval_documents: int = Field(
+        1, ge=1, description="the gate fails a requested document type with fewer eval documents than this"
+    )
+    fit_check: FitCheckConfig = FitCheckConfig()
+    eval_sets: dict[str, EvalSetConfig] = Field({}, description="golden evaluation sets by name")
+    eval_set: str | None = Field(
+        None, description="the golden set evaluate answers instead of the run's export (a name in eval_sets)"
+    )
+
+    @model_validator(mode="after")
+    def _endpoint_for_openai(self) -> EvaluationConfig:
+        if self.backend == "openai" and not self.endpoint:
+            raise ValueError("backend openai needs an endpoint")
+        if self.eval_set is not None and self.eval_set not in self.eval_sets:
+            raise ValueError(f"eval_set {self.eval_set!r} is not one of eval_sets {sorted(self.eval_sets)}")
+        return self
+
+    def thresholds_for(self, doc_type: str) -> Thresholds:
+        return self.per_doc_type.get(doc_type, self.thresholds)
+
+
+class DegradationConfig(_Strict):
+    """How synthetic documents are photographed badly: each effect's chance and strength."""
+
+    rotate: Probability = 0.5
+    max_rotation_deg: float = Field(6.0, ge=0, le=45)
+    perspective: Probability = 0.3
+    perspective_strength: float = Field(0.06, ge=0, le=0.2, description="corner shift / side")
+    blur: Probability = 0.3
+    max_blur_radius: float = Field(1.2, ge=0, le=5)
+    noise: Probability = 0.3
+    noise_sigma: float = Field(8.0, ge=0, le=64)
+    jpeg_quality: tuple[int, int] = Field((35, 92), description="JPEG quality drawn from this range")
+
+    @field_validator("jpeg_quality")
+    @classmethod
+    def _quality_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1] <= 95:
+            raise ValueError("need 1 <= low <= high <= 95")
+        return value
+
+
+class SyntheticConfig(_Strict):
+    """The synthetic document generator used by the demo and the tests."""
+
+    count: int = Field(24, ge=1, le=100_000)
+    seed: int = 0
+    dense: Probability = Field(0.3, description="share of documents in a dense layout")
+    degradation: DegradationConfig = DegradationConfig()
+
+
+class DatasetConfig(_Strict):
+    """Ingest: what a record must satisfy, when a batch fails, and how splits are drawn."""
+
+    eval_fraction: Probability = Field(0.1, description="share of documents in the eval split")
+    split_salt: str = Field("v1", min_length=1, description="changing it reshuffles every split: don't")
+    max_bad_fraction: Probability = Field(0.2, description="a batch with more bad records fails the stage")
+    max_image_pixels: int = Field(60_000_000, ge=1, description="decompression-bomb guard")
+    max_image_bytes: int = Field(50 * 2**20, ge=1)
+    min_image_side: int = Field(32, ge=1)
+    workers: int = Field(0, ge=0, description="image-checking processes; 0 means one per CPU")
+
+
+class ExportConfig(_Strict):
+    """Annotation export to the MiniCPM-V conversation format."""
+
+    image_root: str | None = Field(
+        None, description="where the training container sees the dataset root; null: the dataset's own location"
+    )
+    prompt_variants: bool = Field(True, description="train documents draw from each type's prompt_variants")
+
+
+class PatchConfig(_Strict):
+    """Which checkpoint of a finetune run becomes the model."""
+
+    checkpoint: Literal["best", "latest"] = Field(
+        "best", description="best: by training.selection (the latest where no eval ran); latest: the newest"
+    )
+    max_new_tokens: int = Field(64, ge=1, description="tokens generated from one example to prove the model answers")
+
+
+class ServingConfig(_Strict):
+    """vLLM server flags for MiniCPM-V, in one place (written into the image's serve.yaml)."""
+
+    served_model_name: str = "doc-extraction"
+    max_model_len: int = Field(4096, ge=256, description="prompt (image slices included) plus answer")
+    limit_mm_per_prompt: dict[str, int] = Field({"image": 1}, description="one document image per request")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    port: int = Field(8000, ge=1, le=65535)
+    # Request limits of the CPU stand-in (tools.openai_standin); vLLM bounds tokens by max_model_len.
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="a request's decoded image, in bytes")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, checked before decoding")
+    max_tokens: int = Field(1024, ge=1, description="the largest max_tokens a request may ask for")
+
+
+class PublishConfig(_Strict):
+    """Model Registry entry and the vLLM serving image."""
+
+    registered_model: str = Field("doc-extraction", min_length=1, description="MLflow Model Registry name")
+    image_repository: str = Field(description="where serving images are pushed, e.g. registry.example.com/doc/serving")
+    vllm_image: str = Field("vllm/vllm-openai:v0.33.0", description="the official OpenAI-server base, pinned")
+    model_source: Literal["baked", "artifact_store"] = Field(
+        "baked", description="baked: the weights inside the image; artifact_store: vLLM streams them at start"
+    )
+    serving: ServingConfig = ServingConfig()
+    smoke_gpus: int = Field(1, ge=0, description="GPUs the smoke-test container gets (0 where there is none)")
+    smoke_timeout_s: int = Field(900, ge=10, description="how long the server may take to become healthy")
+    engine_timeout_s: int = Field(
+        600, ge=10, description="seconds the container engine may stay silent within one call (a build streams "
+        "progress; a stalled engine fails the stage after this)",
+    )  # fmt: skip
+
+
+class KubernetesConfig(_Strict):
+    """Where the kubernetes launcher runs stage pods."""
+
+    namespace: str = "default"
+    service_account: str | None = None
+    data_claim: str | None = Field(None, description="a PersistentVolumeClaim mounted at data_mount_path")
+    data_mount_path: str = "/data"
+    node_selector: dict[str, str] = {}
+    conn_id: str = Field("kubernetes_default", description="Airflow connection to the cluster (its kubeconfig)")
+    training_runtime: str = Field(
+        "torch-distributed", description="the Kubeflow Trainer ClusterTrainingRuntime finetune's TrainJob runs on"
+    )
+    credentials_secret: str | None = Field(
+        None, description="a Secret holding orchestration.pass_environment's keys, given to the TrainJob's nodes"
+    )
+    kubernetes_version: str = Field(
+        "1.33", description="the cluster's version, whose schemas the TrainJob's pod must pass"
+    )
+    poll_seconds: float = Field(15, gt=0, description="how often the TrainJob's status and logs are read")
+
+
+class OrchestrationConfig(_Strict):
+    """How the Airflow DAG runs the stages (dags/doc_extraction.py)."""
+
+    launcher: Literal["local", "docker", "kubernetes"] = Field(
+        "local", description="local: a subprocess beside the worker; docker: DockerOperator; kubernetes: a pod"
+    )
+    stage_image: str = Field("doc-extraction/stages:latest", description="CPU stages; GPU stages use gpu_container")
+    gpu_stages: list[str] = Field(["finetune", "patch", "evaluate"], description="stages run on gpu_container.image")
+    docker_url: str = Field("unix://var/run/docker.sock", description="the engine the docker launcher talks to")
+    network_mode: str | None = Field(None, description="docker network of stage containers, e.g. the compose one")
+    container_configs: list[str] = Field(
+        ["configs/pipeline.yaml"], description="config files as stage containers see them (/app/configs in the images)"
+    )
+    mounts: dict[str, str] = Field(
+        {}, description="docker launcher: host path -> container path (data, models, caches); ${VAR} in a host "
+        "path is read from the scheduler's environment",
+    )  # fmt: skip
+    container_environment: dict[str, str] = Field({}, description="extra non-secret environment for stage containers")
+    pass_environment: list[str] = Field(
+        [], description="names of the worker's environment variables passed privately to stage containers (keys)"
+    )
+    kubernetes: KubernetesConfig = KubernetesConfig()
+    landing_poll_seconds: int = Field(
+        30, ge=5, description="how often the polling watcher lists the landing prefix (a new batch starts a run "
+        "within this plus the watcher task's run time)",
+    )  # fmt: skip
+    sqs_queue: str | None = Field(
+        None, description="SQS queue fed by S3 event notifications: enables the event watcher"
+    )
+    aws_conn_id: str = Field("aws_default", description="Airflow connection for S3 and SQS (credentials live there)")
+    publish: bool = Field(True, description="publish after a passed gate (the form's default; false: no registry here)")
+    retries: int = Field(2, ge=0, description="retries of a failed stage task (finetune resumes from its checkpoint)")
+    retry_delay_minutes: int = Field(2, ge=0)
+    timeout_minutes: dict[str, int] = Field(
+        {"ingest": 120, "export": 60, "finetune": 4320, "patch": 120, "evaluate": 600, "publish": 180},
+        description="per-stage execution timeout",
+    )
+
+
+class LabellingConfig(_Strict):
+    """The labelling loop: a Label Studio server where people review pre-filled documents (its key
+    comes from the environment, ``LABEL_STUDIO_API_KEY``, never from here)."""
+
+    url: str = Field("http://127.0.0.1:8081", description="the Label Studio server's base URL")
+    project_prefix: str = Field("doc-extraction", min_length=1, description="projects are '<prefix>: <doc type>'")
+    structured_output: bool = Field(True, description="pre-fill with answers constrained to the type's schema")
+    timeout_s: float = Field(60, gt=0, description="seconds one API call may take")
+    retries: int = Field(3, ge=0, description="retries of a call the server answered 502/503/504 or not at all")
+
+
+class PipelineConfig(_Strict):
+    doctypes_dir: Path = Path("configs/doctypes")
+    deepspeed_dir: Path = Path("configs/deepspeed")
+    doc_types: list[str] = Field(min_length=1, description="document types this pipeline trains on")
+    storage: StorageConfig
+    tracking: TrackingConfig
+    model: ModelConfig
+    training: TrainingConfig = TrainingConfig()
+    gpu_container: GpuContainerConfig = GpuContainerConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    dataset: DatasetConfig = DatasetConfig()
+    export: ExportConfig = ExportConfig()
+    patch: PatchConfig = PatchConfig()
+    publish: PublishConfig = PublishConfig(image_repository="localhost:5000/doc-extraction/serving")
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+    labelling: LabellingConfig = LabellingConfig()
+
+    @field_validator("doc_types")
+    @classmethod
+    def _doc_types_known(cls, names: list[str], info: ValidationInfo) -> list[str]:
+        _check_known_doc_types(names, info)
+        return names
+
+    @field_validator("evaluation")
+    @classmethod
+    def _thresholds_for_known_types(cls, evaluation: EvaluationConfig, info: ValidationInfo) -> EvaluationConfig:
+        _check_known_doc_types(list(evaluation.per_doc_type), info)
+        return evaluation
+
+
+def _check_known_doc_types(names: list[str], info: ValidationInfo) -> None:
+    doctypes_dir = info.data.get("doctypes_dir")
+    if doctypes_dir is None:
+        return  # doctypes_dir itself failed validation and is reported on its own
+    known = load_registry(doctypes_dir)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"unknown document type(s) {unknown}; {doctypes_dir} has {sorted(known)}")
+
+
+def load_pipeline_config(paths: list[Path] | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load ``configs/pipeline.yaml`` (or the given files, merged in order), then ``overrides``."""
+    return load_model(PipelineConfig, list(paths or [DEFAULT_CONFIG]), overrides)

@@ -1,0 +1,100 @@
+"""``python -m tools.demo``: the pipeline's Airflow DAG end to end on the embedded default.
+
+A synthetic labelled batch lands (as a labelling team's export would), the landing watcher
+DAG announces it, and the pipeline DAG (``dags/doc_extraction.py``) runs every stage with the
+local launcher: ingest, export, finetune (the embedded default's tiny random MiniCPM-V 4.6,
+built offline on first use, learns its training documents by heart), patch, evaluate and the
+gate, which asks the fit check to pass; the embedded default publishes nothing (no container
+engine or registry). It ends by printing the fit, the image control, the eval set's accuracy
+and the gate's decision. Airflow keeps its state in ``data/airflow``
+(sqlite); ``airflow dags test`` runs the DAGs in this process's environment, no scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from docpipe import tracking
+from docpipe.contract import EXIT_BAD_INPUT, EXIT_FAILED, config_flags
+from docpipe.storage import open_storage
+from tools.local_airflow import EMBEDDED, PASSWORDS_FILE, airflow_environment, embedded_parser, load_or_report
+from tools.tiny_model import build as build_tiny_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = embedded_parser("python -m tools.demo", __doc__)
+    parser.add_argument("--count", type=int, default=24, help="synthetic documents to generate")
+    args = parser.parse_args(argv)
+    paths = args.config or EMBEDDED
+    if (config := load_or_report(paths, "demo")) is None:
+        return EXIT_BAD_INPUT
+
+    base = Path(config.model.base)
+    if "://" not in config.model.base and not (base / "config.json").exists():
+        print(f"== building the tiny model in {base}", flush=True)
+        build_tiny_model(base, config.doctypes_dir, size="demo")
+
+    started = datetime.now(UTC)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    batch = open_storage(config.storage.landing_uri, config.storage.s3).child(f"batch-{stamp}")
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    env = airflow_environment(args.airflow_home, paths)
+    steps = {
+        "a synthetic batch lands": [sys.executable, "-m", "tools.synthetic", *config_flags(paths),
+                                    "--output", batch.uri, "--count", str(args.count)],
+        "Airflow's database": [airflow, "db", "migrate"],
+        "the landing watcher": [airflow, "dags", "test", "doc_extraction_landing_watcher"],
+        "the pipeline DAG": [airflow, "dags", "test", "doc_extraction"],
+    }  # fmt: skip
+    for name, step in steps.items():
+        print(f"== {name}", flush=True)
+        quiet = name == "Airflow's database"
+        done = subprocess.run(step, env=env, stdout=subprocess.DEVNULL if quiet else None)
+        if done.returncode:
+            print(f"demo: {name} failed with exit code {done.returncode}", file=sys.stderr)
+            break
+    parent = tracking.latest_pipeline_run(config.tracking, since=started)
+    if parent is None:
+        print("demo: the pipeline DAG started no MLflow run", file=sys.stderr)
+        return EXIT_FAILED
+    run_dir = parent.data.tags.get("run.folder", config.storage.runs_uri)
+    uri, experiment = config.tracking.tracking_uri, parent.info.experiment_id
+    default = paths == EMBEDDED and args.airflow_home == Path("data/airflow")
+    ui = "make airflow" if default else " ".join([".venv/bin/python -m tools.local_airflow", *config_flags(paths),
+                                                  "--airflow-home", str(args.airflow_home)])  # fmt: skip
+    print(
+        f"\nLabelled batch:   {batch.uri} (labels.jsonl, images/, result.json)"
+        f"\nDataset versions: {config.storage.datasets_uri} (LATEST, versions/<id>/manifest.jsonl, card.json)"
+        f"\nRun outputs:      {run_dir} (export/, finetune/checkpoint-*, model/, evaluate/)"
+        f"\nReport:           {run_dir}/evaluate/report.html"
+        f"\nMLflow run:       {parent.info.run_id} ({parent.info.status}) in experiment {config.tracking.experiment!r}"
+        f"\nList runs:        MLFLOW_TRACKING_URI={uri} .venv/bin/mlflow runs list --experiment-id {experiment}"
+        f"\nBrowse runs:      .venv/bin/mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+        f"\nAirflow UI:       {ui}  (then http://127.0.0.1:8080, user admin, password in "
+        f"{args.airflow_home / PASSWORDS_FILE})"
+    )
+    print(accuracy_summary(Path(run_dir) / "evaluate"))
+    return done.returncode and EXIT_FAILED
+
+
+def accuracy_summary(evaluation: Path) -> str:
+    """Fit, image control and eval accuracy, and the gate's decision, as the evaluate stage wrote them."""
+    if not (evaluation / "metrics.json").is_file():
+        return f"\nNo evaluation in {evaluation}."
+    saved = json.loads((evaluation / "metrics.json").read_text())
+    decision = json.loads((evaluation / "decision.json").read_text())
+    rows = [("Fit (training documents)", saved.get("fit")), ("Image control (swapped)", saved.get("image_control")),
+            ("Eval set (unseen)", saved["metrics"])]  # fmt: skip
+    lines = [f"{label + ':':27}field accuracy {m['overall']['field_accuracy']:.3f}, document accuracy "
+             f"{m['overall']['document_accuracy']:.3f}, JSON validity {m['overall']['json_validity']:.3f} "
+             f"({m['overall']['documents']} documents)" for label, m in rows if m]  # fmt: skip
+    verdict = "passed" if decision["passed"] else "failed"
+    return "\n" + "\n".join([*lines, f"Gate: {verdict}: {'; '.join(decision['reasons'])}"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
