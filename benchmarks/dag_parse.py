@@ -42,14 +42,22 @@ def main() -> None:
     env = {**os.environ, "DOC_EXTRACTION_CONFIG": os.pathsep.join(configs), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
     runs = []
     for _ in range(args.repeat):
-        done = subprocess.run([sys.executable, "-c", PROBE, str(ROOT / "dags" / "doc_extraction.py"), ",".join(HEAVY)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, check=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", PROBE, str(ROOT / "dags" / "doc_extraction.py"), ",".join(HEAVY)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     times = [run["seconds"] for run in runs]
     heavy = sorted({module for run in runs for module in run["heavy"]})
     print(f"configs: {' + '.join(configs)}")
-    print(f"DAG file parse: median {statistics.median(times):.3f} s, worst {max(times):.3f} s "
-          f"over {len(times)} fresh interpreters (target <= 0.5 s)")  # fmt: skip
+    print(
+        f"DAG file parse: median {statistics.median(times):.3f} s, worst {max(times):.3f} s "
+        f"over {len(times)} fresh interpreters (target <= 0.5 s)"
+    )
     print(f"heavy modules imported: {', '.join(heavy) or 'none'} (target: none)")
 
 

@@ -52,17 +52,28 @@ def main() -> None:
             path.write_bytes(image)
             doc_type = registry[record.doc_type]
             answer = doc_type.canonical_answer(record.fields)
-            example = Example(id=str(index), doc_type=doc_type.id, image=str(path), conversations=[
-                {"role": "user", "content": doc_type.prompt}, {"role": "assistant", "content": answer}])  # fmt: skip
+            example = Example(
+                id=str(index),
+                doc_type=doc_type.id,
+                image=str(path),
+                conversations=[{"role": "user", "content": doc_type.prompt}, {"role": "assistant", "content": answer}],
+            )
             requests.append(Request(example, doc_type))
 
         def answer(batch: int, budget: int, constrained: bool = False) -> tuple[float, float, float]:
             """docs/s, ms per decoding step and JSON validity of one pass over the documents."""
             overlay = tmp / "evaluation.yaml"
-            overlay.write_text(json.dumps({"model": {"base": str(model)}, "evaluation": {
-                "batch_size": batch, "max_new_tokens": budget, "structured_output": constrained}}))  # fmt: skip
-            config = load_pipeline_config([ROOT / "configs" / "pipeline.yaml",
-                                           ROOT / "configs" / "overlays" / "embedded.yaml", overlay])  # fmt: skip
+            overlay.write_text(
+                json.dumps(
+                    {
+                        "model": {"base": str(model)},
+                        "evaluation": {"batch_size": batch, "max_new_tokens": budget, "structured_output": constrained},
+                    }
+                )
+            )
+            config = load_pipeline_config(
+                [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", overlay]
+            )
             backend = TransformersBackend.from_folder(model, config)
             backend.predict(requests[: min(batch, 4)])  # warm-up
             started = time.perf_counter()
@@ -80,8 +91,11 @@ def main() -> None:
     expected = [json.loads(r.example.answer) for r in requests]
     started = time.perf_counter()
     rounds = max(1, args.scored // len(requests))
-    scored = [score(r.doc_type, r.example.id, e, e, "", 0.1)
-              for _ in range(rounds) for r, e in zip(requests, expected, strict=True)]  # fmt: skip
+    scored = [
+        score(r.doc_type, r.example.id, e, e, "", 0.1)
+        for _ in range(rounds)
+        for r, e in zip(requests, expected, strict=True)
+    ]
     evaluate_all(scored, registry, 1.0)
     scoring = len(scored) / (time.perf_counter() - started)
 
@@ -89,10 +103,14 @@ def main() -> None:
     print(f"batched (batch {args.batch}):        {rates[args.batch]:7.2f} docs/s")
     print(f"ratio batched / one at a time: {rates[args.batch] / rates[1]:.2f} (must be > 1)")
     for constrained, (docs, ms, valid) in modes.items():
-        print(f"{'constrained' if constrained else 'free':>11} (batch {args.batch}): {docs:7.2f} docs/s, "
-              f"{ms:6.1f} ms/step, JSON valid {valid:.2f}")  # fmt: skip
-    print(f"cost of constraining: {modes[True][1] / modes[False][1]:.2f}x per decoding step, "
-          f"docs/s ratio constrained / free {modes[True][0] / modes[False][0]:.2f}")  # fmt: skip
+        print(
+            f"{'constrained' if constrained else 'free':>11} (batch {args.batch}): {docs:7.2f} docs/s, "
+            f"{ms:6.1f} ms/step, JSON valid {valid:.2f}"
+        )
+    print(
+        f"cost of constraining: {modes[True][1] / modes[False][1]:.2f}x per decoding step, "
+        f"docs/s ratio constrained / free {modes[True][0] / modes[False][0]:.2f}"
+    )
     print(f"scoring:                   {scoring:7.0f} docs/s ({len(scored)} predictions, metrics included)")
 
 

@@ -59,10 +59,14 @@ def ingest_rate(tmp: Path, files: list[Path], attempt: int) -> float:
     """The ingest stage on the batch, into a fresh datasets folder; images per second of its run."""
     datasets = tmp / f"ds{attempt}"
     overlay = tmp / "overlay.yaml"
-    overlay.write_text(json.dumps({
-        "storage": {"landing_uri": str(tmp), "datasets_uri": str(datasets), "runs_uri": str(tmp / "runs")},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "artifacts")},
-    }))  # fmt: skip
+    overlay.write_text(
+        json.dumps(
+            {
+                "storage": {"landing_uri": str(tmp), "datasets_uri": str(datasets), "runs_uri": str(tmp / "runs")},
+                "tracking": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "artifacts")},
+            }
+        )
+    )
     configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", overlay]
     code = main(
         STAGE, build_parser(), run, [*config_flags(configs), "--output", str(datasets), "--batch", str(tmp / "batch")]
@@ -104,8 +108,11 @@ def main_benchmark() -> None:
     raw, ingest, raw_with_copy = (max(runs[name]) for name in ("raw", "ingest", "raw_with_copy"))
     every = {name: " ".join(f"{r:.0f}" for r in rates) for name, rates in runs.items()}
     print(f"best of {args.repeat} runs, images/s (every run in brackets):")
-    labels = {"raw": f"raw limit (decode + sha256, {cores} processes)", "ingest": "ingest stage",
-              "raw_with_copy": "raw limit + content-addressed copy (no fsync)"}  # fmt: skip
+    labels = {
+        "raw": f"raw limit (decode + sha256, {cores} processes)",
+        "ingest": "ingest stage",
+        "raw_with_copy": "raw limit + content-addressed copy (no fsync)",
+    }
     for name in ("raw", "raw_with_copy", "ingest"):
         print(f"  {labels[name]:<46} {max(runs[name]):7.1f}  [{every[name]}]")
     print(f"ratio ingest / raw:        {ingest / raw:.2f} (target >= 0.70)")

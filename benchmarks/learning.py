@@ -51,8 +51,14 @@ def stage(name: str, configs: list[Path], *args: str) -> float:
     """``python -m stages.<name>`` as the local launcher runs it; returns its seconds."""
     started = time.perf_counter()
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-    done = subprocess.run([sys.executable, "-m", f"stages.{name}", *config_flags(configs), *args], cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", f"stages.{name}", *config_flags(configs), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if done.returncode:
         sys.exit(f"{name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return time.perf_counter() - started
@@ -73,10 +79,17 @@ def per_field_table(saved: dict, prior: dict, registry) -> list[dict]:
     for doc_type, metrics in saved["metrics"]["per_doc_type"].items():
         for spec in registry[doc_type].fields:
             options = len(spec.values or spec.samples) if spec.type in ("enum", "text") else None
-            rows.append({"doc_type": doc_type, "field": spec.name, "type": spec.type,
-                         "short_list": bool(options and options <= SHORT_LIST), "options": options,
-                         "model": metrics["per_field_accuracy"][spec.name],
-                         "prior": prior["per_doc_type"][doc_type]["per_field_accuracy"][spec.name]})  # fmt: skip
+            rows.append(
+                {
+                    "doc_type": doc_type,
+                    "field": spec.name,
+                    "type": spec.type,
+                    "short_list": bool(options and options <= SHORT_LIST),
+                    "options": options,
+                    "model": metrics["per_field_accuracy"][spec.name],
+                    "prior": prior["per_doc_type"][doc_type]["per_field_accuracy"][spec.name],
+                }
+            )
     return rows
 
 
@@ -118,31 +131,69 @@ def main() -> None:
     registry = load_registry(ROOT / "configs" / "doctypes")
     model = build(out / "base-model", ROOT / "configs" / "doctypes", size=profile.size)
     overlay = out / "benchmark.yaml"
-    overlay.write_text(json.dumps({**profile.pipeline, "doc_types": profile.doc_types, "model": {"base": str(model)},
-        "storage": {"landing_uri": str(out / "landing"), "datasets_uri": str(out / "datasets"),
-                    "runs_uri": str(out / "runs")},
-        "tracking": {"tracking_uri": f"sqlite:///{out}/mlflow.db", "artifact_location": str(out / "artifacts")},
-        "evaluation": {**profile.pipeline.get("evaluation", {}), "ocr_baseline": False,
-                       "thresholds": {"field_accuracy": 0, "document_accuracy": 0, "json_validity": 0}}}))  # fmt: skip
+    overlay.write_text(
+        json.dumps(
+            {
+                **profile.pipeline,
+                "doc_types": profile.doc_types,
+                "model": {"base": str(model)},
+                "storage": {
+                    "landing_uri": str(out / "landing"),
+                    "datasets_uri": str(out / "datasets"),
+                    "runs_uri": str(out / "runs"),
+                },
+                "tracking": {"tracking_uri": f"sqlite:///{out}/mlflow.db", "artifact_location": str(out / "artifacts")},
+                "evaluation": {
+                    **profile.pipeline.get("evaluation", {}),
+                    "ocr_baseline": False,
+                    "thresholds": {"field_accuracy": 0, "document_accuracy": 0, "json_validity": 0},
+                },
+            }
+        )
+    )
     configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", overlay]
 
     batch = str(out / "landing" / "batch-1")
     types = ",".join(profile.doc_types)
-    seconds = {"synthetic": stage("synthetic", configs, "--output", batch, "--count", str(profile.documents),
-                                  "--doc-types", types)}  # fmt: skip
+    seconds = {
+        "synthetic": stage(
+            "synthetic", configs, "--output", batch, "--count", str(profile.documents), "--doc-types", types
+        )
+    }
     seconds["ingest"] = stage("ingest", configs, "--output", str(out / "datasets"), "--batch", batch)
     seconds["export"] = stage("export", configs, "--output", str(out / "export"))
     seconds["finetune"] = stage("finetune", configs, "--data", str(out / "export"), "--output", str(out / "finetune"))
     seconds["patch"] = stage("patch", configs, "--finetune", str(out / "finetune"), "--output", str(out / "model"))
-    seconds["evaluate"] = stage("evaluate", configs, "--data", str(out / "export"), "--model", str(out / "model"),
-                                "--output", str(out / "evaluate"))  # fmt: skip
+    seconds["evaluate"] = stage(
+        "evaluate",
+        configs,
+        "--data",
+        str(out / "export"),
+        "--model",
+        str(out / "model"),
+        "--output",
+        str(out / "evaluate"),
+    )
     total = time.perf_counter() - started
 
     train = json.loads((out / "export" / "train.json").read_text())
     held_out = json.loads((out / "export" / "eval.json").read_text())
     guesses = prior_answers(train)
-    prior = evaluate_all([score(registry[e["doc_type"]], e["id"], json.loads(e["conversations"][1]["content"]),
-                                guesses.get(e["doc_type"], {}), "", 0.0) for e in held_out], registry, 1.0)  # fmt: skip
+    prior = evaluate_all(
+        [
+            score(
+                registry[e["doc_type"]],
+                e["id"],
+                json.loads(e["conversations"][1]["content"]),
+                guesses.get(e["doc_type"], {}),
+                "",
+                0.0,
+            )
+            for e in held_out
+        ],
+        registry,
+        1.0,
+    )
     saved = json.loads((out / "evaluate" / "metrics.json").read_text())
     selection = json.loads((out / "finetune" / "selection.json").read_text())
     finetune = json.loads((out / "finetune" / "result.json").read_text())
@@ -151,8 +202,10 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    print(f"\nprofile {args.profile}: size {profile.size}, {len(train)} train / {len(held_out)} held-out documents, "
-          f"{finetune['counts']['global_step']} steps, {os.cpu_count()} CPUs, {device}")  # fmt: skip
+    print(
+        f"\nprofile {args.profile}: size {profile.size}, {len(train)} train / {len(held_out)} held-out documents, "
+        f"{finetune['counts']['global_step']} steps, {os.cpu_count()} CPUs, {device}"
+    )
     print(f"time: {total:.0f} s in all ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})")
     print(
         f"training: {finetune['metrics']['train_runtime_s']:.0f} s, "
@@ -161,26 +214,49 @@ def main() -> None:
     print("\nlearning curve (held-out, every checkpoint):")
     for point in selection["curve"]:
         if point["field_accuracy"] is not None:
-            print(f"  step {point['step']:5d}  field {point['field_accuracy']:.3f}  document "
-                  f"{point['document_accuracy']:.3f}  JSON {point['json_validity']:.3f}  "
-                  f"eval loss {point['eval_loss']:.3f}")  # fmt: skip
+            print(
+                f"  step {point['step']:5d}  field {point['field_accuracy']:.3f}  document "
+                f"{point['document_accuracy']:.3f}  JSON {point['json_validity']:.3f}  "
+                f"eval loss {point['eval_loss']:.3f}"
+            )
     print(f"\nchosen: {selection['reason']}")
     print(f"\n{'type':12} {'field':8} {'kind':6} {'options':>7} {'model':>6} {'prior':>6}  learned")
     for row in rows:
         learned = "yes" if row["model"] > row["prior"] else "no"
-        print(f"{row['doc_type']:12} {row['field']:8} {row['type']:6} {row['options'] or '-':>7} {row['model']:6.3f} "
-              f"{row['prior']:6.3f}  {learned}{' (short list)' if row['short_list'] else ''}")  # fmt: skip
+        print(
+            f"{row['doc_type']:12} {row['field']:8} {row['type']:6} {row['options'] or '-':>7} {row['model']:6.3f} "
+            f"{row['prior']:6.3f}  {learned}{' (short list)' if row['short_list'] else ''}"
+        )
     overall, fit = saved["metrics"]["overall"], saved["fit"]["overall"]
-    print(f"\nheld-out: field {overall['field_accuracy']:.3f}, JSON {overall['json_validity']:.3f}; prior "
-          f"{prior['overall']['field_accuracy']:.3f}; training sample (fit) {fit['field_accuracy']:.3f}")  # fmt: skip
+    print(
+        f"\nheld-out: field {overall['field_accuracy']:.3f}, JSON {overall['json_validity']:.3f}; prior "
+        f"{prior['overall']['field_accuracy']:.3f}; training sample (fit) {fit['field_accuracy']:.3f}"
+    )
     short = [r for r in rows if r["short_list"]]
     above = sum(r["model"] > r["prior"] for r in short)
     print(f"short-list fields above the prior: {above} of {len(short)}")
-    plot(selection, prior["overall"]["field_accuracy"], out / "learning.png",
-         f"{args.profile}: {profile.size}, {len(train)} train docs, held-out {len(held_out)}")  # fmt: skip
-    (out / "learning.json").write_text(json.dumps({"profile": args.profile, "seconds": seconds, "total_s": total,
-        "rows": rows, "prior": prior["overall"], "held_out": overall, "fit": fit, "selection": selection},
-        indent=2, ensure_ascii=False))  # fmt: skip
+    plot(
+        selection,
+        prior["overall"]["field_accuracy"],
+        out / "learning.png",
+        f"{args.profile}: {profile.size}, {len(train)} train docs, held-out {len(held_out)}",
+    )
+    (out / "learning.json").write_text(
+        json.dumps(
+            {
+                "profile": args.profile,
+                "seconds": seconds,
+                "total_s": total,
+                "rows": rows,
+                "prior": prior["overall"],
+                "held_out": overall,
+                "fit": fit,
+                "selection": selection,
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+    )
     print(f"saved {out / 'learning.png'} and {out / 'learning.json'}")
 
 

@@ -37,12 +37,24 @@ def main() -> None:
     )
     for option in TRIED:
         for batch in (args.batch, max(args.batch // 2, 1), 1):
-            layout = Layout(deepspeed=option, batch=batch, tokens=args.tokens, slices=args.slices,
-                            gpus_per_node=args.gpus, nodes=args.nodes)  # fmt: skip
+            layout = Layout(
+                deepspeed=option,
+                batch=batch,
+                tokens=args.tokens,
+                slices=args.slices,
+                gpus_per_node=args.gpus,
+                nodes=args.nodes,
+            )
             found = estimate(shape, layout, args.gpu_gib)
             print(f"{'fits ' if found.fits else 'NO   '} {found.describe()}")
-    asked = Layout(deepspeed="zero2", batch=args.batch, tokens=args.tokens, slices=args.slices,
-                   gpus_per_node=args.gpus, nodes=args.nodes)  # fmt: skip
+    asked = Layout(
+        deepspeed="zero2",
+        batch=args.batch,
+        tokens=args.tokens,
+        slices=args.slices,
+        gpus_per_node=args.gpus,
+        nodes=args.nodes,
+    )
     near = nearest_fit(shape, asked, args.gpu_gib, None)
     print(json.dumps({"asked": "zero2", "nearest_fit": near.describe() if near else None}))
 

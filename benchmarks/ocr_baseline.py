@@ -33,8 +33,11 @@ SAMPLE = Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared")) / "data" / "
 
 def sroie(doc_type: DocType, folder: Path) -> Iterator[tuple[str, Image.Image, dict]]:
     for path in sorted((folder / "img").glob("*.jpg")):
-        yield path.stem, Image.open(path), doc_type.canonical_fields(json.loads((folder / "key" / f"{path.stem}.json")
-                                                                                .read_text()))  # fmt: skip
+        yield (
+            path.stem,
+            Image.open(path),
+            doc_type.canonical_fields(json.loads((folder / "key" / f"{path.stem}.json").read_text())),
+        )
 
 
 def synthetic(doc_type: DocType, count: int) -> Iterator[tuple[str, Image.Image, dict]]:

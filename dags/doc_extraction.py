@@ -40,8 +40,11 @@ if SETTINGS.sqs_queue:
     from airflow.providers.common.messaging.triggers.msg_queue import MessageQueueTrigger
 
     trigger = MessageQueueTrigger(scheme="sqs", sqs_queue=SETTINGS.sqs_queue, aws_conn_id=SETTINGS.aws_conn_id)
-    schedule |= Asset(name="landing-notifications", uri=SETTINGS.sqs_queue,
-                      watchers=[AssetWatcher(name="landing-sqs", trigger=trigger)])  # fmt: skip
+    schedule |= Asset(
+        name="landing-notifications",
+        uri=SETTINGS.sqs_queue,
+        watchers=[AssetWatcher(name="landing-sqs", trigger=trigger)],
+    )
 
 # The trigger form, derived from the model that validates the plan (same types and bounds).
 FORM = {name: Param(**spec) for name, spec in planning.in_home(HOME, planning.form_params, CONFIG).items()}
@@ -122,16 +125,25 @@ with DAG(
         from docpipe import tracking
 
         if plan is None:
-            raise AirflowFailException("the plan task failed, so no stage ran: its log names the form field, "
-                                       "config key or store that was refused")  # fmt: skip
+            raise AirflowFailException(
+                "the plan task failed, so no stage ran: its log names the form field, "
+                "config key or store that was refused"
+            )
         decided = planning.Plan.model_validate(plan)
         if decided.dry_run:
             print(f"dry run: nothing ran; plan: {decided.model_dump_json()}")
             return {"succeeded": True, "dry_run": True}
         outcome = planning.in_home(HOME, planning.summarize, decided, CONFIG)
         config = planning.load_config(HOME, CONFIG_PATHS, decided.overrides)
-        planning.in_home(HOME, tracking.end_pipeline_run, config.tracking, decided.mlflow_run_id, outcome["succeeded"],
-                         outcome["stages"], config.doc_types)  # fmt: skip
+        planning.in_home(
+            HOME,
+            tracking.end_pipeline_run,
+            config.tracking,
+            decided.mlflow_run_id,
+            outcome["succeeded"],
+            outcome["stages"],
+            config.doc_types,
+        )
         experiment = planning.in_home(HOME, tracking.experiment_id, config.tracking)
         outcome["mlflow_run"] = planning.mlflow_run_link(
             config.tracking.tracking_uri, experiment, decided.mlflow_run_id
@@ -143,8 +155,10 @@ with DAG(
 
     planned = plan()
     rules = {"export": "none_failed"}  # ingest skips itself when no batch is new
-    stages = {name: stage_operator(name, CONFIG, HOME, CONFIG_PATHS, trigger_rule=rules.get(name, "all_success"))
-              for name in planning.STAGES}  # fmt: skip
+    stages = {
+        name: stage_operator(name, CONFIG, HOME, CONFIG_PATHS, trigger_rule=rules.get(name, "all_success"))
+        for name in planning.STAGES
+    }
     decision = gate(planned)
     skipped = not_published()
     planned >> stages["ingest"] >> stages["export"] >> stages["finetune"] >> stages["patch"] >> stages["evaluate"]

@@ -157,8 +157,10 @@ class TrainingConfig(_Strict):
     @model_validator(mode="after")
     def _checkpoints_are_scored(self) -> TrainingConfig:
         if self.save_steps % self.eval_steps:
-            raise ValueError(f"save_steps {self.save_steps} must be a multiple of eval_steps {self.eval_steps}: "
-                             "every saved checkpoint is scored")  # fmt: skip
+            raise ValueError(
+                f"save_steps {self.save_steps} must be a multiple of eval_steps {self.eval_steps}: "
+                "every saved checkpoint is scored"
+            )
         if self.selection != "eval_loss" and not self.selection_documents:
             raise ValueError(f"selection {self.selection} needs selection_documents above 0")
         return self
@@ -176,9 +178,11 @@ class GpuContainerConfig(_Strict):
     environment: dict[str, str] = {}
     cuda_visible_devices: str | None = None
     gpus: int | None = Field(
-        None, ge=0, description="GPUs a run's GPU stages get unless its form says otherwise (null: "
+        None,
+        ge=0,
+        description="GPUs a run's GPU stages get unless its form says otherwise (null: "
         "training.launch.gpus_per_node; 0: none, a host without GPUs)",
-    )  # fmt: skip
+    )
 
 
 class Thresholds(_Strict):
@@ -348,9 +352,11 @@ class PublishConfig(_Strict):
     smoke_gpus: int = Field(1, ge=0, description="GPUs the smoke-test container gets (0 where there is none)")
     smoke_timeout_s: int = Field(900, ge=10, description="how long the server may take to become healthy")
     engine_timeout_s: int = Field(
-        600, ge=10, description="seconds the container engine may stay silent within one call (a build streams "
+        600,
+        ge=10,
+        description="seconds the container engine may stay silent within one call (a build streams "
         "progress; a stalled engine fails the stage after this)",
-    )  # fmt: skip
+    )
 
 
 class KubernetesConfig(_Strict):
@@ -388,18 +394,21 @@ class OrchestrationConfig(_Strict):
         ["configs/pipeline.yaml"], description="config files as stage containers see them (/app/configs in the images)"
     )
     mounts: dict[str, str] = Field(
-        {}, description="docker launcher: host path -> container path (data, models, caches); ${VAR} in a host "
+        {},
+        description="docker launcher: host path -> container path (data, models, caches); ${VAR} in a host "
         "path is read from the scheduler's environment",
-    )  # fmt: skip
+    )
     container_environment: dict[str, str] = Field({}, description="extra non-secret environment for stage containers")
     pass_environment: list[str] = Field(
         [], description="names of the worker's environment variables passed privately to stage containers (keys)"
     )
     kubernetes: KubernetesConfig = KubernetesConfig()
     landing_poll_seconds: int = Field(
-        30, ge=5, description="how often the polling watcher lists the landing prefix (a new batch starts a run "
+        30,
+        ge=5,
+        description="how often the polling watcher lists the landing prefix (a new batch starts a run "
         "within this plus the watcher task's run time)",
-    )  # fmt: skip
+    )
     sqs_queue: str | None = Field(
         None, description="SQS queue fed by S3 event notifications: enables the event watcher"
     )

@@ -45,14 +45,18 @@ def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
     """An argument parser with the flags every stage takes."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=description)
     parser.add_argument(
-        "--config", type=Path, action="append",
+        "--config",
+        type=Path,
+        action="append",
         help="pipeline YAML; repeat to add overlays, merged in order (default: configs/pipeline.yaml)",
-    )  # fmt: skip
+    )
     parser.add_argument("--output", required=True, help="output location: a folder or s3://bucket/prefix")
     parser.add_argument(
-        "--overrides", type=_json_mapping, default=None,
+        "--overrides",
+        type=_json_mapping,
+        default=None,
         help="a JSON mapping merged over the config files (a run's settings, e.g. from the Airflow form)",
-    )  # fmt: skip
+    )
     return parser
 
 

@@ -27,8 +27,15 @@ FieldType = Literal["text", "date", "time", "money", "integer", "id", "enum"]
 
 _DEFAULT_FORMATS = {"date": ["%Y-%m-%d"], "time": ["%H:%M", "%H:%M:%S"]}
 _DEFAULT_OUTPUT = {"date": "%Y-%m-%d", "time": "%H:%M"}
-_STRFTIME_PATTERNS = {"%Y": r"\d{4}", "%y": r"\d{2}", "%m": r"\d{2}", "%d": r"\d{2}",
-                      "%H": r"\d{2}", "%M": r"\d{2}", "%S": r"\d{2}"}  # fmt: skip
+_STRFTIME_PATTERNS = {
+    "%Y": r"\d{4}",
+    "%y": r"\d{2}",
+    "%m": r"\d{2}",
+    "%d": r"\d{2}",
+    "%H": r"\d{2}",
+    "%M": r"\d{2}",
+    "%S": r"\d{2}",
+}
 _AMOUNT = re.compile(r"^\D*?(-?\d[\d,]*(?:\.\d+)?)\D*$")
 
 
@@ -109,8 +116,10 @@ class FieldSpec(BaseModel):
                     except ValueError as exc:
                         read = exc
                     if read != day:
-                        raise ValueError(f"field {self.name!r}: {day} printed as {fmt!r} reads back as {read} "
-                                         f"(date_order {self.date_order})")  # fmt: skip
+                        raise ValueError(
+                            f"field {self.name!r}: {day} printed as {fmt!r} reads back as {read} "
+                            f"(date_order {self.date_order})"
+                        )
         return self
 
     @property
@@ -188,8 +197,11 @@ class DocType(BaseModel):
     @functools.cached_property
     def _enum_values(self) -> dict[str, dict[str, str]]:
         """Per enum field: folded value -> the value as configured (the first where two fold alike)."""
-        return {spec.name: {self.fold(value): value for value in reversed(spec.values)}
-                for spec in self.fields if spec.values}  # fmt: skip
+        return {
+            spec.name: {self.fold(value): value for value in reversed(spec.values)}
+            for spec in self.fields
+            if spec.values
+        }
 
     def fold(self, value: str) -> str:
         """Text with character variants folded and case ignored, for comparisons."""

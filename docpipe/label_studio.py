@@ -44,18 +44,23 @@ def project_title(settings: LabellingConfig, doc_type: DocType) -> str:
 def labelling_config(doc_type: DocType) -> str:
     """The project's labelling configuration: the image, then one input per field (a choice for an
     enum, a one-line text box otherwise), labelled as the registry labels them."""
-    parts = [f"<View>\n  <Image name={quoteattr(IMAGE)} value=\"$image\" zoom=\"true\" zoomControl=\"true\"/>",
-             f"  <Header value={quoteattr(doc_type.display_name)}/>"]  # fmt: skip
+    parts = [
+        f'<View>\n  <Image name={quoteattr(IMAGE)} value="$image" zoom="true" zoomControl="true"/>',
+        f"  <Header value={quoteattr(doc_type.display_name)}/>",
+    ]
     for spec in doc_type.fields:
         name, required = quoteattr(spec.name), "true" if spec.required else "false"
         parts.append(f'  <Header value={quoteattr(f"{spec.label or spec.name} ({spec.name})")} size="5"/>')
         if spec.type == "enum":
             choices = "".join(f"<Choice value={quoteattr(value)}/>" for value in spec.values)
-            parts.append(f"  <Choices name={name} toName=\"{IMAGE}\" choice=\"single\" required=\"{required}\">"
-                         f"{choices}</Choices>")  # fmt: skip
+            parts.append(
+                f'  <Choices name={name} toName="{IMAGE}" choice="single" required="{required}">{choices}</Choices>'
+            )
         else:
-            parts.append(f"  <TextArea name={name} toName=\"{IMAGE}\" editable=\"true\" maxSubmissions=\"1\" "
-                         f"rows=\"1\" required=\"{required}\"/>")  # fmt: skip
+            parts.append(
+                f'  <TextArea name={name} toName="{IMAGE}" editable="true" maxSubmissions="1" '
+                f'rows="1" required="{required}"/>'
+            )
     return "\n".join([*parts, "</View>"])
 
 
@@ -66,8 +71,9 @@ def result_items(doc_type: DocType, fields: dict, confidence: dict[str, float] |
         value = fields.get(spec.name)
         if value is None or str(value) == "":
             continue
-        kind, content = ("choices", {"choices": [str(value)]}) if spec.type == "enum" else (
-            "textarea", {"text": [str(value)]})  # fmt: skip
+        kind, content = (
+            ("choices", {"choices": [str(value)]}) if spec.type == "enum" else ("textarea", {"text": [str(value)]})
+        )
         item = {"from_name": spec.name, "to_name": IMAGE, "type": kind, "value": content}
         if confidence is not None and spec.name in confidence:
             item["score"] = confidence[spec.name]
@@ -99,8 +105,9 @@ class LabelStudio:
             raise LabelStudioError(f"{API_KEY_ENV} is not set: a Label Studio access token (Account & Settings)")
         self.url, self.timeout = settings.url.rstrip("/"), (5, settings.timeout_s)
         self.session = requests.Session()
-        retry = Retry(total=settings.retries, backoff_factor=0.5, status_forcelist=(502, 503, 504),
-                      allowed_methods=None)  # fmt: skip
+        retry = Retry(
+            total=settings.retries, backoff_factor=0.5, status_forcelist=(502, 503, 504), allowed_methods=None
+        )
         self.session.mount("http://", HTTPAdapter(max_retries=retry))
         self.session.mount("https://", HTTPAdapter(max_retries=retry))
         # a personal access token is a refresh JWT, exchanged for short-lived access tokens as they expire
@@ -120,14 +127,16 @@ class LabelStudio:
         try:
             response = self.session.request(method, self.url + path, timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
-            raise LabelStudioError(f"Label Studio at {self.url} did not answer {method} {path}: "
-                                   f"{type(exc).__name__}") from None  # fmt: skip
+            raise LabelStudioError(
+                f"Label Studio at {self.url} did not answer {method} {path}: {type(exc).__name__}"
+            ) from None
         if response.status_code == 401 and self.refresh_token and renew:  # the access token expired
             self._refresh()
             return self._call(method, path, renew=False, **kwargs)
         if response.status_code >= 400:
-            raise LabelStudioError(f"Label Studio refused {method} {path}: HTTP {response.status_code} "
-                                   f"{response.text[:300]}")  # fmt: skip
+            raise LabelStudioError(
+                f"Label Studio refused {method} {path}: HTTP {response.status_code} {response.text[:300]}"
+            )
         return response.json() if response.content else None
 
     def find_project(self, title: str) -> dict | None:
@@ -154,8 +163,9 @@ class LabelStudio:
         """Every task of the project with its annotations and predictions."""
         tasks, page = [], 1
         while True:
-            answer = self._call("GET", "/api/tasks", params={"project": project_id, "fields": "all",
-                                                             "page": page, "page_size": 100})  # fmt: skip
+            answer = self._call(
+                "GET", "/api/tasks", params={"project": project_id, "fields": "all", "page": page, "page_size": 100}
+            )
             tasks += answer["tasks"]
             if len(tasks) >= answer.get("total", 0) or not answer["tasks"]:
                 return tasks

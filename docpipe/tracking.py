@@ -28,8 +28,14 @@ PARENT_RUN_ENV = "MLFLOW_RUN_ID"
 EXPERIMENT_KIND = "mlflow.experimentKind"  # the MLflow UI opens a custom-model experiment on its runs table
 EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
 # What a reviewer sees on the pipeline's run, copied from the evaluate stage's result.
-HEADLINE_METRICS = ("field_accuracy", "document_accuracy", "json_validity", "ocr_baseline.field_accuracy",
-                    "gate_passed", "docs_per_s")  # fmt: skip
+HEADLINE_METRICS = (
+    "field_accuracy",
+    "document_accuracy",
+    "json_validity",
+    "ocr_baseline.field_accuracy",
+    "gate_passed",
+    "docs_per_s",
+)
 log = logging.getLogger(__name__)
 
 
@@ -52,8 +58,11 @@ def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
     """Flattened parameters with secret-looking keys dropped and every value redacted; characters
     MLflow refuses in a name (``${VAR}`` in a mount's host path) become ``_``."""
     secrets = secret_values()  # read the environment once, not once per parameter
-    return {PARAM_NAME_UNSAFE.sub("_", key): str(redact(value, secrets)) for key, value in flatten(params).items()
-            if not SECRET_NAME.search(key)}  # fmt: skip
+    return {
+        PARAM_NAME_UNSAFE.sub("_", key): str(redact(value, secrets))
+        for key, value in flatten(params).items()
+        if not SECRET_NAME.search(key)
+    }
 
 
 def _bound_requests(config: TrackingConfig) -> None:
@@ -120,13 +129,19 @@ def latest_pipeline_run(config: TrackingConfig, since: datetime):
     found = client.search_runs(
         [experiment.experiment_id],
         f"tags.`pipeline.role` = 'parent' and attributes.start_time >= {int(since.timestamp() * 1000)}",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )  # fmt: skip
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return found[0] if found else None
 
 
-def end_pipeline_run(config: TrackingConfig, run_id: str, succeeded: bool, stages: Mapping[str, Mapping] | None = None,
-                     doc_types: list[str] | None = None) -> None:  # fmt: skip
+def end_pipeline_run(
+    config: TrackingConfig,
+    run_id: str,
+    succeeded: bool,
+    stages: Mapping[str, Mapping] | None = None,
+    doc_types: list[str] | None = None,
+) -> None:
     """End the parent run; with the stages' results (``plan.summarize``), first put what a reviewer
     looks for on it: the evaluation's headline metrics, the dataset version, the eval set, the
     document types and the gate as tags, and the evaluation's dataset as an input."""
@@ -139,9 +154,12 @@ def end_pipeline_run(config: TrackingConfig, run_id: str, succeeded: bool, stage
     metrics = {k: float(v) for k, v in (evaluate.get("metrics") or {}).items() if k in HEADLINE_METRICS}
     if metrics:
         client.log_batch(run_id, metrics=[Metric(key, value, _now_ms(), 0) for key, value in metrics.items()])
-    tags = {"doc_types": ",".join(doc_types or []), "dataset.version": (export.get("inputs") or {}).get("version"),
-            "eval_set": (evaluate.get("inputs") or {}).get("eval_set"),
-            "gate.passed": str(bool(metrics["gate_passed"])).lower() if "gate_passed" in metrics else None}  # fmt: skip
+    tags = {
+        "doc_types": ",".join(doc_types or []),
+        "dataset.version": (export.get("inputs") or {}).get("version"),
+        "eval_set": (evaluate.get("inputs") or {}).get("eval_set"),
+        "gate.passed": str(bool(metrics["gate_passed"])).lower() if "gate_passed" in metrics else None,
+    }
     for key, value in tags.items():
         if value:
             client.set_tag(run_id, key, value)
@@ -202,8 +220,9 @@ def log_result(result: StageResult) -> None:
     """
     import mlflow
 
-    mlflow.log_metrics({**{f"count.{k}": v for k, v in result.counts.items()}, **result.metrics,
-                        "duration_s": result.duration_s})  # fmt: skip
+    mlflow.log_metrics(
+        {**{f"count.{k}": v for k, v in result.counts.items()}, **result.metrics, "duration_s": result.duration_s}
+    )
     mlflow.log_dict(redact(result.model_dump(mode="json")), f"{result.stage}/{RESULT_FILE}")
     if result.status == "failed":
         mlflow.set_tag("pipeline.error", redact_text(result.error or "")[:5000])

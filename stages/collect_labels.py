@@ -46,9 +46,12 @@ def reviewed(task: dict) -> dict | None:
 
 def changes(doc_type: DocType, prefilled: dict, final: dict) -> list[str]:
     """Fields whose reviewed value is not the pre-filled one, compared as evaluation compares values."""
-    return [spec.name for spec in doc_type.fields
-            if doc_type.compare_key(spec.name, prefilled.get(spec.name))
-            != doc_type.compare_key(spec.name, final.get(spec.name))]  # fmt: skip
+    return [
+        spec.name
+        for spec in doc_type.fields
+        if doc_type.compare_key(spec.name, prefilled.get(spec.name))
+        != doc_type.compare_key(spec.name, final.get(spec.name))
+    ]
 
 
 def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
@@ -80,8 +83,11 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         for field in fields_changed:
             changed[field] += 1
         unchanged_documents += not fields_changed
-        record = LabelRecord(image=f"images/{task['id']}-{image_name}", doc_type=doc_type.id,
-                             fields={k: v for k, v in final.items() if v is not None})  # fmt: skip
+        record = LabelRecord(
+            image=f"images/{task['id']}-{image_name}",
+            doc_type=doc_type.id,
+            fields={k: v for k, v in final.items() if v is not None},
+        )
         documents.append((record, image))
         taken.append(task["id"])
 
@@ -97,10 +103,12 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         inputs={"project": title},
         outputs={"batch": output.uri},
         counts={"documents": len(documents), "rejected": len(rejected), "fields_changed": sum(changed.values())},
-        metrics={"prefill_field_accuracy": 1 - sum(changed.values()) / fields,
-                 "prefill_document_accuracy": unchanged_documents / len(documents),
-                 **{f"changed.{name}": float(count) for name, count in changed.items()}},
-    )  # fmt: skip
+        metrics={
+            "prefill_field_accuracy": 1 - sum(changed.values()) / fields,
+            "prefill_document_accuracy": unchanged_documents / len(documents),
+            **{f"changed.{name}": float(count) for name, count in changed.items()},
+        },
+    )
 
 
 if __name__ == "__main__":

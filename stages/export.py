@@ -58,8 +58,9 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         if record.doc_type not in config.doc_types:
             counts["skipped_doc_type"] += 1
             continue
-        splits[record.split].append(example_for(record, registry[record.doc_type], image_root,
-                                                 config.export.prompt_variants))  # fmt: skip
+        splits[record.split].append(
+            example_for(record, registry[record.doc_type], image_root, config.export.prompt_variants)
+        )
         counts[f"{record.split}.{record.doc_type}"] += 1
     if not splits["train"] and not splits["eval"]:
         raise BadInputError(f"dataset version {version} has no document of types {config.doc_types}")

@@ -88,8 +88,9 @@ def example_of(run: Path) -> Example:
         path = run / "data" / name
         if path.is_file() and (examples := read_examples(path.read_bytes(), str(path))):
             return examples[0]
-    raise BadInputError(f"{run}/data/: no example to ask the patched model (give --finetune, or a checkpoint "
-                        "inside a finetune output)")  # fmt: skip
+    raise BadInputError(
+        f"{run}/data/: no example to ask the patched model (give --finetune, or a checkpoint inside a finetune output)"
+    )
 
 
 def _matching(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
@@ -112,8 +113,9 @@ def consolidate_zero(checkpoint: Path, out: Path) -> str:
     config = json.loads((checkpoint / "config.json").read_text())
     dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32")
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
-    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, out / "model.safetensors",
-              metadata={"format": "pt"})  # fmt: skip
+    save_file(
+        {k: v.to(dtype).contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"}
+    )
     with open(out / "model.safetensors", "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
@@ -129,20 +131,30 @@ def assemble(checkpoint: Path, base: Path, processor_files: tuple[str, ...], out
             raise BadInputError(f"{checkpoint}: no *.safetensors weights and no DeepSpeed checkpoint to consolidate")
         log.info("consolidating the ZeRO shards of %s", checkpoint)
         from_checkpoint["model.safetensors"] = consolidate_zero(checkpoint, out)
-    from_base = {path.name: _copy(path, out) for path in _matching(base, processor_files)
-                 if path.name not in from_checkpoint}  # fmt: skip
+    from_base = {
+        path.name: _copy(path, out) for path in _matching(base, processor_files) if path.name not in from_checkpoint
+    }
     if not from_base:
         raise BadInputError(f"{base}: none of the processor files {list(processor_files)}")
 
     config = json.loads((checkpoint / "config.json").read_text())
     base_config = json.loads((base / "config.json").read_text())
-    restored = {key: base_config[key] for key in RESTORED_CONFIG_KEYS
-                if key in base_config and config.get(key) != base_config[key]}  # fmt: skip
+    restored = {
+        key: base_config[key]
+        for key in RESTORED_CONFIG_KEYS
+        if key in base_config and config.get(key) != base_config[key]
+    }
     if restored:
         (out / "config.json").write_text(json.dumps({**config, **restored}, indent=2))
         from_checkpoint["config.json"] = hashlib.sha256((out / "config.json").read_bytes()).hexdigest()
-    return {"checkpoint": str(checkpoint), "base_model": str(base), "consolidated_zero": consolidated,
-            "from_checkpoint": from_checkpoint, "from_base": from_base, "config_restored": restored}  # fmt: skip
+    return {
+        "checkpoint": str(checkpoint),
+        "base_model": str(base),
+        "consolidated_zero": consolidated,
+        "from_checkpoint": from_checkpoint,
+        "from_base": from_base,
+        "config_restored": restored,
+    }
 
 
 def prove(adapter: Adapter, example: Example, config: PipelineConfig) -> str:
@@ -150,8 +162,11 @@ def prove(adapter: Adapter, example: Example, config: PipelineConfig) -> str:
     import torch
 
     model, info = adapter.from_pretrained(torch.bfloat16, output_loading_info=True)
-    problems = {kind: sorted(map(str, keys)) for kind, keys in info.items()
-                if kind in ("missing_keys", "unexpected_keys", "mismatched_keys") and keys}  # fmt: skip
+    problems = {
+        kind: sorted(map(str, keys))
+        for kind, keys in info.items()
+        if kind in ("missing_keys", "unexpected_keys", "mismatched_keys") and keys
+    }
     if problems:
         raise RuntimeError(f"{adapter.model_dir}: the weights do not fit the model: {problems}")
     sample = Sample(example, load_image(example.image, config.storage.s3))
@@ -186,10 +201,13 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     return StageOutput(
         inputs={"checkpoint": str(checkpoint), "base_model": args.base_model or config.model.base},
         outputs={"model": str(out), "report": output.uri_of(REPORT)},
-        counts={"from_checkpoint": len(report["from_checkpoint"]), "from_base": len(report["from_base"]),
-                "config_keys_restored": len(report["config_restored"]),
-                "consolidated_zero": int(report["consolidated_zero"])},
-    )  # fmt: skip
+        counts={
+            "from_checkpoint": len(report["from_checkpoint"]),
+            "from_base": len(report["from_base"]),
+            "config_keys_restored": len(report["config_restored"]),
+            "consolidated_zero": int(report["consolidated_zero"]),
+        },
+    )
 
 
 if __name__ == "__main__":

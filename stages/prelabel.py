@@ -78,8 +78,9 @@ def champion_model(config: PipelineConfig, cache: str) -> tuple[str | None, str]
     champion = Registry(config.tracking.tracking_uri, registered).version_of(CHAMPION)
     if champion is None:
         return None, f"no champion of {registered}: pre-filled by the OCR baseline"
-    folder = mlflow.artifacts.download_artifacts(artifact_uri=champion.source, dst_path=cache,
-                                                 tracking_uri=config.tracking.tracking_uri)  # fmt: skip
+    folder = mlflow.artifacts.download_artifacts(
+        artifact_uri=champion.source, dst_path=cache, tracking_uri=config.tracking.tracking_uri
+    )
     return folder, f"{registered} version {champion.version}"
 
 
@@ -93,9 +94,18 @@ def predict_with_model(config: PipelineConfig, model: str, doc_type: DocType, im
         backend = open_backend(config.model_copy(update={"evaluation": settings}), model)
     except NoModelFolder as exc:
         raise BadInputError(str(exc)) from exc
-    requests = [Request(Example(id=uri, doc_type=doc_type.id, image=uri, conversations=[
-        {"role": "user", "content": doc_type.prompt}, {"role": "assistant", "content": ""}]), doc_type)
-        for uri in images]  # fmt: skip
+    requests = [
+        Request(
+            Example(
+                id=uri,
+                doc_type=doc_type.id,
+                image=uri,
+                conversations=[{"role": "user", "content": doc_type.prompt}, {"role": "assistant", "content": ""}],
+            ),
+            doc_type,
+        )
+        for uri in images
+    ]
     predictions = []
     for response in backend.predict(requests):
         fields = extract_json(response.answer, doc_type)
@@ -110,8 +120,10 @@ def predict_with_ocr(config: PipelineConfig, doc_type: DocType, images: list[str
     from docpipe.data.examples import load_image
 
     reader = OcrBaseline()
-    return [{"fields": reader.read(doc_type, load_image(uri, config.storage.s3))[0], "confidence": None,
-             "answer": ""} for uri in images]  # fmt: skip
+    return [
+        {"fields": reader.read(doc_type, load_image(uri, config.storage.s3))[0], "confidence": None, "answer": ""}
+        for uri in images
+    ]
 
 
 def display_url(uri: str, data: bytes) -> str:
@@ -130,33 +142,58 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     if not images:
         raise BadInputError(f"{source.uri}: no readable image ({len(rejected)} rejected)")
     with tempfile.TemporaryDirectory(prefix="champion-") as cache:
-        model, model_version = (args.model, PurePosixPath(args.model).name) if args.model else champion_model(
-            config, cache)  # fmt: skip
+        model, model_version = (
+            (args.model, PurePosixPath(args.model).name) if args.model else champion_model(config, cache)
+        )
         uris = [uri for uri, _ in images]
-        predictions = (predict_with_model(config, model, doc_type, uris) if model
-                       else predict_with_ocr(config, doc_type, uris))  # fmt: skip
+        predictions = (
+            predict_with_model(config, model, doc_type, uris) if model else predict_with_ocr(config, doc_type, uris)
+        )
     threshold = config.evaluation.review_threshold
     documents = []
     for (uri, data), prediction in zip(images, predictions, strict=True):
         least = document_confidence(prediction["confidence"])
-        documents.append({"source": uri, "sha256": hashlib.sha256(data).hexdigest(), **prediction,
-                          "document_confidence": least,
-                          "needs_review": least is None or least < threshold})  # fmt: skip
+        documents.append(
+            {
+                "source": uri,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                **prediction,
+                "document_confidence": least,
+                "needs_review": least is None or least < threshold,
+            }
+        )
     documents.sort(key=lambda d: (d["document_confidence"] or 0.0, d["source"]))
     image_bytes = dict(images)
-    tasks = [{"data": {"image": display_url(d["source"], image_bytes[d["source"]]), "source": d["source"],
-                       "doc_type": doc_type.id, "confidence": d["document_confidence"],
-                       "needs_review": d["needs_review"]},
-              "predictions": [{"model_version": model_version, "score": d["document_confidence"] or 0.0,
-                               "result": result_items(doc_type, d["fields"], d["confidence"])}]}
-             for d in documents]  # fmt: skip
+    tasks = [
+        {
+            "data": {
+                "image": display_url(d["source"], image_bytes[d["source"]]),
+                "source": d["source"],
+                "doc_type": doc_type.id,
+                "confidence": d["document_confidence"],
+                "needs_review": d["needs_review"],
+            },
+            "predictions": [
+                {
+                    "model_version": model_version,
+                    "score": d["document_confidence"] or 0.0,
+                    "result": result_items(doc_type, d["fields"], d["confidence"]),
+                }
+            ],
+        }
+        for d in documents
+    ]
 
     label_config = labelling_config(doc_type)
     output.write_bytes("labeling_config.xml", label_config.encode("utf-8"))
     output.write_bytes("predictions.jsonl", jsonl({k: v for k, v in d.items() if k != "answer"} for d in documents))
     output.write_bytes("rejected.jsonl", jsonl(rejected))
-    output.write_bytes("tasks.json", json.dumps([{**t, "data": {**t["data"], "image": t["data"]["source"]}}
-                                                 for t in tasks], ensure_ascii=False, indent=1).encode())  # fmt: skip
+    output.write_bytes(
+        "tasks.json",
+        json.dumps(
+            [{**t, "data": {**t["data"], "image": t["data"]["source"]}} for t in tasks], ensure_ascii=False, indent=1
+        ).encode(),
+    )
 
     studio = LabelStudio(config.labelling)
     project = studio.project(project_title(config.labelling, doc_type), label_config)
@@ -164,13 +201,21 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     confidences = [d["document_confidence"] for d in documents if d["document_confidence"] is not None]
     return StageOutput(
         inputs={"images": source.uri, "doc_type": doc_type.id, "model": model_version},
-        outputs={"project": f"{config.labelling.url.rstrip('/')}/projects/{project['id']}",
-                 **{n: output.uri_of(n) for n in ("predictions.jsonl", "tasks.json", "rejected.jsonl")}},
-        counts={"documents": len(documents), "imported": imported, "rejected": len(rejected),
-                "needs_review": sum(d["needs_review"] for d in documents)},
-        metrics={"review_rate": sum(d["needs_review"] for d in documents) / len(documents),
-                 **({"mean_document_confidence": sum(confidences) / len(confidences)} if confidences else {})},
-    )  # fmt: skip
+        outputs={
+            "project": f"{config.labelling.url.rstrip('/')}/projects/{project['id']}",
+            **{n: output.uri_of(n) for n in ("predictions.jsonl", "tasks.json", "rejected.jsonl")},
+        },
+        counts={
+            "documents": len(documents),
+            "imported": imported,
+            "rejected": len(rejected),
+            "needs_review": sum(d["needs_review"] for d in documents),
+        },
+        metrics={
+            "review_rate": sum(d["needs_review"] for d in documents) / len(documents),
+            **({"mean_document_confidence": sum(confidences) / len(confidences)} if confidences else {}),
+        },
+    )
 
 
 if __name__ == "__main__":

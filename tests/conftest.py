@@ -64,8 +64,11 @@ def s3_endpoint() -> str:
 @pytest.fixture(autouse=True)
 def fake_aws_credentials(monkeypatch):
     """Credentials for the loopback S3 server; never real ones."""
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
 
@@ -162,11 +165,23 @@ def mlflow_server(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/health", lambda: server.poll() is None)
@@ -183,10 +198,16 @@ def local_registry(tmp_path_factory) -> str:
         pytest.fail("docker-registry is not installed: run `make containers` (it installs it from Debian's packages)")
     root = tmp_path_factory.mktemp("registry")
     address = f"127.0.0.1:{free_port()}"
-    (root / "config.yml").write_text(yaml.safe_dump({
-        "version": 0.1, "log": {"level": "warn"}, "http": {"addr": address},
-        "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
-    }))  # fmt: skip
+    (root / "config.yml").write_text(
+        yaml.safe_dump(
+            {
+                "version": 0.1,
+                "log": {"level": "warn"},
+                "http": {"addr": address},
+                "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+            }
+        )
+    )
     server = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")], stderr=subprocess.DEVNULL)
     wait_for_http(f"http://{address}/v2/", lambda: server.poll() is None, timeout=30)
     yield address
@@ -203,8 +224,11 @@ def docker_client(tmp_path_factory, local_registry):
     socket_path = tmp_path_factory.mktemp("podman") / "podman.sock"
     registries = socket_path.parent / "registries.conf"
     registries.write_text(f'[[registry]]\nlocation = "{local_registry}"\ninsecure = true\n')
-    env = {**os.environ, "CONTAINERS_CONF": str(ROOT / "docker" / "podman" / "containers.conf"),
-           "CONTAINERS_REGISTRIES_CONF": str(registries)}  # fmt: skip
+    env = {
+        **os.environ,
+        "CONTAINERS_CONF": str(ROOT / "docker" / "podman" / "containers.conf"),
+        "CONTAINERS_REGISTRIES_CONF": str(registries),
+    }
     service = subprocess.Popen(
         ["podman", "system", "service", "--time=0", f"unix://{socket_path}"], env=env, stderr=subprocess.DEVNULL
     )
@@ -254,8 +278,13 @@ def train_image(docker_client) -> str:
 
     if not list((ROOT / "docker" / "wheels").glob("torch-2.13.0*.whl")):
         pytest.fail("docker/wheels/ has no torch wheel: run `make train-wheels`")
-    docker_client.images.build(path=str(ROOT), dockerfile="docker/train.Dockerfile", tag=TRAIN_IMAGE,
-                               buildargs={"BASE_IMAGE": LOCAL_BASE, "GIT_COMMIT": git_commit()}, rm=True)  # fmt: skip
+    docker_client.images.build(
+        path=str(ROOT),
+        dockerfile="docker/train.Dockerfile",
+        tag=TRAIN_IMAGE,
+        buildargs={"BASE_IMAGE": LOCAL_BASE, "GIT_COMMIT": git_commit()},
+        rm=True,
+    )
     return TRAIN_IMAGE
 
 
@@ -286,26 +315,51 @@ def build_remote_code_model(output: Path) -> Path:
     tokenizer.add_special_tokens({"unk_token": "<unk>"})
     tokenizer.save_pretrained(output)
     config = {
-        "model_type": "tiny_minicpmv", "architectures": ["TinyMiniCPMV"], "version": 2.6,
-        "auto_map": {"AutoConfig": "configuration_tiny_minicpmv.TinyMiniCPMVConfig",
-                     "AutoModel": "modeling_tiny_minicpmv.TinyMiniCPMV"},
-        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False,
-        "query_num": 4, "patch_size": 14, "slice_size": 28, "vision_hidden": 32,
-        "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-    }  # fmt: skip
+        "model_type": "tiny_minicpmv",
+        "architectures": ["TinyMiniCPMV"],
+        "version": 2.6,
+        "auto_map": {
+            "AutoConfig": "configuration_tiny_minicpmv.TinyMiniCPMVConfig",
+            "AutoModel": "modeling_tiny_minicpmv.TinyMiniCPMV",
+        },
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": False,
+        "query_num": 4,
+        "patch_size": 14,
+        "slice_size": 28,
+        "vision_hidden": 32,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     (output / "config.json").write_text(json.dumps(config))
     processor = {"AutoProcessor": "processing_tiny_minicpmv.TinyMiniCPMVProcessor"}
-    (output / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "TinyMiniCPMVImageProcessor", "slice_size": 28, "patch_size": 14, "query_num": 4,
-        "max_slice_nums": 9,
-        "auto_map": {"AutoImageProcessor": "image_processing_tiny_minicpmv.TinyMiniCPMVImageProcessor", **processor},
-    }))  # fmt: skip
-    (output / "processor_config.json").write_text(json.dumps({"processor_class": "TinyMiniCPMVProcessor",
-                                                              "auto_map": processor}))  # fmt: skip
+    (output / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "TinyMiniCPMVImageProcessor",
+                "slice_size": 28,
+                "patch_size": 14,
+                "query_num": 4,
+                "max_slice_nums": 9,
+                "auto_map": {
+                    "AutoImageProcessor": "image_processing_tiny_minicpmv.TinyMiniCPMVImageProcessor",
+                    **processor,
+                },
+            }
+        )
+    )
+    (output / "processor_config.json").write_text(
+        json.dumps({"processor_class": "TinyMiniCPMVProcessor", "auto_map": processor})
+    )
     torch.manual_seed(0)
-    AutoModel.from_config(AutoConfig.from_pretrained(output, trust_remote_code=True),
-                          trust_remote_code=True).save_pretrained(output)  # fmt: skip
+    AutoModel.from_config(
+        AutoConfig.from_pretrained(output, trust_remote_code=True), trust_remote_code=True
+    ).save_pretrained(output)
     return output
 
 
@@ -339,8 +393,9 @@ def jpeg(seed: int = 0, size=(96, 64), **save_args) -> bytes:
     return buffer.getvalue()
 
 
-def land_synthetic(location: Path | str, count: int, seed: int = 0, doc_types: list[str] | None = None,
-                   s3: S3Config | None = None) -> str:  # fmt: skip
+def land_synthetic(
+    location: Path | str, count: int, seed: int = 0, doc_types: list[str] | None = None, s3: S3Config | None = None
+) -> str:
     """A completed landing batch of ``count`` synthetic documents (every type unless named); its URI."""
     from docpipe.config import SyntheticConfig
     from docpipe.data.landing import write_batch
@@ -351,8 +406,11 @@ def land_synthetic(location: Path | str, count: int, seed: int = 0, doc_types: l
     registry = load_registry(ROOT / "configs" / "doctypes")
     chosen = [registry[name] for name in doc_types] if doc_types else list(registry.values())
     store = open_storage(location, s3)
-    write_batch(store, [(r, image) for r, image, _ in generate(chosen, SyntheticConfig(count=count, seed=seed))],
-                producer="test")  # fmt: skip
+    write_batch(
+        store,
+        [(r, image) for r, image, _ in generate(chosen, SyntheticConfig(count=count, seed=seed))],
+        producer="test",
+    )
     return store.uri
 
 
@@ -367,11 +425,17 @@ def exported(tmp_path_factory) -> Path:
     """An export of 24 synthetic documents (ingest and export run for real)."""
     root = tmp_path_factory.mktemp("exported")
     land_synthetic(root / "landing", 24, seed=4)
-    overlay = write_overlay(root, "o.yaml", json.dumps({
-        "doctypes_dir": str(ROOT / "configs" / "doctypes"),
-        "storage": {"landing_uri": str(root), "datasets_uri": str(root / "ds"), "runs_uri": str(root)},
-        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"},
-    }))  # fmt: skip
+    overlay = write_overlay(
+        root,
+        "o.yaml",
+        json.dumps(
+            {
+                "doctypes_dir": str(ROOT / "configs" / "doctypes"),
+                "storage": {"landing_uri": str(root), "datasets_uri": str(root / "ds"), "runs_uri": str(root)},
+                "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"},
+            }
+        ),
+    )
     configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", overlay]
     assert run_stage("ingest", configs, "--output", str(root / "ds"), "--batch", str(root / "landing")) == 0
     assert run_stage("export", configs, "--output", str(root / "export")) == 0
@@ -386,8 +450,20 @@ def finetune_config(overlay, tiny_model, tmp_path) -> list[Path]:
 def finetune(config: list[Path], exported: Path, out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
     """The stage as the DAG's local launcher runs it: its own process."""
     return subprocess.run(
-        [sys.executable, "-m", "stages.finetune", *config_flags(config), "--data", str(exported),
-         "--output", str(out), *extra],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "stages.finetune",
+            *config_flags(config),
+            "--data",
+            str(exported),
+            "--output",
+            str(out),
+            *extra,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **env},
-    )  # fmt: skip
+    )

@@ -53,7 +53,7 @@ def test_a_native_family_and_remote_code_for_this_major_version_pass():
         ({**HUB_26, "version": 2.5, "transformers_version": "5.1.0"}, REMOTE, ["version 2.5, whose LLM type is"]),
         ({"model_type": "minicpm_ocr"}, NATIVE, ["'minicpm_ocr' is not a MiniCPM-V family native"]),
     ],
-)  # fmt: skip
+)
 def test_what_cannot_run_here_is_refused_with_every_reason(config, model, reasons):
     found = problems(config, model)
     assert len(found) == len(reasons)

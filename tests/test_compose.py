@@ -31,8 +31,11 @@ def test_no_secret_is_written_into_the_file():
     for match in secret_keys:
         assert match.group(2).startswith("${"), f"literal secret for {match.group(1)}"
     variables = set(re.findall(r"\$\{(\w+)", text))
-    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines() if "=" in line
-                   and not line.startswith("#"))  # fmt: skip
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
     assert variables <= set(example), f"variables missing from .env.example: {variables - set(example)}"
     assert all(not value for key, value in example.items() if "PASSWORD" in key)
     assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
@@ -42,8 +45,11 @@ def test_make_env_writes_random_passwords(tmp_path):
     for name in ("Makefile", ".env.example"):
         (tmp_path / name).write_text((ROOT / name).read_text())
     subprocess.run(["make", "-s", ".env"], cwd=tmp_path, check=True, capture_output=True)
-    env = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines() if "=" in line
-               and not line.startswith("#"))  # fmt: skip
+    env = dict(
+        line.split("=", 1)
+        for line in (tmp_path / ".env").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
     assert len(env["POSTGRES_PASSWORD"]) == 48 and len(env["MINIO_ROOT_PASSWORD"]) == 48
     assert env["POSTGRES_PASSWORD"] != env["MINIO_ROOT_PASSWORD"]
     assert len(env["LABEL_STUDIO_PASSWORD"]) == 32 and len(env["LABEL_STUDIO_API_KEY"]) == 40
@@ -84,8 +90,9 @@ def http_status(url: str, host: str) -> int:
 def test_mlflow_image_serves_compose_hostnames_and_refuses_others(docker_client):
     """The compose MLflow image, built here, answers Host: mlflow:5000 and refuses a stranger's host."""
     image = "localhost/doc-extraction/mlflow:test"
-    docker_client.images.build(path=str(ROOT), dockerfile="docker/mlflow.Dockerfile", tag=image,
-                               buildargs={"BASE_IMAGE": LOCAL_BASE}, rm=True)  # fmt: skip
+    docker_client.images.build(
+        path=str(ROOT), dockerfile="docker/mlflow.Dockerfile", tag=image, buildargs={"BASE_IMAGE": LOCAL_BASE}, rm=True
+    )
     port = free_port()
     command = [arg for arg in SERVICES["mlflow"]["command"] if not arg.startswith(("--host", "--port", "--artifacts"))]
     container = docker_client.containers.run(
@@ -101,8 +108,9 @@ def test_mlflow_image_serves_compose_hostnames_and_refuses_others(docker_client)
         assert http_status(api, "mlflow:5000") == 200
         assert http_status(api, "localhost") == 200
         assert http_status(api, "evil.example.com") == 403
-        probe = docker_client.containers.run(image, [], entrypoint=["python", "-c", "import psycopg, boto3"],
-                                             network_mode="none", remove=True)  # fmt: skip
+        probe = docker_client.containers.run(
+            image, [], entrypoint=["python", "-c", "import psycopg, boto3"], network_mode="none", remove=True
+        )
         assert probe == b""
     finally:
         container.stop(timeout=5)
@@ -115,32 +123,52 @@ def test_label_studio_image_starts_with_the_first_user_and_token_compose_gives_i
     """The compose Label Studio, built here, started with the service's settings: healthy, and its API
     answers the token from .env (as the stages send it)."""
     image = "localhost/doc-extraction/label-studio:test"
-    docker_client.images.build(path=str(ROOT), dockerfile="docker/label-studio.Dockerfile", tag=image,
-                               buildargs={"BASE_IMAGE": LOCAL_BASE}, rm=True)  # fmt: skip
+    docker_client.images.build(
+        path=str(ROOT),
+        dockerfile="docker/label-studio.Dockerfile",
+        tag=image,
+        buildargs={"BASE_IMAGE": LOCAL_BASE},
+        rm=True,
+    )
     service, port, token = SERVICES["label-studio"], free_port(), "f" * 40
-    environment = {"LABEL_STUDIO_USERNAME": "reviewer@example.com", "LABEL_STUDIO_PASSWORD": "not-a-secret-2",
-                   "LABEL_STUDIO_USER_TOKEN": token}  # fmt: skip
+    environment = {
+        "LABEL_STUDIO_USERNAME": "reviewer@example.com",
+        "LABEL_STUDIO_PASSWORD": "not-a-secret-2",
+        "LABEL_STUDIO_USER_TOKEN": token,
+    }
     assert set(environment) == set(service["environment"])
-    container = docker_client.containers.run(image, [*service["command"], "--internal-host", "127.0.0.1", "--port",
-                                                     str(port)], environment=environment, network_mode="host",
-                                             detach=True, remove=True)  # fmt: skip
+    container = docker_client.containers.run(
+        image,
+        [*service["command"], "--internal-host", "127.0.0.1", "--port", str(port)],
+        environment=environment,
+        network_mode="host",
+        detach=True,
+        remove=True,
+    )
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", lambda: container.reload() or container.status == "running",
-                      timeout=300)  # fmt: skip
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/projects",
-                                         headers={"Authorization": f"Token {token}"})  # fmt: skip
+        wait_for_http(
+            f"http://127.0.0.1:{port}/health", lambda: container.reload() or container.status == "running", timeout=300
+        )
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/projects", headers={"Authorization": f"Token {token}"}
+        )
         with urllib.request.urlopen(request, timeout=30) as answer:
             assert answer.status == 200
-        stranger = urllib.request.Request(f"http://127.0.0.1:{port}/api/projects",
-                                          headers={"Authorization": "Token " + "0" * 40})  # fmt: skip
+        stranger = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/projects", headers={"Authorization": "Token " + "0" * 40}
+        )
         with pytest.raises(urllib.error.HTTPError, match="401"):
             urllib.request.urlopen(stranger, timeout=30)
     finally:
         container.stop(timeout=5)
 
 
-AIRFLOW_SERVICES = {"airflow-apiserver": "api-server", "airflow-scheduler": "scheduler",
-                    "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer"}  # fmt: skip
+AIRFLOW_SERVICES = {
+    "airflow-apiserver": "api-server",
+    "airflow-scheduler": "scheduler",
+    "airflow-dag-processor": "dag-processor",
+    "airflow-triggerer": "triggerer",
+}
 
 
 def test_airflow_services_share_one_image_and_database():

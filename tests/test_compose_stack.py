@@ -93,9 +93,12 @@ def stack(docker_client, stage_image, train_image, tiny_model, tmp_path_factory)
         pytest.fail("docker-compose is not installed: `make test-compose` installs Debian's")
     build(docker_client, "docker/airflow.Dockerfile", "localhost/doc-extraction/airflow:test")
     build(docker_client, "docker/mlflow.Dockerfile", "localhost/doc-extraction/mlflow:test")
-    for image, name in ((stage_image, "doc-extraction/stages:latest"), (train_image, "doc-extraction/train:latest"),
-                        ("localhost/doc-extraction/airflow:test", "doc-extraction/airflow:3.3.2"),
-                        ("localhost/doc-extraction/mlflow:test", "doc-extraction/mlflow:3.17.2")):  # fmt: skip
+    for image, name in (
+        (stage_image, "doc-extraction/stages:latest"),
+        (train_image, "doc-extraction/train:latest"),
+        ("localhost/doc-extraction/airflow:test", "doc-extraction/airflow:3.3.2"),
+        ("localhost/doc-extraction/mlflow:test", "doc-extraction/mlflow:3.17.2"),
+    ):
         tag_as_compose_names_it(docker_client, image, name)
     build(docker_client, "docker/local/postgres.Dockerfile", "localhost/doc-extraction/postgres-standin:15")
     build(docker_client, "docker/local/s3.Dockerfile", "localhost/doc-extraction/s3-standin:moto")
@@ -106,18 +109,35 @@ def stack(docker_client, stage_image, train_image, tiny_model, tmp_path_factory)
     (data / "runs").mkdir()
     for path in [data, *data.rglob("*")]:
         path.chmod(0o777 if path.is_dir() else 0o666)  # stage containers run as uid 1000, Airflow as 50000
-    keys = {"POSTGRES_PASSWORD": secrets.token_hex(24), "MINIO_ROOT_PASSWORD": secrets.token_hex(24),
-            "AIRFLOW_JWT_SECRET": secrets.token_hex(32), "AIRFLOW_SECRET_KEY": secrets.token_hex(32),
-            "DOCKER_GID": "0", "DOC_EXTRACTION_DATA": str(data), "DOC_EXTRACTION_CONFIG": CPU_CONFIG,
-            "DOCKER_SOCKET": docker_client.docker_host.removeprefix("unix://")}  # fmt: skip
+    keys = {
+        "POSTGRES_PASSWORD": secrets.token_hex(24),
+        "MINIO_ROOT_PASSWORD": secrets.token_hex(24),
+        "AIRFLOW_JWT_SECRET": secrets.token_hex(32),
+        "AIRFLOW_SECRET_KEY": secrets.token_hex(32),
+        "DOCKER_GID": "0",
+        "DOC_EXTRACTION_DATA": str(data),
+        "DOC_EXTRACTION_CONFIG": CPU_CONFIG,
+        "DOCKER_SOCKET": docker_client.docker_host.removeprefix("unix://"),
+    }
     example = [line for line in (ROOT / ".env.example").read_text().splitlines() if line and not line.startswith("#")]
     settings = {**dict(line.split("=", 1) for line in example), **keys}
     socket = keys["DOCKER_SOCKET"]
     Path(socket).chmod(0o660)  # as Docker's socket: the scheduler's user reaches it through the group (DOCKER_GID)
     env_file = work / ".env"
     env_file.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
-    compose = ["docker-compose", "-p", PROJECT, "--project-directory", str(ROOT), "--env-file", str(env_file),
-               "-f", str(ROOT / "docker-compose.yml"), "-f", str(ROOT / "docker/local/compose.yml")]  # fmt: skip
+    compose = [
+        "docker-compose",
+        "-p",
+        PROJECT,
+        "--project-directory",
+        str(ROOT),
+        "--env-file",
+        str(env_file),
+        "-f",
+        str(ROOT / "docker-compose.yml"),
+        "-f",
+        str(ROOT / "docker/local/compose.yml"),
+    ]
     env = {**os.environ, "DOCKER_HOST": docker_client.docker_host}
     stop = threading.Event()
     checker = threading.Thread(target=run_health_checks, args=(stop,), daemon=True)
@@ -154,17 +174,19 @@ def test_the_scheduler_runs_a_landed_batch_through_every_stage_container(stack):
     keys = {"AWS_ACCESS_KEY_ID": settings["MINIO_ROOT_USER"], "AWS_SECRET_ACCESS_KEY": settings["MINIO_ROOT_PASSWORD"]}
     os.environ.update(keys)
     landed = time.monotonic()
-    land_synthetic("s3://doc-extraction/landing/batch-1", 32, seed=3,
-                   s3=S3Config(endpoint_url="http://127.0.0.1:9000"))  # fmt: skip
+    land_synthetic("s3://doc-extraction/landing/batch-1", 32, seed=3, s3=S3Config(endpoint_url="http://127.0.0.1:9000"))
     token = wait_for(lambda: admin_token(stack), 120, "the admin password")
     run = wait_for(lambda: finished_run(token), 1500, "the pipeline run", every=10)
     print(f"landed -> pipeline run finished ({run['state']}): {time.monotonic() - landed:.0f} s")
     assert run["state"] == "success" and run["run_type"] == "asset_triggered", run
     run_id = urllib.parse.quote(run["dag_run_id"], safe="")
-    tasks = {t["task_id"]: t["state"] for t in api(
-        f"/api/v2/dags/doc_extraction/dagRuns/{run_id}/taskInstances", token)["task_instances"]}  # fmt: skip
+    tasks = {
+        t["task_id"]: t["state"]
+        for t in api(f"/api/v2/dags/doc_extraction/dagRuns/{run_id}/taskInstances", token)["task_instances"]
+    }
     assert {stage: tasks[stage] for stage in ("ingest", "export", "finetune", "patch", "evaluate")} == dict.fromkeys(
-        ("ingest", "export", "finetune", "patch", "evaluate"), "success")  # fmt: skip
+        ("ingest", "export", "finetune", "patch", "evaluate"), "success"
+    )
     (folder,) = (stack["data"] / "runs").iterdir()
     assert json.loads((folder / "finetune" / "result.json").read_text())["status"] == "succeeded"
     assert (folder / "model" / "model.safetensors").is_file()

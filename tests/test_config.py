@@ -27,7 +27,11 @@ def test_defaults_mirror_the_practitioner_recipe():
     assert (training.weight_decay, training.adam_beta2, training.max_slice_nums) == (0.1, 0.95, 9)
     assert (training.model_max_length, training.per_device_train_batch_size) == (2048, 4)
     assert (training.max_steps, training.eval_steps, training.save_steps, training.save_total_limit) == (
-        10000, 1000, 2000, 5)  # fmt: skip
+        10000,
+        1000,
+        2000,
+        5,
+    )
     assert training.bf16 and training.gradient_checkpointing and training.tune_vision and training.tune_llm
 
 
@@ -71,15 +75,24 @@ def test_missing_file_is_named(tmp_path):
         ("training:\n  tune_vision: false\n  tune_llm: false\n", "training", "nothing would be trained"),
         ("model:\n  adapter: remote_code\n", "model", "llm_type is required"),
         ("model:\n  adapter: remote_code\n  llm_type: qwen\n", "model.llm_type", "'qwen2', 'llama3' or 'minicpm'"),
-        ("evaluation:\n  thresholds: {field_accuracy: 1.5, document_accuracy: 0.9, json_validity: 0.9}\n",
-         "evaluation.thresholds.field_accuracy", "less than or equal to 1"),
+        (
+            "evaluation:\n  thresholds: {field_accuracy: 1.5, document_accuracy: 0.9, json_validity: 0.9}\n",
+            "evaluation.thresholds.field_accuracy",
+            "less than or equal to 1",
+        ),
         ("doc_types: [thsr_ticket, bus_ticket]\n", "doc_types", "unknown document type(s) ['bus_ticket']"),
-        ("evaluation:\n  per_doc_type:\n    nope: {field_accuracy: 1, document_accuracy: 1, json_validity: 1}\n",
-         "evaluation", "unknown document type(s) ['nope']"),
-        ("synthetic:\n  degradation:\n    jpeg_quality: [90, 10]\n", "synthetic.degradation.jpeg_quality",
-         "low <= high"),
+        (
+            "evaluation:\n  per_doc_type:\n    nope: {field_accuracy: 1, document_accuracy: 1, json_validity: 1}\n",
+            "evaluation",
+            "unknown document type(s) ['nope']",
+        ),
+        (
+            "synthetic:\n  degradation:\n    jpeg_quality: [90, 10]\n",
+            "synthetic.degradation.jpeg_quality",
+            "low <= high",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_value_names_the_overlay_file_and_key(tmp_path, text, key, problem):
     bad = write(tmp_path, "overlay.yaml", text)
     with pytest.raises(ConfigError) as caught:

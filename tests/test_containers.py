@@ -42,8 +42,16 @@ def workdir(tmp_path):
     return work
 
 
-CONFIG_FLAGS = ["--config", "configs/pipeline.yaml", "--config", "configs/overlays/embedded.yaml",
-                "--config", "/work/smoke.yaml", "--config", "/work/overlay.yaml"]  # fmt: skip
+CONFIG_FLAGS = [
+    "--config",
+    "configs/pipeline.yaml",
+    "--config",
+    "configs/overlays/embedded.yaml",
+    "--config",
+    "/work/smoke.yaml",
+    "--config",
+    "/work/overlay.yaml",
+]
 
 
 def test_stage_runs_in_its_container_and_continues_the_pipeline_run(docker_client, stage_image, workdir):
@@ -127,11 +135,17 @@ def export_for_containers(workdir: Path, tiny_model: Path, export: str = "export
     overlay = workdir / "overlay.yaml"
     overlay.write_text(overlay.read_text() + "model: {base: /work/model}\nexport: {image_root: /work/datasets}\n")
     host_overlay = workdir / "host.yaml"
-    host_overlay.write_text(f"storage: {{landing_uri: {workdir}/landing, datasets_uri: {workdir}/datasets, "
-                            f"runs_uri: {workdir}/runs}}\ntracking: {{tracking_uri: 'sqlite:///{workdir}/host.db'}}\n"
-                            "export: {image_root: /work/datasets}\n")  # fmt: skip
-    host_configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", SMOKE,
-                    host_overlay]  # fmt: skip
+    host_overlay.write_text(
+        f"storage: {{landing_uri: {workdir}/landing, datasets_uri: {workdir}/datasets, "
+        f"runs_uri: {workdir}/runs}}\ntracking: {{tracking_uri: 'sqlite:///{workdir}/host.db'}}\n"
+        "export: {image_root: /work/datasets}\n"
+    )
+    host_configs = [
+        ROOT / "configs" / "pipeline.yaml",
+        ROOT / "configs" / "overlays" / "embedded.yaml",
+        SMOKE,
+        host_overlay,
+    ]
     land_synthetic(workdir / "landing", 12)
     assert (
         run_stage("ingest", host_configs, "--output", str(workdir / "datasets"), "--batch", str(workdir / "landing"))
@@ -148,8 +162,15 @@ def test_finetune_and_patch_run_in_the_training_image(docker_client, train_image
     export_for_containers(workdir, tiny_model)
     settings = load_pipeline_config([ROOT / "configs" / "pipeline.yaml"]).gpu_container
     arguments = {key: value for key, value in gpu_run_arguments(settings, gpus=None).items() if key != "ulimits"}
-    run = partial(docker_client.containers.run, train_image, volumes={str(workdir): {"bind": "/work", "mode": "rw"}},
-                  network_mode="none", remove=True, stderr=True, **arguments)  # fmt: skip
+    run = partial(
+        docker_client.containers.run,
+        train_image,
+        volumes={str(workdir): {"bind": "/work", "mode": "rw"}},
+        network_mode="none",
+        remove=True,
+        stderr=True,
+        **arguments,
+    )
     shm = run(["python", "-c", "import os; s = os.statvfs('/dev/shm'); print(s.f_blocks * s.f_frsize)"])
     assert int(shm.decode()) == 32 * 2**30
     logs = run(["python", "-m", "stages.finetune", *CONFIG_FLAGS, "--data", "/work/export", "--output", "/work/ft"])
@@ -173,11 +194,29 @@ def test_preflight_runs_in_the_training_image_on_a_remote_code_checkpoint(
     for path in workdir.rglob("*"):
         path.chmod(0o777 if path.is_dir() else 0o666)
     remote = json.dumps({"model": {"adapter": "remote_code", "llm_type": "qwen2"}})  # reaches every stage too
-    command = ["python", "-m", "tools.preflight", "--config", "configs/pipeline.yaml", "--config",
-               "configs/overlays/embedded.yaml", "--overrides", remote, "--base", "/work/model",
-               "--output", "/work/preflight"]  # fmt: skip
-    logs = docker_client.containers.run(train_image, command, volumes={str(workdir): {"bind": "/work", "mode": "rw"}},
-                                        network_mode="none", remove=True, stderr=True)  # fmt: skip
+    command = [
+        "python",
+        "-m",
+        "tools.preflight",
+        "--config",
+        "configs/pipeline.yaml",
+        "--config",
+        "configs/overlays/embedded.yaml",
+        "--overrides",
+        remote,
+        "--base",
+        "/work/model",
+        "--output",
+        "/work/preflight",
+    ]
+    logs = docker_client.containers.run(
+        train_image,
+        command,
+        volumes={str(workdir): {"bind": "/work", "mode": "rw"}},
+        network_mode="none",
+        remove=True,
+        stderr=True,
+    )
     assert b"preflight passed" in logs, logs[-3000:]
     checks = {c["name"]: c for c in json.loads((workdir / "preflight" / "preflight.json").read_text())["checks"]}
     assert list(checks) == ["environment", "imports", *PIPELINE_STAGES]
@@ -196,8 +235,13 @@ def test_dockerfiles_are_hadolint_clean():
         ROOT / "tests" / "fixtures" / "vllm-standin" / "Dockerfile",
     ]
     assert len(files) >= 6
-    done = subprocess.run([str(Path(sys.executable).with_name("hadolint")), *map(str, files)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("hadolint")), *map(str, files)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -207,8 +251,13 @@ def test_airflow_image_parses_the_dags_with_its_providers_and_no_training_stack(
     """The compose Airflow image, built here from the Debian stand-in: both DAGs load with the
     compose overlay's docker launcher, and the image holds no torch or transformers."""
     image = "localhost/doc-extraction/airflow:test"
-    docker_client.images.build(path=str(ROOT), dockerfile="docker/airflow.Dockerfile", tag=image, rm=True,
-                               buildargs={"BASE_IMAGE": LOCAL_BASE, "GIT_COMMIT": git_commit()})  # fmt: skip
+    docker_client.images.build(
+        path=str(ROOT),
+        dockerfile="docker/airflow.Dockerfile",
+        tag=image,
+        rm=True,
+        buildargs={"BASE_IMAGE": LOCAL_BASE, "GIT_COMMIT": git_commit()},
+    )
     probe = (
         "import json, importlib.util as u; from airflow.dag_processing.dagbag import DagBag; b = DagBag(); "
         "print(json.dumps({'dags': sorted(b.dags), 'errors': {k: str(v) for k, v in b.import_errors.items()}, "
@@ -216,13 +265,24 @@ def test_airflow_image_parses_the_dags_with_its_providers_and_no_training_stack(
         "'postgres': [u.find_spec(m) is not None for m in ('psycopg2', 'asyncpg')]}))"
     )
     output = docker_client.containers.run(
-        image, ["-c", probe], entrypoint=["python"], network_mode="none", remove=True,
-        environment={"DOC_EXTRACTION_CONFIG": "configs/pipeline.yaml:configs/overlays/compose.yaml",
-                     "DOC_EXTRACTION_DATA": "/srv/doc-extraction"},
-    )  # fmt: skip
+        image,
+        ["-c", probe],
+        entrypoint=["python"],
+        network_mode="none",
+        remove=True,
+        environment={
+            "DOC_EXTRACTION_CONFIG": "configs/pipeline.yaml:configs/overlays/compose.yaml",
+            "DOC_EXTRACTION_DATA": "/srv/doc-extraction",
+        },
+    )
     parsed = json.loads(output.decode().strip().splitlines()[-1])
-    assert parsed == {"dags": ["doc_extraction", "doc_extraction_landing_watcher"], "errors": {},
-                      "torch": False, "transformers": False, "postgres": [True, True]}  # fmt: skip
+    assert parsed == {
+        "dags": ["doc_extraction", "doc_extraction_landing_watcher"],
+        "errors": {},
+        "torch": False,
+        "transformers": False,
+        "postgres": [True, True],
+    }
 
 
 def _losses(checkpoints: Path) -> list[float]:
@@ -256,9 +316,18 @@ def test_two_nodes_in_containers_train_as_one_node_with_two_processes(docker_cli
             "selection_documents": 0,
         }
     }  # DeepSpeed; the curve, not answers
-    plan = Plan(run_name="two", run_uri="/work/runs/two", datasets_uri="/work/datasets", batches=[], overrides=zero2,
-                gpus=0, nodes=2, skip_publish=True, dry_run=False,
-                tracking_uri="sqlite:////work/mlflow/mlflow.db")  # fmt: skip
+    plan = Plan(
+        run_name="two",
+        run_uri="/work/runs/two",
+        datasets_uri="/work/datasets",
+        batches=[],
+        overrides=zero2,
+        gpus=0,
+        nodes=2,
+        skip_publish=True,
+        dry_run=False,
+        tracking_uri="sqlite:////work/mlflow/mlflow.db",
+    )
     trainer = finetune_job("ft-two-1", config, plan, CONFIG_FLAGS[1::2]).spec.trainer
     command = trainer.command + trainer.args
     assert trainer.num_nodes == 2 and command[:3] == ["python", "-m", "stages.finetune"]
@@ -267,20 +336,42 @@ def test_two_nodes_in_containers_train_as_one_node_with_two_processes(docker_cli
     volumes = {str(workdir): {"bind": "/work", "mode": "rw"}}
 
     one = [a.replace("/work/runs/two", "/work/runs/one") for a in command]
-    logs = docker_client.containers.run(train_image, one, environment={**environment, "GPUS_PER_NODE": "2"},
-                                        volumes=volumes, network_mode="none", remove=True, stderr=True,
-                                        shm_size="1g")  # fmt: skip
+    logs = docker_client.containers.run(
+        train_image,
+        one,
+        environment={**environment, "GPUS_PER_NODE": "2"},
+        volumes=volumes,
+        network_mode="none",
+        remove=True,
+        stderr=True,
+        shm_size="1g",
+    )
     assert b"finetune succeeded" in logs
 
     network = docker_client.networks.create("doc-extraction-two-nodes")
     nodes = []
     try:
         for rank in (0, 1):
-            pet = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(rank),
-                   "PET_MASTER_ADDR": "node-0", "PET_MASTER_PORT": "29400"}  # fmt: skip
-            nodes.append(docker_client.containers.run(
-                train_image, command, name=f"node-{rank}", hostname=f"node-{rank}", network=network.name,
-                environment={**environment, **pet}, volumes=volumes, shm_size="1g", detach=True))  # fmt: skip
+            pet = {
+                "PET_NNODES": "2",
+                "PET_NPROC_PER_NODE": "1",
+                "PET_NODE_RANK": str(rank),
+                "PET_MASTER_ADDR": "node-0",
+                "PET_MASTER_PORT": "29400",
+            }
+            nodes.append(
+                docker_client.containers.run(
+                    train_image,
+                    command,
+                    name=f"node-{rank}",
+                    hostname=f"node-{rank}",
+                    network=network.name,
+                    environment={**environment, **pet},
+                    volumes=volumes,
+                    shm_size="1g",
+                    detach=True,
+                )
+            )
         codes = [node.wait(timeout=900)["StatusCode"] for node in nodes]
         node_logs = [node.logs().decode(errors="replace") for node in nodes]
         assert codes == [0, 0], "\n".join(log[-3000:] for log in node_logs)

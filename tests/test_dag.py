@@ -36,8 +36,9 @@ HEAVY = ("torch", "transformers", "deepspeed", "mlflow", "boto3", "kubernetes", 
 
 def in_dag_process(script: str, env: dict[str, str]) -> dict:
     """Run ``script`` in a fresh interpreter (clean sys.modules); it prints one JSON line last."""
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -83,9 +84,14 @@ def test_dags_parse_without_errors_or_heavy_imports(dag_configs, tmp_path):
     assert parsed["heavy"] == []
     chain = ["plan", "ingest", "export", "finetune", "patch", "evaluate", "gate"]
     assert set(map(tuple, parsed["edges"])) == {
-        *zip(chain, chain[1:], strict=False), ("gate", "publish"), ("gate", "not_published"),
-        ("publish", "summary"), ("not_published", "summary"), ("plan", "gate"), ("plan", "summary"),
-    }  # fmt: skip
+        *zip(chain, chain[1:], strict=False),
+        ("gate", "publish"),
+        ("gate", "not_published"),
+        ("publish", "summary"),
+        ("not_published", "summary"),
+        ("plan", "gate"),
+        ("plan", "summary"),
+    }
     assert parsed["rules"]["export"] == "none_failed" and parsed["rules"]["summary"] == "all_done"
     assert {parsed["retries"][s] for s in planning.STAGES} == {1}
     assert parsed["timeouts"]["finetune"] == 4320 * 60
@@ -117,9 +123,16 @@ def test_a_checkpoint_the_environment_cannot_run_fails_the_plan_before_any_stage
     """MiniCPM-V 2.6 as published: code for transformers 4.40 beside the weights (a folder the form names)."""
     hub = tmp_path / "MiniCPM-V-2_6"
     hub.mkdir()
-    (hub / "config.json").write_text(json.dumps({
-        "model_type": "minicpmv", "version": 2.6, "transformers_version": "4.40.0",
-        "auto_map": {"AutoModel": "modeling_minicpmv.MiniCPMV"}}))  # fmt: skip
+    (hub / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "minicpmv",
+                "version": 2.6,
+                "transformers_version": "4.40.0",
+                "auto_map": {"AutoModel": "modeling_minicpmv.MiniCPMV"},
+            }
+        )
+    )
     remote = write_overlay(tmp_path, "remote.yaml", "model: {adapter: remote_code, llm_type: qwen2}\n")
     paths = [str(p) for p in [*dag_configs, remote]]
     config = planning.load_config(ROOT, paths)
@@ -132,13 +145,24 @@ def test_a_checkpoint_the_environment_cannot_run_fails_the_plan_before_any_stage
 
 
 HOSTILE_FORMS = {
-    "learning_rate": [1, 0, -0.1, 2, "0.1", None], "max_steps": [0, -1, 1.5, "10", None],
-    "gpus": [-1, 65, 0.5], "base_model": ["", 3, None], "nodes": [0, 65, 1.5, 2],  # 2: not with the local launcher
+    "learning_rate": [1, 0, -0.1, 2, "0.1", None],
+    "max_steps": [0, -1, 1.5, "10", None],
+    "gpus": [-1, 65, 0.5],
+    "base_model": ["", 3, None],
+    "nodes": [0, 65, 1.5, 2],  # 2: not with the local launcher
     "doc_types": [[], ["passport"], "receipt_en", None, ["einvoice", "einvoice"]],
-    "batches": ["batch-1", [1]], "skip_publish": ["yes", None], "dry_run": [1],
-}  # fmt: skip
-GOOD_FORMS = {"learning_rate": [0.999, 1e-9], "max_steps": [1], "gpus": [0, 64], "batches": [None, [], ["b"]],
-              "nodes": [1], "doc_types": [["receipt_en", "thsr_ticket"], ["einvoice"]]}  # fmt: skip
+    "batches": ["batch-1", [1]],
+    "skip_publish": ["yes", None],
+    "dry_run": [1],
+}
+GOOD_FORMS = {
+    "learning_rate": [0.999, 1e-9],
+    "max_steps": [1],
+    "gpus": [0, 64],
+    "batches": [None, [], ["b"]],
+    "nodes": [1],
+    "doc_types": [["receipt_en", "thsr_ticket"], ["einvoice"]],
+}
 
 
 def test_the_form_refuses_exactly_what_the_plan_refuses(dag_configs, tmp_path):
@@ -174,14 +198,27 @@ def test_batches_come_from_the_polling_watcher_and_from_s3_notifications():
     def record(event: str, key: str) -> dict:
         return {"eventName": event, "s3": {"bucket": {"name": "land"}, "object": {"key": key}}}
 
-    created = {"Records": [record("ObjectCreated:Put", "in/batch+7/_COMPLETE"),  # keys arrive URL-encoded
-                           record("ObjectCreated:Put", "in/batch-8/labels.jsonl"),
-                           record("ObjectRemoved:Delete", "in/b9/_COMPLETE")]}  # fmt: skip
+    created = {
+        "Records": [
+            record("ObjectCreated:Put", "in/batch+7/_COMPLETE"),  # keys arrive URL-encoded
+            record("ObjectCreated:Put", "in/batch-8/labels.jsonl"),
+            record("ObjectRemoved:Delete", "in/b9/_COMPLETE"),
+        ]
+    }
     events = {
         "landed-batches": [SimpleNamespace(extra={"batch": "/data/landing/batch-1"})],
-        "landing-notifications": [SimpleNamespace(extra={"from_trigger": True, "payload": {
-            "status": "success", "message_batch": [{"Body": json.dumps(created)}, {"Body": "not json"}]}})],
-    }  # fmt: skip
+        "landing-notifications": [
+            SimpleNamespace(
+                extra={
+                    "from_trigger": True,
+                    "payload": {
+                        "status": "success",
+                        "message_batch": [{"Body": json.dumps(created)}, {"Body": "not json"}],
+                    },
+                }
+            )
+        ],
+    }
     assert planning.batches_from_events(events) == ["/data/landing/batch-1", "s3://land/in/batch 7"]
 
 
@@ -214,9 +251,18 @@ def test_a_run_spans_nodes_only_as_a_trainjob_and_its_plan_says_what_memory_it_n
 
 def _plan(gpus: int) -> planning.Plan:
     """A run's plan as the launchers receive it from the plan task."""
-    return planning.Plan(run_name="r", run_uri="/data/runs/r", datasets_uri="/data/ds", batches=[], overrides={},
-                         gpus=gpus, skip_publish=False, dry_run=False, mlflow_run_id="abc",
-                         tracking_uri="http://m:5000")  # fmt: skip
+    return planning.Plan(
+        run_name="r",
+        run_uri="/data/runs/r",
+        datasets_uri="/data/ds",
+        batches=[],
+        overrides={},
+        gpus=gpus,
+        skip_publish=False,
+        dry_run=False,
+        mlflow_run_id="abc",
+        tracking_uri="http://m:5000",
+    )
 
 
 def _config_with(configs: list[Path], tmp_path: Path, overlay: str):
@@ -226,8 +272,10 @@ def _config_with(configs: list[Path], tmp_path: Path, overlay: str):
 
 
 def test_docker_launcher_hands_gpus_shm_ulimits_and_nccl_to_the_container(dag_configs, tmp_path, monkeypatch):
-    settings = ("orchestration: {launcher: docker, mounts: {/srv/data: /data}, network_mode: pipeline, "
-                "pass_environment: [AWS_SECRET_ACCESS_KEY, UNSET_KEY]}\n")  # fmt: skip
+    settings = (
+        "orchestration: {launcher: docker, mounts: {/srv/data: /data}, network_mode: pipeline, "
+        "pass_environment: [AWS_SECRET_ACCESS_KEY, UNSET_KEY]}\n"
+    )
     config, plan = _config_with(dag_configs, tmp_path, settings), _plan(gpus=2)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "planted-key")
     finetune = stage_operator("finetune", config, ROOT, [])
@@ -238,8 +286,12 @@ def test_docker_launcher_hands_gpus_shm_ulimits_and_nccl_to_the_container(dag_co
     assert request["Count"] == 2 and request["Capabilities"] == [["gpu"]]
     assert finetune.shm_size == 32 * 2**30
     assert {u["Name"]: u["Hard"] for u in finetune.ulimits} == {"memlock": -1, "stack": 67108864}
-    assert {"NCCL_DEBUG": "WARN", "NCCL_IB_DISABLE": "0", "MLFLOW_RUN_ID": "abc",
-            "MLFLOW_TRACKING_URI": "http://m:5000"}.items() <= finetune.environment.items()  # fmt: skip
+    assert {
+        "NCCL_DEBUG": "WARN",
+        "NCCL_IB_DISABLE": "0",
+        "MLFLOW_RUN_ID": "abc",
+        "MLFLOW_TRACKING_URI": "http://m:5000",
+    }.items() <= finetune.environment.items()
     assert [(m["Source"], m["Target"]) for m in finetune.mounts] == [("/srv/data", "/data")]
     # what DockerOperator adds to the container's environment, kept out of the rendered one
     assert finetune._private_environment == {"AWS_SECRET_ACCESS_KEY": "planted-key"}
@@ -279,14 +331,25 @@ def test_the_sqs_watchers_trigger_reports_a_completed_batch(s3_endpoint, bucket,
     queue = sqs.create_queue(QueueName="landing")["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={"QueueConfigurations": [
-        {"QueueArn": arn, "Events": ["s3:ObjectCreated:*"],
-         "Filter": {"Key": {"FilterRules": [{"Name": "suffix", "Value": "_COMPLETE"}]}}}]})  # fmt: skip
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket,
+        NotificationConfiguration={
+            "QueueConfigurations": [
+                {
+                    "QueueArn": arn,
+                    "Events": ["s3:ObjectCreated:*"],
+                    "Filter": {"Key": {"FilterRules": [{"Name": "suffix", "Value": "_COMPLETE"}]}},
+                }
+            ]
+        },
+    )
     sqs.purge_queue(QueueUrl=queue)  # moto sends a test event when notifications are configured
     s3.put_object(Bucket=bucket, Key="landing/batch-9/labels.jsonl", Body=b"")
     s3.put_object(Bucket=bucket, Key="landing/batch-9/_COMPLETE", Body=b"{}")
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_LOOPBACK", json.dumps(
-        {"conn_type": "aws", "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}}))  # fmt: skip
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_LOOPBACK",
+        json.dumps({"conn_type": "aws", "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}}),
+    )
     trigger = MessageQueueTrigger(scheme="sqs", sqs_queue=queue, aws_conn_id="aws_loopback", waiter_delay=1)
 
     async def first_event():
@@ -304,17 +367,27 @@ def airflow_home(tmp_path_factory) -> Path:
     """An Airflow metadata database (sqlite) for ``airflow dags test``."""
     home = tmp_path_factory.mktemp("airflow")
     env = airflow_environment(home, [PIPELINE, EMBEDDED])
-    done = subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return home
 
 
 def airflow(home: Path, configs: list[Path], *args: str, umask: int | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(Path(sys.executable).with_name("airflow")), *args], cwd=ROOT, env=airflow_environment(home, configs),
-        capture_output=True, text=True, timeout=900, preexec_fn=None if umask is None else (lambda: os.umask(umask)),
-    )  # fmt: skip
+        [str(Path(sys.executable).with_name("airflow")), *args],
+        cwd=ROOT,
+        env=airflow_environment(home, configs),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        preexec_fn=None if umask is None else (lambda: os.umask(umask)),
+    )
 
 
 def _pipeline_runs(tracking_uri: str, experiment: str = "doc-extraction") -> tuple[object, dict[str, object]]:
@@ -322,8 +395,9 @@ def _pipeline_runs(tracking_uri: str, experiment: str = "doc-extraction") -> tup
     client = mlflow.MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("pipeline.role") == "parent"]
-    children = {r.data.tags["pipeline.stage"]: r for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}  # fmt: skip
+    children = {
+        r.data.tags["pipeline.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     return parent, children
 
 
@@ -361,8 +435,20 @@ def test_a_failed_plan_is_reported_as_such_by_the_summary(airflow_home, dag_conf
     """The landing store is down when the run is planned: plan fails naming it, and the summary
     says the plan failed (not a validation error about a missing plan)."""
     down = tmp_path / "down.yaml"
-    down.write_text(yaml.safe_dump({"storage": {"landing_uri": "s3://landing/batches", "s3": {
-        "endpoint_url": f"http://127.0.0.1:{free_port()}", "max_attempts": 1, "connect_timeout_s": 1}}}))  # fmt: skip
+    down.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {
+                    "landing_uri": "s3://landing/batches",
+                    "s3": {
+                        "endpoint_url": f"http://127.0.0.1:{free_port()}",
+                        "max_attempts": 1,
+                        "connect_timeout_s": 1,
+                    },
+                }
+            }
+        )
+    )
     done = airflow(airflow_home, [*dag_configs, down], "dags", "test", "doc_extraction")
     output = done.stdout + done.stderr
     assert done.returncode != 0
@@ -373,8 +459,9 @@ def test_a_failed_plan_is_reported_as_such_by_the_summary(airflow_home, dag_conf
 
 @pytest.mark.integration
 @pytest.mark.container
-def test_the_dag_runs_end_to_end_in_containers(airflow_home, tmp_path, tiny_model, docker_client, stage_image,
-                                               train_image, mlflow_server):  # fmt: skip
+def test_the_dag_runs_end_to_end_in_containers(
+    airflow_home, tmp_path, tiny_model, docker_client, stage_image, train_image, mlflow_server
+):
     """Every stage in a container of the project's images through podman's Docker API, tracking
     into a real MLflow server (as compose does); the data folder is mounted at the same path, so
     the one overlay serves the worker and the containers. The sandbox forbids raising ulimits,
@@ -385,19 +472,36 @@ def test_the_dag_runs_end_to_end_in_containers(airflow_home, tmp_path, tiny_mode
     shutil.copytree(tiny_model, work / "model")
     smoke = shutil.copy(SMOKE, work / "smoke.yaml")
     overlay = work / "overlay.yaml"
-    overlay.write_text(yaml.safe_dump({
-        "doctypes_dir": "configs/doctypes",
-        "storage": {"landing_uri": str(work / "landing"), "datasets_uri": str(work / "datasets"),
-                    "runs_uri": str(work / "runs")},
-        "tracking": {"tracking_uri": mlflow_server, "experiment": experiment, "artifact_location": None},
-        "model": {"base": str(work / "model")},
-        "evaluation": {"ocr_baseline": False},
-        "gpu_container": {"image": train_image, "ulimits": None, "shm_size": "1g"},
-        "orchestration": {"launcher": "docker", "stage_image": stage_image, "docker_url": docker_client.docker_host,
-                          "network_mode": "host", "mounts": {str(work): str(work)}, "retries": 0,
-                          "container_configs": ["configs/pipeline.yaml", "configs/overlays/embedded.yaml",
-                                                str(smoke), str(overlay)]},
-    }))  # fmt: skip
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "doctypes_dir": "configs/doctypes",
+                "storage": {
+                    "landing_uri": str(work / "landing"),
+                    "datasets_uri": str(work / "datasets"),
+                    "runs_uri": str(work / "runs"),
+                },
+                "tracking": {"tracking_uri": mlflow_server, "experiment": experiment, "artifact_location": None},
+                "model": {"base": str(work / "model")},
+                "evaluation": {"ocr_baseline": False},
+                "gpu_container": {"image": train_image, "ulimits": None, "shm_size": "1g"},
+                "orchestration": {
+                    "launcher": "docker",
+                    "stage_image": stage_image,
+                    "docker_url": docker_client.docker_host,
+                    "network_mode": "host",
+                    "mounts": {str(work): str(work)},
+                    "retries": 0,
+                    "container_configs": [
+                        "configs/pipeline.yaml",
+                        "configs/overlays/embedded.yaml",
+                        str(smoke),
+                        str(overlay),
+                    ],
+                },
+            }
+        )
+    )
     configs = [PIPELINE, EMBEDDED, smoke, overlay]
     land_synthetic(work / "landing" / "batch-1", 12, doc_types=["receipt_en"])
     for path in [work, *work.rglob("*")]:

@@ -71,8 +71,9 @@ def test_demo_fails_when_a_stage_fails(overlay, tmp_path):
     run fails, and so do the demo and the pipeline's MLflow run."""
     short = tmp_path / "short.yaml"
     short.write_text("training: {model_max_length: 64}\nevaluation: {ocr_baseline: false}\n")
-    done = run_module("tools.demo", *config_flags([*overlay, short]), "--count", "4",
-                      "--airflow-home", str(tmp_path / "af"))  # fmt: skip
+    done = run_module(
+        "tools.demo", *config_flags([*overlay, short]), "--count", "4", "--airflow-home", str(tmp_path / "af")
+    )
     assert done.returncode == 1
     assert "demo: the pipeline DAG failed with exit code 1" in done.stderr
     run_id = re.search(r"MLflow run:\s+(\w+) \(FAILED\)", done.stdout).group(1)

@@ -77,7 +77,7 @@ def test_optional_field_is_null_in_the_answer_and_allowed_by_the_schema():
         ("乘車日期", "２０２４．０１．０５", "2024-01-05"),
         ("票號", "08-1-24-1-019-0123", " 08-1-24-1-019-0123 "),
     ],
-)  # fmt: skip
+)
 def test_compare_keys_match(field, a, b):
     assert THSR.compare_key(field, a) == THSR.compare_key(field, b)
 
@@ -183,12 +183,14 @@ def test_print_formats_must_read_back_in_the_declared_order(tmp_path):
     [
         (lambda t: t.replace("id: thsr_ticket", "id: thsr"), "id: 'thsr' must match the file name 'thsr_ticket'"),
         (lambda t: t.replace('prompt: "<image>\\n', 'prompt: "'), "prompt: Value error, prompt must contain"),
-        (lambda t: t.replace("    type: enum\n    values: &thsr_stations", "    type: enum\n    x: &thsr_stations"),
-         "Extra inputs are not permitted"),
+        (
+            lambda t: t.replace("    type: enum\n    values: &thsr_stations", "    type: enum\n    x: &thsr_stations"),
+            "Extra inputs are not permitted",
+        ),
         (lambda t: t.replace("pattern: '\\d{2}", "pattern: '(\\d{2}"), "invalid regular expression"),
         (lambda t: t.replace("type: money", "type: currency"), "Input should be 'text', 'date'"),
     ],
-)  # fmt: skip
+)
 def test_bad_doctype_file_is_named(doctypes_copy, edit, message):
     path = doctypes_copy / "thsr_ticket.yaml"
     original = path.read_text(encoding="utf-8")

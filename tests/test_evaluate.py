@@ -37,10 +37,17 @@ def exported(tmp_path_factory) -> Path:
     """An export of 40 synthetic documents; eval.json gets a few of every type."""
     root = tmp_path_factory.mktemp("exported")
     land_synthetic(root / "landing", 40, seed=9)
-    overlay = write_overlay(root, "o.yaml", json.dumps({
-        "storage": {"landing_uri": str(root), "datasets_uri": str(root / "ds"), "runs_uri": str(root)},
-        "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"}, "dataset": {"eval_fraction": 0.3},
-    }))  # fmt: skip
+    overlay = write_overlay(
+        root,
+        "o.yaml",
+        json.dumps(
+            {
+                "storage": {"landing_uri": str(root), "datasets_uri": str(root / "ds"), "runs_uri": str(root)},
+                "tracking": {"tracking_uri": f"sqlite:///{root}/mlflow.db"},
+                "dataset": {"eval_fraction": 0.3},
+            }
+        ),
+    )
     configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", overlay]
     assert run_stage("ingest", configs, "--output", str(root / "ds"), "--batch", str(root / "landing")) == 0
     assert run_stage("export", configs, "--output", str(root / "export")) == 0
@@ -90,14 +97,30 @@ def test_transformers_backend_end_to_end(overlay, exported, tiny_model, tmp_path
 @pytest.mark.integration
 def test_a_regression_against_the_champion_fails_the_gate_not_the_stage(overlay, exported, tiny_model, tmp_path):
     requests = _requests(exported)
-    perfect = evaluate_all([score(r.doc_type, r.example.id, json.loads(r.example.answer),
-                                  json.loads(r.example.answer), "", 0.1) for r in requests], REGISTRY, 1.0)  # fmt: skip
+    perfect = evaluate_all(
+        [
+            score(r.doc_type, r.example.id, json.loads(r.example.answer), json.loads(r.example.answer), "", 0.1)
+            for r in requests
+        ],
+        REGISTRY,
+        1.0,
+    )
     eval_set = hashlib.sha256((exported / "eval.json").read_bytes()).hexdigest()[:16]
     champion = tmp_path / "champion.json"
     champion.write_text(json.dumps({"eval_set": eval_set, "metrics": perfect}))
     out = tmp_path / "evaluate"
-    code = run_stage("evaluate", _config(overlay, tmp_path), "--data", str(exported), "--model", str(tiny_model),
-                     "--output", str(out), "--champion-metrics", str(champion))  # fmt: skip
+    code = run_stage(
+        "evaluate",
+        _config(overlay, tmp_path),
+        "--data",
+        str(exported),
+        "--model",
+        str(tiny_model),
+        "--output",
+        str(out),
+        "--champion-metrics",
+        str(champion),
+    )
     assert code == 0
     decision = json.loads((out / "decision.json").read_text())
     assert not decision["passed"] and any("the champion's less the tolerance" in r for r in decision["reasons"])
@@ -110,8 +133,10 @@ def test_a_golden_set_compares_every_model_on_the_same_documents_without_trainin
     no training, and compares with the registered champion only where that was measured on it."""
     land_synthetic(tmp_path / "golden-batch", 8, seed=21)
     golden = tmp_path / "golden"
-    assert run_stage("ingest", overlay, "--output", str(golden), "--batch", str(tmp_path / "golden-batch"),
-                     "--eval-only") == 0  # fmt: skip
+    assert (
+        run_stage("ingest", overlay, "--output", str(golden), "--batch", str(tmp_path / "golden-batch"), "--eval-only")
+        == 0
+    )
     ingested = json.loads((golden / "result.json").read_text())
     version = ingested["outputs"]["version"]
     assert (ingested["counts"]["train"], ingested["counts"]["eval"]) == (0, 8)
@@ -120,14 +145,18 @@ def test_a_golden_set_compares_every_model_on_the_same_documents_without_trainin
 
     pinned = {"receipts-2026": {"dataset": str(golden), "version": version}}
     fit_rules = {"thresholds": {"field_accuracy": 0.9, "document_accuracy": 0.5, "json_validity": 1.0}}
-    sets = write_overlay(tmp_path, "golden.yaml", json.dumps({"evaluation": {
-        "ocr_baseline": False, "eval_sets": pinned, "fit_check": fit_rules}}))  # fmt: skip
+    sets = write_overlay(
+        tmp_path,
+        "golden.yaml",
+        json.dumps({"evaluation": {"ocr_baseline": False, "eval_sets": pinned, "fit_check": fit_rules}}),
+    )
     config = [*overlay, sets]
 
     def regression_check(name: str) -> dict:
         out = tmp_path / name
-        code = run_stage("evaluate", config, "--eval-set", "receipts-2026", "--model", str(tiny_model),
-                         "--output", str(out))  # fmt: skip
+        code = run_stage(
+            "evaluate", config, "--eval-set", "receipts-2026", "--model", str(tiny_model), "--output", str(out)
+        )
         assert code == 0
         return json.loads((out / "decision.json").read_text())
 
@@ -149,11 +178,16 @@ def test_a_golden_set_compares_every_model_on_the_same_documents_without_trainin
         decision = regression_check(f"against-{champion}")
         compared = [c for c in decision["checks"] if c["rule"] == "no_regression"]
         if eval_set == first["eval_set"]:
-            assert compared and not decision["passed"] and f"compared with champion version {champion}" in decision[
-                "notes"][1]  # fmt: skip
+            assert (
+                compared
+                and not decision["passed"]
+                and f"compared with champion version {champion}" in decision["notes"][1]
+            )
         else:
-            assert not compared and f"evaluated on an-older-eval-set, not {first['eval_set']}: not compared" in (
-                decision["notes"][1])  # fmt: skip
+            assert (
+                not compared
+                and f"evaluated on an-older-eval-set, not {first['eval_set']}: not compared" in (decision["notes"][1])
+            )
 
 
 @pytest.fixture
@@ -161,10 +195,22 @@ def served(overlay, tiny_model, tmp_path):
     """tools.openai_standin on loopback: an OpenAI-compatible server running the tiny model on CPU."""
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tools.openai_standin", "--model", str(tiny_model), "--port", str(port),
-         "--served-model-name", "tiny", *config_flags(overlay)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tools.openai_standin",
+            "--model",
+            str(tiny_model),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "tiny",
+            *config_flags(overlay),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", lambda: server.poll() is None)
         yield f"http://127.0.0.1:{port}/v1"
@@ -176,8 +222,16 @@ def served(overlay, tiny_model, tmp_path):
 @pytest.mark.integration
 def test_openai_backend_against_a_server_on_loopback(overlay, exported, served, tmp_path):
     """The stand-in honours response_format and returns log-probabilities, as vLLM does."""
-    config = _config(overlay, tmp_path, backend="openai", endpoint=served, served_model="tiny", batch_size=2,
-                     structured_output=True, max_new_tokens=512)  # fmt: skip
+    config = _config(
+        overlay,
+        tmp_path,
+        backend="openai",
+        endpoint=served,
+        served_model="tiny",
+        batch_size=2,
+        structured_output=True,
+        max_new_tokens=512,
+    )
     out = tmp_path / "evaluate"
     assert run_stage("evaluate", config, "--data", str(exported), "--output", str(out)) == 0
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -194,10 +248,13 @@ def test_constrained_decoding_makes_every_answer_valid(overlay, exported, tiny_m
     validity = {}
     for constrained in (False, True):
         out = tmp_path / f"evaluate-{constrained}"
-        config = _config(overlay, tmp_path, structured_output=constrained, max_new_tokens=512,
-                         fit_check={"documents": 0})  # fmt: skip
-        assert run_stage("evaluate", config, "--data", str(exported), "--model", str(tiny_model),
-                         "--output", str(out)) == 0  # fmt: skip
+        config = _config(
+            overlay, tmp_path, structured_output=constrained, max_new_tokens=512, fit_check={"documents": 0}
+        )
+        assert (
+            run_stage("evaluate", config, "--data", str(exported), "--model", str(tiny_model), "--output", str(out))
+            == 0
+        )
         saved = json.loads((out / "metrics.json").read_text())["metrics"]
         validity[constrained] = saved["overall"]["json_validity"]
     assert validity == {False: 0.0, True: 1.0}
@@ -216,8 +273,9 @@ def test_constrained_decoding_makes_every_answer_valid(overlay, exported, tiny_m
 
 def test_openai_requests_carry_the_image_and_the_schema(overlay, exported, tmp_path):
     endpoint = "http://127.0.0.1:9/v1"
-    config = load_pipeline_config(_config(overlay, tmp_path, backend="openai", endpoint=endpoint,
-                                          structured_output=True))  # fmt: skip
+    config = load_pipeline_config(
+        _config(overlay, tmp_path, backend="openai", endpoint=endpoint, structured_output=True)
+    )
     request = _requests(exported)[0]
     arguments = OpenAIBackend(endpoint, "m", config).request_arguments(request)
     image, question = arguments["messages"][0]["content"]
@@ -256,34 +314,96 @@ def test_reading_order_merges_boxes_into_lines():
 
 def test_extraction_rules_come_from_the_document_type():
     thsr = REGISTRY["thsr_ticket"]
-    lines = ["台灣高鐵", "乘車日期 Date 2024/03/09", "起站 From 臺北", "迄站 To", "左營", "票價 Fare NT$1,490",
-             "票號 Ticket No. 01-2-34-5-678-9012"]  # fmt: skip
-    assert Extractor(thsr, lines).fields() == {"乘車日期": "2024-03-09", "起站": "台北", "迄站": "左營",
-                                               "票面金額": "1490", "票號": "01-2-34-5-678-9012"}  # fmt: skip
-    receipt = Extractor(REGISTRY["receipt_en"], ["ACME SDN BHD", "1 JALAN X", "JOHOR", "Date: 25/12/2018",
-                                                 "TOTAL: 9.00"]).fields()  # fmt: skip
+    lines = [
+        "台灣高鐵",
+        "乘車日期 Date 2024/03/09",
+        "起站 From 臺北",
+        "迄站 To",
+        "左營",
+        "票價 Fare NT$1,490",
+        "票號 Ticket No. 01-2-34-5-678-9012",
+    ]
+    assert Extractor(thsr, lines).fields() == {
+        "乘車日期": "2024-03-09",
+        "起站": "台北",
+        "迄站": "左營",
+        "票面金額": "1490",
+        "票號": "01-2-34-5-678-9012",
+    }
+    receipt = Extractor(
+        REGISTRY["receipt_en"], ["ACME SDN BHD", "1 JALAN X", "JOHOR", "Date: 25/12/2018", "TOTAL: 9.00"]
+    ).fields()
     assert receipt == {"company": "ACME SDN BHD", "date": "2018-12-25", "address": "1 JALAN X JOHOR", "total": "9.00"}
 
 
 RECEIPT_LINES = [
     # what SROIE receipts print above the name: a stamp, a heading, an annotator's name
-    (["3180303", "Cash Sale", "tan woon yann", "SYARIKAT PERNIAGAAN GIN KEE", "(81109-A)", "NO 290, JALAN AIR PANAS",
-      "SETAPAK,", "53200, KUALA LUMPUR.", "TEL: 03-40210276", "Date:19/10/2018 11:50", "Total Item(6):1",
-      "Total: 80.91 0.00", "Total GST (RM): 4.58", "CHANGE 1.00"],
-     {"company": "SYARIKAT PERNIAGAAN GIN KEE", "date": "2018-10-19",
-      "address": "NO 290, JALAN AIR PANAS SETAPAK, 53200, KUALA LUMPUR.", "total": "80.91"}),
+    (
+        [
+            "3180303",
+            "Cash Sale",
+            "tan woon yann",
+            "SYARIKAT PERNIAGAAN GIN KEE",
+            "(81109-A)",
+            "NO 290, JALAN AIR PANAS",
+            "SETAPAK,",
+            "53200, KUALA LUMPUR.",
+            "TEL: 03-40210276",
+            "Date:19/10/2018 11:50",
+            "Total Item(6):1",
+            "Total: 80.91 0.00",
+            "Total GST (RM): 4.58",
+            "CHANGE 1.00",
+        ],
+        {
+            "company": "SYARIKAT PERNIAGAAN GIN KEE",
+            "date": "2018-10-19",
+            "address": "NO 290, JALAN AIR PANAS SETAPAK, 53200, KUALA LUMPUR.",
+            "total": "80.91",
+        },
+    ),
     # a name wrapped over two lines with its registration number after it; a rounded total wins
-    (["GARDENIA BAKERIES (KL)", "SDN BHD (139386-X)", "LOT 3, JALAN PELABUR 23/1,", "40300 SHAH ALAM, SELANGOR.",
-      "GST ID: 000381399040", "24-MAR-2018 10:02", "Total: 106.10", "Total GST: 6.37", "Rounding: -0.01",
-      "Total (Inclusive of GST): 112.46", "Rounded Total: 112.45", "CASH: 120.00", "CHANGE: 7.55"],
-     {"company": "GARDENIA BAKERIES (KL) SDN BHD", "date": "2018-03-24",
-      "address": "LOT 3, JALAN PELABUR 23/1, 40300 SHAH ALAM, SELANGOR.", "total": "112.45"}),
+    (
+        [
+            "GARDENIA BAKERIES (KL)",
+            "SDN BHD (139386-X)",
+            "LOT 3, JALAN PELABUR 23/1,",
+            "40300 SHAH ALAM, SELANGOR.",
+            "GST ID: 000381399040",
+            "24-MAR-2018 10:02",
+            "Total: 106.10",
+            "Total GST: 6.37",
+            "Rounding: -0.01",
+            "Total (Inclusive of GST): 112.46",
+            "Rounded Total: 112.45",
+            "CASH: 120.00",
+            "CHANGE: 7.55",
+        ],
+        {
+            "company": "GARDENIA BAKERIES (KL) SDN BHD",
+            "date": "2018-03-24",
+            "address": "LOT 3, JALAN PELABUR 23/1, 40300 SHAH ALAM, SELANGOR.",
+            "total": "112.45",
+        },
+    ),
     # no total caption: the subtotal, never a number of the address; a date printed in eight digits
-    (["KEDAI RUNCIT MAJU", "NO 12, JALAN 3/4, 81100 JOHOR", "Tel 07-1234567", "20180304 1830", "SUBTOTAL RM20.40",
-      "CASH RM20.40"],
-     {"company": "KEDAI RUNCIT MAJU", "date": "2018-03-04", "address": "NO 12, JALAN 3/4, 81100 JOHOR",
-      "total": "20.40"}),
-]  # fmt: skip
+    (
+        [
+            "KEDAI RUNCIT MAJU",
+            "NO 12, JALAN 3/4, 81100 JOHOR",
+            "Tel 07-1234567",
+            "20180304 1830",
+            "SUBTOTAL RM20.40",
+            "CASH RM20.40",
+        ],
+        {
+            "company": "KEDAI RUNCIT MAJU",
+            "date": "2018-03-04",
+            "address": "NO 12, JALAN 3/4, 81100 JOHOR",
+            "total": "20.40",
+        },
+    ),
+]
 
 
 @pytest.mark.parametrize(("lines", "expected"), RECEIPT_LINES)
@@ -341,16 +461,21 @@ def _overall(field_accuracy: float, json_validity: float = 1.0) -> dict:
 
 def test_the_fit_check_gates_the_fit_and_the_image_dependence():
     zero = {"field_accuracy": 0.0, "document_accuracy": 0.0, "json_validity": 0.0}
-    config = EvaluationConfig(thresholds=zero, fit_check={
-        "thresholds": {"field_accuracy": 0.9, "document_accuracy": 0.4, "json_validity": 1.0},
-        "max_control_ratio": 0.5})  # fmt: skip
+    config = EvaluationConfig(
+        thresholds=zero,
+        fit_check={
+            "thresholds": {"field_accuracy": 0.9, "document_accuracy": 0.4, "json_validity": 1.0},
+            "max_control_ratio": 0.5,
+        },
+    )
     decision = lambda fit, control: decide(_overall(0.1), config, "set", fit=fit, control=control)  # noqa: E731
     assert decision(_overall(0.96), _overall(0.3)).passed
     guessed = decision(_overall(0.96), _overall(0.6))
     assert not guessed.passed and "do not depend enough on the image" in guessed.reasons[0]
     under = decision(_overall(0.5), _overall(0.1))
-    assert not under.passed and any(r == "train sample: field_accuracy 0.5000 < 0.9000 (the fit threshold)"
-                                    for r in under.reasons)  # fmt: skip
+    assert not under.passed and any(
+        r == "train sample: field_accuracy 0.5000 < 0.9000 (the fit threshold)" for r in under.reasons
+    )
     assert "nothing shows that the answers depend on the image" in decision(_overall(0.0), _overall(0.0)).reasons[-1]
     assert "no training document was answered" in decision(None, None).reasons[0]
     assert decide(_overall(0.1), EvaluationConfig(thresholds=zero), "set").passed  # no fit rules: not required

@@ -142,12 +142,15 @@ def test_a_requested_type_without_enough_eval_documents_fails_the_gate():
     """Asked for tickets and receipts, evaluated on tickets only: the gate names the missing type."""
     documents = [score(THSR, str(i), TICKET, dict(TICKET), "", 0.1) for i in range(3)]
     metrics = evaluate_all(documents, REGISTRY, 1.0)
-    config = EvaluationConfig(thresholds=Thresholds(field_accuracy=0.5, document_accuracy=0.5, json_validity=0.5),
-                              min_eval_documents=3)  # fmt: skip
+    config = EvaluationConfig(
+        thresholds=Thresholds(field_accuracy=0.5, document_accuracy=0.5, json_validity=0.5), min_eval_documents=3
+    )
     decision = decide(metrics, config, "set", requested=["thsr_ticket", "receipt_en"])
     assert not decision.passed and decision.doc_types == {"thsr_ticket": 3, "receipt_en": 0}
-    assert decision.reasons == ["receipt_en: 0 eval documents, fewer than evaluation.min_eval_documents (3): its "
-                                "accuracy is not measured well enough to gate on"]  # fmt: skip
+    assert decision.reasons == [
+        "receipt_en: 0 eval documents, fewer than evaluation.min_eval_documents (3): its "
+        "accuracy is not measured well enough to gate on"
+    ]
     assert decide(metrics, config, "set", requested=["thsr_ticket"]).passed
     assert not decide(metrics, config.model_copy(update={"min_eval_documents": 4}), "set").passed
 

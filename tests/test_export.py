@@ -49,8 +49,12 @@ def test_conversations_follow_the_finetune_format(overlay, dataset, tmp_path):
             assert list(answer) == [f.name for f in doc_type.fields]
             if split == "eval":
                 assert user["content"] == doc_type.prompt
-    assert any(e["conversations"][0]["content"] != d.prompt for e in train for d in REGISTRY.values()
-               if e["conversations"][0]["content"] in d.prompt_variants)  # fmt: skip
+    assert any(
+        e["conversations"][0]["content"] != d.prompt
+        for e in train
+        for d in REGISTRY.values()
+        if e["conversations"][0]["content"] in d.prompt_variants
+    )
     assert result["counts"]["train"] == len(train) and result["inputs"]["version"]
 
 

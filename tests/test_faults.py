@@ -93,8 +93,9 @@ class _Forward(BaseHTTPRequestHandler):
         for name, value in response.getheaders():
             if name.lower() not in ("transfer-encoding", "connection", "content-length"):
                 self.send_header(name, value)
-        self.send_header("Content-Length", response.getheader("Content-Length", "0") if self.command == "HEAD"
-                         else str(len(data)))  # fmt: skip
+        self.send_header(
+            "Content-Length", response.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+        )
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -148,8 +149,12 @@ def assert_no_secret(texts: dict[str, str]) -> None:
 
 def written_texts(*roots: Path) -> dict[str, str]:
     """Every file under these folders, as text."""
-    return {str(path): path.read_bytes().decode("utf-8", "replace")
-            for root in roots for path in root.rglob("*") if path.is_file()}  # fmt: skip
+    return {
+        str(path): path.read_bytes().decode("utf-8", "replace")
+        for root in roots
+        for path in root.rglob("*")
+        if path.is_file()
+    }
 
 
 def mlflow_texts(tracking_uri: str, run_ids: list[str], tmp_path: Path) -> dict[str, str]:
@@ -229,14 +234,26 @@ def test_a_second_finetune_into_a_training_folder_is_refused_and_nothing_leaks(
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     tracking_uri = mlflow_server.replace("http://", f"http://alice:{URL_PASSWORD}@")
-    secret_overlay = overlay_with(tmp_path, "secret.yaml", {
-        "tracking": {"tracking_uri": tracking_uri, "experiment": "faults-lock"},
-        "training": {"max_steps": 40, "save_steps": 10, "eval_steps": 10},
-        "orchestration": {"pass_environment": ["AWS_REGION", f"http://bob:{URL_PASSWORD}@list.example"]},
-    })  # fmt: skip
+    secret_overlay = overlay_with(
+        tmp_path,
+        "secret.yaml",
+        {
+            "tracking": {"tracking_uri": tracking_uri, "experiment": "faults-lock"},
+            "training": {"max_steps": 40, "save_steps": 10, "eval_steps": 10},
+            "orchestration": {"pass_environment": ["AWS_REGION", f"http://bob:{URL_PASSWORD}@list.example"]},
+        },
+    )
     config, out = [*finetune_config, secret_overlay], tmp_path / "ft"
-    command = [sys.executable, "-m", "stages.finetune", *config_flags(config), "--data", str(exported),
-               "--output", str(out)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "stages.finetune",
+        *config_flags(config),
+        "--data",
+        str(exported),
+        "--output",
+        str(out),
+    ]
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | SECRETS
     first = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -263,9 +280,16 @@ def test_a_second_finetune_into_a_training_folder_is_refused_and_nothing_leaks(
     assert result["status"] == "succeeded" and result["counts"]["global_step"] == 40
     assert json.loads(spec)["tracking_uri"] == mlflow_server.replace("http://", "http://***@")
     runs = child_runs(mlflow_server, "faults-lock")
-    assert_no_secret({"first stdout": stdout, "first stderr": stderr, "second stdout": second.stdout,
-                      "second stderr": second.stderr, **written_texts(out),
-                      **mlflow_texts(mlflow_server, runs, tmp_path)})  # fmt: skip
+    assert_no_secret(
+        {
+            "first stdout": stdout,
+            "first stderr": stderr,
+            "second stdout": second.stdout,
+            "second stderr": second.stderr,
+            **written_texts(out),
+            **mlflow_texts(mlflow_server, runs, tmp_path),
+        }
+    )
 
 
 # --- stores that stop answering -----------------------------------------------------------------
@@ -355,5 +379,11 @@ def test_credentials_in_an_endpoint_reach_no_error_text_log_or_mlflow(overlay, t
     runs = child_runs(tracking_uri, "doc-extraction")
     tags = mlflow.MlflowClient(tracking_uri).get_run(runs[0]).data.tags
     assert "http://***@127.0.0.1" in tags["pipeline.error"]
-    assert_no_secret({"stdout": done.stdout, "stderr": done.stderr, **written_texts(tmp_path / "ds"),
-                      **mlflow_texts(tracking_uri, runs, tmp_path)})  # fmt: skip
+    assert_no_secret(
+        {
+            "stdout": done.stdout,
+            "stderr": done.stderr,
+            **written_texts(tmp_path / "ds"),
+            **mlflow_texts(tracking_uri, runs, tmp_path),
+        }
+    )

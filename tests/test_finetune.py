@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from docpipe.config import EvaluationConfig, TorchrunLayout, S3Config, TrainingConfig, load_pipeline_config
+from docpipe.config import EvaluationConfig, S3Config, TorchrunLayout, TrainingConfig, load_pipeline_config
 from docpipe.data.examples import Example, Sample, read_examples, split_fitting
 from docpipe.model.adapters import IGNORE_INDEX, load_adapter
 from stages.finetune.__main__ import layout_from_environment, route_node_outputs, torchrun_command
@@ -102,8 +102,13 @@ def test_documents_that_do_not_fit_are_listed_not_cut(tiny_model, exported):
 
 
 def test_an_examples_file_with_a_bad_record_names_it(tmp_path):
-    bad = [{"id": "a", "image": "x.jpg", "conversations": [{"role": "user", "content": "no image here"},
-                                                             {"role": "assistant", "content": "{}"}]}]  # fmt: skip
+    bad = [
+        {
+            "id": "a",
+            "image": "x.jpg",
+            "conversations": [{"role": "user", "content": "no image here"}, {"role": "assistant", "content": "{}"}],
+        }
+    ]
     with pytest.raises(ValueError, match=r"train.json: \[0\] a: need a user turn with one <image>"):
         read_examples(json.dumps(bad).encode(), "train.json")
 
@@ -131,9 +136,18 @@ def test_deepspeed_configs_leave_the_schedule_to_the_trainer():
 
 def test_training_arguments_follow_the_config(tmp_path):
     offload = str(DEEPSPEED / "zero2_offload.json")
-    spec = TrainSpec(model_dir="m", model={"base": "m"}, training=TrainingConfig(), evaluation=EvaluationConfig(),
-                     doctypes_dir="d", train_file="t", eval_file="e", output_dir=str(tmp_path),
-                     deepspeed_config=offload, s3=S3Config())  # fmt: skip
+    spec = TrainSpec(
+        model_dir="m",
+        model={"base": "m"},
+        training=TrainingConfig(),
+        evaluation=EvaluationConfig(),
+        doctypes_dir="d",
+        train_file="t",
+        eval_file="e",
+        output_dir=str(tmp_path),
+        deepspeed_config=offload,
+        s3=S3Config(),
+    )
     args = training_arguments(spec, use_cpu=True, has_eval=True)
     assert args.prediction_loss_only  # evaluation keeps the loss, never every batch's logits
     assert (args.lr_scheduler_type, args.learning_rate, args.warmup_steps) == ("cosine", 1e-6, 0.01)
@@ -148,14 +162,24 @@ def test_training_arguments_follow_the_config(tmp_path):
 def test_launch_layout_from_config_or_environment():
     config = TorchrunLayout(gpus_per_node=2)
     assert layout_from_environment(config, {}) == config
-    launch = layout_from_environment(config, {"GPUS_PER_NODE": "8", "NNODES": "2", "NODE_RANK": "1",
-                                      "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "23456"})  # fmt: skip
+    launch = layout_from_environment(
+        config,
+        {"GPUS_PER_NODE": "8", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "23456"},
+    )
     assert (launch.gpus_per_node, launch.nnodes, launch.node_rank) == (8, 2, 1)
     command = torchrun_command(launch, Path("spec.json"), Path("/data/run/finetune"))
-    assert command[1:3] == ["-m", "torch.distributed.run"] and command[-3:] == ["-m", "stages.finetune.train",
-                                                                                "spec.json"]  # fmt: skip
-    assert {"--nproc-per-node=8", "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:23456",
-            "--rdzv-conf=join_timeout=900"} <= set(command)  # fmt: skip
+    assert command[1:3] == ["-m", "torch.distributed.run"] and command[-3:] == [
+        "-m",
+        "stages.finetune.train",
+        "spec.json",
+    ]
+    assert {
+        "--nproc-per-node=8",
+        "--nnodes=2",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=10.0.0.1:23456",
+        "--rdzv-conf=join_timeout=900",
+    } <= set(command)
     same_run = torchrun_command(
         launch.model_copy(update={"node_rank": 0}), Path("other.json"), Path("/data/run/finetune")
     )
@@ -170,11 +194,21 @@ def test_launch_layout_from_config_or_environment():
 def test_kubeflow_trainers_variables_set_the_layout_and_node_k_gets_a_folder_of_its_own(tmp_path):
     """What the torch-distributed runtime sets in each node's pod (PET_*) is the layout; our own
     names win where both are set. Node 1 writes its manifest and data beside the shared checkpoints."""
-    pet = {"PET_NPROC_PER_NODE": "4", "PET_NNODES": "2", "PET_NODE_RANK": "1",
-           "PET_MASTER_ADDR": "job-node-0-0.job", "PET_MASTER_PORT": "29400"}  # fmt: skip
+    pet = {
+        "PET_NPROC_PER_NODE": "4",
+        "PET_NNODES": "2",
+        "PET_NODE_RANK": "1",
+        "PET_MASTER_ADDR": "job-node-0-0.job",
+        "PET_MASTER_PORT": "29400",
+    }
     launch = layout_from_environment(TorchrunLayout(), pet)
     assert (launch.gpus_per_node, launch.nnodes, launch.node_rank, launch.master_addr, launch.master_port) == (
-        4, 2, 1, "job-node-0-0.job", 29400)  # fmt: skip
+        4,
+        2,
+        1,
+        "job-node-0-0.job",
+        29400,
+    )
     assert layout_from_environment(TorchrunLayout(), {**pet, "NODE_RANK": "0"}).node_rank == 0
     config = load_pipeline_config([ROOT / "configs" / "pipeline.yaml"])
     for rank, output in (("0", "/data/run/finetune"), ("1", "/data/run/finetune/nodes/1")):
@@ -210,13 +244,16 @@ def test_latest_checkpoint_skips_one_cut_off_while_saving(tmp_path):
     assert latest_checkpoint(tmp_path / "none") is None
 
 
-@pytest.mark.parametrize("damage, problem", [
-    (lambda c: (c / "model.safetensors").unlink(), "no readable model weights"),
-    (lambda c: (c / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"{"), "no readable model weights"),
-    (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]), "no readable optimizer"),
-    (lambda c: (c / "scheduler.pt").unlink(), "no readable scheduler state"),
-    (lambda c: (c / "trainer_state.json").write_text("{"), "trainer_state.json unreadable"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda c: (c / "model.safetensors").unlink(), "no readable model weights"),
+        (lambda c: (c / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"{"), "no readable model weights"),
+        (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]), "no readable optimizer"),
+        (lambda c: (c / "scheduler.pt").unlink(), "no readable scheduler state"),
+        (lambda c: (c / "trainer_state.json").write_text("{"), "trainer_state.json unreadable"),
+    ],
+)
 def test_a_checkpoint_missing_what_resume_needs_is_passed_over(tmp_path, damage, problem, caplog):
     saved_checkpoint(tmp_path / "checkpoint-2")
     damage(saved_checkpoint(tmp_path / "checkpoint-4"))
@@ -266,8 +303,10 @@ def test_finetune_trains_saves_and_tracks(finetune_config, exported, tmp_path):
     assert list((tmp_path / "ft" / "tensorboard").glob("events.out.tfevents.*"))
     client, run = _stage_run(tmp_path, result)
     assert run.info.status == "FINISHED" and run.data.tags["dataset.version"] == result["inputs"]["dataset_version"]
-    history = lambda key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key),  # noqa: E731
-                                                   key=lambda m: m.step)]  # fmt: skip
+
+    def history(key: str) -> list[float]:
+        return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
     losses = history("loss")
     assert len(losses) == 12 and losses[-1] < losses[0]
     assert len(history("eval_loss")) == 2 and history("tokens_per_second") and history("samples_per_second")
@@ -346,9 +385,12 @@ def test_a_killed_run_continues_from_its_last_complete_checkpoint(finetune_confi
     config, out = [*finetune_config, long], tmp_path / "ft"
     first = subprocess.Popen(
         [sys.executable, "-m", "stages.finetune", *config_flags(config), "--data", str(exported), "--output", str(out)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
         env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 300
     while not out.exists() or len([c for c in out.glob("checkpoint-*") if not checkpoint_problem(c)]) < 2:
         assert first.poll() is None and time.monotonic() < deadline, "no two checkpoints before the run ended"
@@ -419,11 +461,15 @@ def test_the_remote_code_adapter_drives_a_checkpoint_through_its_own_code(remote
     ("llm_type", "prompt", "answer"),
     [
         ("qwen2", "<|im_start|>user\nX<|im_end|>\n<|im_start|>assistant\n", "{}<|im_end|>\n"),
-        ("llama3", "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nX<|eot_id|>"
-                   "<|start_header_id|>assistant<|end_header_id|>\n\n", "{}<|eot_id|>"),
+        (
+            "llama3",
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nX<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            "{}<|eot_id|>",
+        ),
         ("minicpm", "<用户>X<AI>", "{}</s>"),
     ],
-)  # fmt: skip
+)
 def test_each_llm_type_has_its_own_chat_format(llm_type, prompt, answer):
     from docpipe.model.adapters.remote_code import chat_format
 
@@ -442,5 +488,6 @@ def test_an_unknown_or_contradicted_llm_type_is_refused(tmp_path):
         chat_format("qwen2", {"version": 2.5})
     (tmp_path / "config.json").write_text(json.dumps({"version": 2.6, "model_type": "minicpmv"}))
     with pytest.raises(ValueError, match="no auto_map: not a remote-code checkpoint"):
-        load_adapter(tmp_path, ModelConfig(base=str(tmp_path), adapter="remote_code", llm_type="qwen2"),
-                     TrainingConfig())  # fmt: skip
+        load_adapter(
+            tmp_path, ModelConfig(base=str(tmp_path), adapter="remote_code", llm_type="qwen2"), TrainingConfig()
+        )

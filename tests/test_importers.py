@@ -33,8 +33,11 @@ def manifest(datasets: Path) -> dict[str, tuple[str, dict]]:
 
 
 def quarantine_reasons(datasets: Path) -> list[str]:
-    return [json.loads(line)["reason"] for path in (datasets / "quarantine").glob("*.jsonl")
-            for line in path.read_text().splitlines()]  # fmt: skip
+    return [
+        json.loads(line)["reason"]
+        for path in (datasets / "quarantine").glob("*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
 
 
 def test_label_studio_export_fixture(config, tmp_path):
@@ -42,13 +45,28 @@ def test_label_studio_export_fixture(config, tmp_path):
     shutil.copytree(FIXTURES / "label-studio", batch)
     (batch / "3f2a9c1e-thsr-0001.jpg").write_bytes(jpeg(1))
     (batch / "77b0d4aa-thsr-0002.jpg").write_bytes(jpeg(2))
-    code = run_stage("ingest", config, "--output", str(tmp_path / "ds"), "--batch", str(batch),
-                     "--format", "label-studio", "--mapping", str(MAPPINGS / "label-studio-tickets.yaml"))  # fmt: skip
+    code = run_stage(
+        "ingest",
+        config,
+        "--output",
+        str(tmp_path / "ds"),
+        "--batch",
+        str(batch),
+        "--format",
+        "label-studio",
+        "--mapping",
+        str(MAPPINGS / "label-studio-tickets.yaml"),
+    )
     assert code == 0
     ((doc_type, fields),) = manifest(tmp_path / "ds").values()
     assert doc_type == "thsr_ticket"
-    assert fields == {"乘車日期": "2024-03-18", "起站": "台北", "迄站": "左營", "票面金額": "1490",
-                      "票號": "08-1-24-1-019-0123"}  # fmt: skip
+    assert fields == {
+        "乘車日期": "2024-03-18",
+        "起站": "台北",
+        "迄站": "左營",
+        "票面金額": "1490",
+        "票號": "08-1-24-1-019-0123",
+    }
     assert quarantine_reasons(tmp_path / "ds") == ["unreadable: task has no annotation"]  # the cancelled task
 
 
@@ -56,13 +74,29 @@ def test_ppocrlabel_kie_fixture(config, tmp_path):
     batch = tmp_path / "invoices"
     shutil.copytree(FIXTURES / "ppocrlabel" / "invoices", batch)
     (batch / "einvoice-0001.jpg").write_bytes(jpeg(3))
-    code = run_stage("ingest", config, "--output", str(tmp_path / "ds"), "--batch", str(batch),
-                     "--format", "ppocrlabel", "--mapping", str(MAPPINGS / "ppocrlabel-einvoice.yaml"))  # fmt: skip
+    code = run_stage(
+        "ingest",
+        config,
+        "--output",
+        str(tmp_path / "ds"),
+        "--batch",
+        str(batch),
+        "--format",
+        "ppocrlabel",
+        "--mapping",
+        str(MAPPINGS / "ppocrlabel-einvoice.yaml"),
+    )
     assert code == 0
     ((doc_type, fields),) = manifest(tmp_path / "ds").values()
     assert doc_type == "einvoice"
-    assert fields == {"發票號碼": "AB-12345678", "開立日期": "2024-05-12", "隨機碼": "0427", "總計": "1200",
-                      "賣方統編": "12345678", "買方統編": None}  # fmt: skip
+    assert fields == {
+        "發票號碼": "AB-12345678",
+        "開立日期": "2024-05-12",
+        "隨機碼": "0427",
+        "總計": "1200",
+        "賣方統編": "12345678",
+        "買方統編": None,
+    }
 
 
 def test_malformed_tool_records_are_named(tmp_path):
@@ -86,8 +120,13 @@ def to_label_studio(records) -> list[dict]:
             box = {"x": 10.0, "y": 5.0 * i, "width": 20.0, "height": 4.0, "rotation": 0}
             result.append({"id": f"r{i}", "type": "rectanglelabels", "value": {**box, "rectanglelabels": [name]}})
             result.append({"id": f"r{i}", "type": "textarea", "value": {**box, "text": [value]}})
-        tasks.append({"id": n, "data": {"image": f"/data/local-files/?d={record.image}"},
-                      "annotations": [{"id": n, "result": result, "was_cancelled": False}]})  # fmt: skip
+        tasks.append(
+            {
+                "id": n,
+                "data": {"image": f"/data/local-files/?d={record.image}"},
+                "annotations": [{"id": n, "result": result, "was_cancelled": False}],
+            }
+        )
     return tasks
 
 
@@ -95,10 +134,14 @@ def to_ppocr(records, folder: str) -> str:
     lines = []
     for record in records:
         boxes = [
-            {"transcription": value, "points": [[10, 30 * i], [200, 30 * i], [200, 30 * i + 20], [10, 30 * i + 20]],
-             "difficult": False, "key_cls": name}
+            {
+                "transcription": value,
+                "points": [[10, 30 * i], [200, 30 * i], [200, 30 * i + 20], [10, 30 * i + 20]],
+                "difficult": False,
+                "key_cls": name,
+            }
             for i, (name, value) in enumerate(record.fields.items())
-        ]  # fmt: skip
+        ]
         lines.append(f"{folder}/{record.image}\t{json.dumps(boxes, ensure_ascii=False)}")
     return "\n".join(lines) + "\n"
 

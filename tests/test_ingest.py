@@ -74,8 +74,11 @@ def ingest(config: list[Path], datasets: Path, *batches: Path, extra: tuple[str,
 
 
 def quarantined(datasets: Path) -> list[dict]:
-    return [json.loads(line) for path in sorted((datasets / "quarantine").glob("*.jsonl"))
-            for line in path.read_text().splitlines()]  # fmt: skip
+    return [
+        json.loads(line)
+        for path in sorted((datasets / "quarantine").glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
 
 
 def test_good_batch_becomes_a_version(config, tmp_path):
@@ -124,9 +127,20 @@ def bomb_png() -> bytes:
         ({"image": "/etc/hostname", "fields": ticket()}, jpeg(), "image_path: invalid key '/etc/hostname'"),
         ({"image": "images/missing.jpg", "fields": ticket()}, None, "image_path: "),
     ],
-    ids=["truncated", "bomb", "not-an-image", "too-small", "doc-type", "required", "value", "unknown-field",
-         "dotdot", "absolute", "missing"],
-)  # fmt: skip
+    ids=[
+        "truncated",
+        "bomb",
+        "not-an-image",
+        "too-small",
+        "doc-type",
+        "required",
+        "value",
+        "unknown-field",
+        "dotdot",
+        "absolute",
+        "missing",
+    ],
+)
 def test_bad_record_is_quarantined_with_its_reason_and_good_ones_go_on(config, tmp_path, label, image, reason):
     good = ({"fields": ticket()}, jpeg(1023))
     documents = [good, (label, image if image is not None else jpeg(4056))]
@@ -192,12 +206,15 @@ def test_exif_orientation_is_applied(config, tmp_path):
 
 def test_duplicates_merge_and_conflicts_are_quarantined(config, tmp_path):
     same, other = jpeg(10110), jpeg(20220)
-    batch = landed(tmp_path, [
-        ({"fields": ticket()}, same),
-        ({"fields": ticket(票面金額="1490")}, same),  # the same label once normalised: a duplicate
-        ({"fields": ticket()}, other),
-        ({"fields": ticket(迄站="台中")}, other),  # same image, different label: a conflict
-    ])  # fmt: skip
+    batch = landed(
+        tmp_path,
+        [
+            ({"fields": ticket()}, same),
+            ({"fields": ticket(票面金額="1490")}, same),  # the same label once normalised: a duplicate
+            ({"fields": ticket()}, other),
+            ({"fields": ticket(迄站="台中")}, other),  # same image, different label: a conflict
+        ],
+    )
     code, result = ingest(config, tmp_path / "ds", batch)
     assert code == 0 and result["counts"]["documents"] == 1
     conflicts = quarantined(tmp_path / "ds")
@@ -268,11 +285,14 @@ def test_a_batch_changed_after_its_marker_is_refused(config, tmp_path, change):
 
 def test_copies_of_an_image_with_a_valid_and_an_invalid_label_are_a_conflict(config, tmp_path):
     same = jpeg(30330)
-    batch = landed(tmp_path, [
-        ({"fields": ticket()}, same),
-        ({"fields": ticket(票面金額="a lot")}, same),  # the other copy's label is invalid: which one is right?
-        ({"fields": ticket(票號="08-1-24-1-019-9999")}, jpeg(40440)),
-    ])  # fmt: skip
+    batch = landed(
+        tmp_path,
+        [
+            ({"fields": ticket()}, same),
+            ({"fields": ticket(票面金額="a lot")}, same),  # the other copy's label is invalid: which one is right?
+            ({"fields": ticket(票號="08-1-24-1-019-9999")}, jpeg(40440)),
+        ],
+    )
     code, result = ingest(config, tmp_path / "ds", batch)
     assert code == 0 and result["counts"]["documents"] == 1
     reasons = sorted(q["reason"].split(":")[0] for q in quarantined(tmp_path / "ds"))
@@ -288,8 +308,9 @@ def test_incomplete_batch_is_refused(config, tmp_path):
 
 
 def test_reingest_changes_nothing_and_versions_accumulate(config, tmp_path):
-    first = landed(tmp_path, [({"fields": ticket(票號=f"08-1-24-1-019-{i:04d}")}, jpeg(i)) for i in range(30)],
-                   name="first")  # fmt: skip
+    first = landed(
+        tmp_path, [({"fields": ticket(票號=f"08-1-24-1-019-{i:04d}")}, jpeg(i)) for i in range(30)], name="first"
+    )
     ingest(config, tmp_path / "ds", first)
     store = open_storage(tmp_path / "ds")
     v1 = latest_version(store)
@@ -300,8 +321,9 @@ def test_reingest_changes_nothing_and_versions_accumulate(config, tmp_path):
     assert result["counts"]["quarantined"] == 0  # the same labels read back from the manifest are no conflict
     assert tree_digest(tmp_path / "ds" / "versions") == snapshot
 
-    second = landed(tmp_path, [({"fields": ticket(票號=f"09-1-24-1-019-{i:04d}")}, jpeg(100 + i)) for i in range(30)],
-                    name="second")  # fmt: skip
+    second = landed(
+        tmp_path, [({"fields": ticket(票號=f"09-1-24-1-019-{i:04d}")}, jpeg(100 + i)) for i in range(30)], name="second"
+    )
     ingest(config, tmp_path / "ds", second)
     v2 = latest_version(store)
     old, new = read_manifest(store, v1), {r.id: r for r in read_manifest(store, v2)}
@@ -362,10 +384,14 @@ def test_dataset_version_is_an_input_of_the_mlflow_run(config, tmp_path):
 def test_ingest_from_and_to_s3(config, tmp_path, bucket, s3_endpoint):
     s3 = S3Config(endpoint_url=s3_endpoint)
     landing = open_storage(f"s3://{bucket}/landing/b1", s3)
-    write_batch(landing, [
-        (LabelRecord(image="images/a.jpg", doc_type="thsr_ticket", fields=ticket()), jpeg(1011)),
-        (LabelRecord(image="images/b.jpg", doc_type="thsr_ticket", fields={}), jpeg(2022)),
-    ], producer="test")  # fmt: skip
+    write_batch(
+        landing,
+        [
+            (LabelRecord(image="images/a.jpg", doc_type="thsr_ticket", fields=ticket()), jpeg(1011)),
+            (LabelRecord(image="images/b.jpg", doc_type="thsr_ticket", fields={}), jpeg(2022)),
+        ],
+        producer="test",
+    )
     s3_overlay = write_overlay(tmp_path, "s3.yaml", f"storage:\n  s3:\n    endpoint_url: {s3_endpoint}\n")
     datasets = f"s3://{bucket}/datasets"
     code = run_stage("ingest", [*config, s3_overlay], "--output", datasets, "--batch", landing.uri)

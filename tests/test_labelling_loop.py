@@ -32,13 +32,31 @@ def label_studio(tmp_path_factory) -> str:
     if not LABEL_STUDIO.is_file():
         pytest.fail(f"{LABEL_STUDIO} is missing: `make label-studio` installs Label Studio's server")
     data, port = tmp_path_factory.mktemp("label-studio"), free_port()
-    environment = {"PATH": os.environ["PATH"], "HOME": str(data), "LABEL_STUDIO_BASE_DATA_DIR": str(data),
-                   "LATEST_VERSION_CHECK": "false", "LABEL_STUDIO_USERNAME": "reviewer@example.com",
-                   "LABEL_STUDIO_PASSWORD": "not-a-secret-1", "LABEL_STUDIO_USER_TOKEN": TOKEN}  # fmt: skip
+    environment = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(data),
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data),
+        "LATEST_VERSION_CHECK": "false",
+        "LABEL_STUDIO_USERNAME": "reviewer@example.com",
+        "LABEL_STUDIO_PASSWORD": "not-a-secret-1",
+        "LABEL_STUDIO_USER_TOKEN": TOKEN,
+    }
     with (data / "server.log").open("w") as log:
-        server = subprocess.Popen([str(LABEL_STUDIO), "start", "--no-browser", "--internal-host", "127.0.0.1",
-                                   "--port", str(port), "--enable-legacy-api-token"], env=environment,
-                                  stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        server = subprocess.Popen(
+            [
+                str(LABEL_STUDIO),
+                "start",
+                "--no-browser",
+                "--internal-host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--enable-legacy-api-token",
+            ],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             wait_for_http(f"{url}/health", lambda: server.poll() is None, timeout=300)
@@ -65,8 +83,21 @@ def test_reviewed_predictions_come_back_as_a_landed_batch_that_ingest_takes(
     (unlabelled / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
 
     prelabel = tmp_path / "prelabel"
-    assert run_stage("prelabel", config, "--output", str(prelabel), "--images", str(unlabelled),
-                     "--doc-type", DOC_TYPE, "--model", str(tiny_model)) == 0  # fmt: skip
+    assert (
+        run_stage(
+            "prelabel",
+            config,
+            "--output",
+            str(prelabel),
+            "--images",
+            str(unlabelled),
+            "--doc-type",
+            DOC_TYPE,
+            "--model",
+            str(tiny_model),
+        )
+        == 0
+    )
     result = json.loads((prelabel / "result.json").read_text())
     assert result["counts"] == {"documents": 5, "imported": 5, "rejected": 1, "needs_review": 5}
     assert "broken.png" in (prelabel / "rejected.jsonl").read_text()
@@ -88,8 +119,9 @@ def test_reviewed_predictions_come_back_as_a_landed_batch_that_ingest_takes(
     for task in tasks[:4]:
         right = truth[Path(task["data"]["source"]).name]
         prefilled = result_fields(doc_type, task["predictions"][0]["result"])
-        changed += sum(doc_type.compare_key(n, prefilled.get(n)) != doc_type.compare_key(n, right.get(n))
-                       for n in right)  # fmt: skip
+        changed += sum(
+            doc_type.compare_key(n, prefilled.get(n)) != doc_type.compare_key(n, right.get(n)) for n in right
+        )
         studio.annotate(task["id"], result_items(doc_type, right))
 
     # Collected with a personal access token, as the UI gives them now (a refresh JWT).
@@ -131,8 +163,21 @@ def test_prelabel_without_a_reachable_server_fails_saying_so(overlay, tiny_model
     closed = f"http://127.0.0.1:{free_port()}"
     config = [*overlay, write_overlay(tmp_path, "labelling.yaml", f"labelling: {{url: '{closed}', retries: 0}}\n")]
     images = Path(land_synthetic(tmp_path / "labelled", 1, seed=4, doc_types=[DOC_TYPE]))
-    assert run_stage("prelabel", config, "--output", str(tmp_path / "out"), "--images", str(images),
-                     "--doc-type", DOC_TYPE, "--model", str(tiny_model)) == 1  # fmt: skip
+    assert (
+        run_stage(
+            "prelabel",
+            config,
+            "--output",
+            str(tmp_path / "out"),
+            "--images",
+            str(images),
+            "--doc-type",
+            DOC_TYPE,
+            "--model",
+            str(tiny_model),
+        )
+        == 1
+    )
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert "did not answer" in result["error"] and closed in result["error"]
     assert (tmp_path / "out" / "predictions.jsonl").is_file(), "what was predicted is kept"

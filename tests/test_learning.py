@@ -24,9 +24,21 @@ pytestmark = pytest.mark.integration
 
 def test_the_patched_model_reproduces_its_documents_from_their_pixels(embedded, tmp_path):
     model = build(tmp_path / "model", ROOT / "configs" / "doctypes", size="demo")
-    configs = [*embedded, write_overlay(tmp_path, "learn.yaml", json.dumps({
-        "model": {"base": str(model)}, "dataset": {"eval_fraction": 0.25}, "doc_types": ["thsr_ticket", "tra_ticket"],
-        "evaluation": {"ocr_baseline": False}}))]  # fmt: skip
+    configs = [
+        *embedded,
+        write_overlay(
+            tmp_path,
+            "learn.yaml",
+            json.dumps(
+                {
+                    "model": {"base": str(model)},
+                    "dataset": {"eval_fraction": 0.25},
+                    "doc_types": ["thsr_ticket", "tra_ticket"],
+                    "evaluation": {"ocr_baseline": False},
+                }
+            ),
+        ),
+    ]
     land_synthetic(tmp_path / "landing", 16, seed=3, doc_types=["thsr_ticket", "tra_ticket"])
     runs = tmp_path / "runs"
     assert (
@@ -35,15 +47,28 @@ def test_the_patched_model_reproduces_its_documents_from_their_pixels(embedded, 
     assert run_stage("export", configs, "--output", str(runs / "export")) == 0
     assert run_stage("finetune", configs, "--data", str(runs / "export"), "--output", str(runs / "finetune")) == 0
     assert run_stage("patch", configs, "--finetune", str(runs / "finetune"), "--output", str(runs / "model")) == 0
-    assert run_stage("evaluate", configs, "--data", str(runs / "export"), "--model", str(runs / "model"),
-                     "--output", str(runs / "evaluate")) == 0  # fmt: skip
+    assert (
+        run_stage(
+            "evaluate",
+            configs,
+            "--data",
+            str(runs / "export"),
+            "--model",
+            str(runs / "model"),
+            "--output",
+            str(runs / "evaluate"),
+        )
+        == 0
+    )
 
     saved = json.loads((runs / "evaluate" / "metrics.json").read_text())
     fit, control = saved["fit"]["overall"], saved["image_control"]["overall"]
     train = json.loads((runs / "export" / "train.json").read_text())
     assert fit["documents"] == control["documents"] == len(train) >= 8
-    print(f"fit {fit['field_accuracy']:.3f} (JSON {fit['json_validity']:.3f}), control "
-          f"{control['field_accuracy']:.3f}, eval {saved['metrics']['overall']['field_accuracy']:.3f}")  # fmt: skip
+    print(
+        f"fit {fit['field_accuracy']:.3f} (JSON {fit['json_validity']:.3f}), control "
+        f"{control['field_accuracy']:.3f}, eval {saved['metrics']['overall']['field_accuracy']:.3f}"
+    )
     assert fit["field_accuracy"] >= 0.95 and fit["json_validity"] == 1.0
     assert control["field_accuracy"] <= 0.5 * fit["field_accuracy"]  # the answers come from the pixels
     assert json.loads((runs / "evaluate" / "decision.json").read_text())["passed"]  # the embedded gate agrees

@@ -45,46 +45,85 @@ def api(url: str, token: str | None = None, body: dict | None = None) -> dict:
 
 def test_local_airflow_serves_on_loopback_and_runs_a_landed_batch_within_a_minute(tmp_path):
     overlay = tmp_path / "local.yaml"
-    overlay.write_text(yaml.safe_dump({
-        "doc_types": ["thsr_ticket"],
-        "storage": {"landing_uri": str(tmp_path / "landing"), "datasets_uri": str(tmp_path / "datasets"),
-                    "runs_uri": str(tmp_path / "runs")},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
-        "model": {"base": str(tmp_path / "model")},
-    }))  # fmt: skip
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "doc_types": ["thsr_ticket"],
+                "storage": {
+                    "landing_uri": str(tmp_path / "landing"),
+                    "datasets_uri": str(tmp_path / "datasets"),
+                    "runs_uri": str(tmp_path / "runs"),
+                },
+                "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+                "model": {"base": str(tmp_path / "model")},
+            }
+        )
+    )
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text('{"model_type": "minicpmv4_6"}')  # what the plan reads
     port, home = free_port(), tmp_path / "airflow"
     bare = {"HOME": os.environ.get("HOME", "/root"), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # venv not active
     out = (tmp_path / "stdout.log").open("w")
     service = subprocess.Popen(
-        [sys.executable, "-m", "tools.local_airflow", "--config", str(PIPELINE), "--config", str(EMBEDDED),
-         "--config", str(overlay), "--airflow-home", str(home), "--port", str(port)],
-        cwd=ROOT, env=bare, stdout=out, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tools.local_airflow",
+            "--config",
+            str(PIPELINE),
+            "--config",
+            str(EMBEDDED),
+            "--config",
+            str(overlay),
+            "--airflow-home",
+            str(home),
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=bare,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log = tmp_path / "stdout.log"
     try:
-        banner = wait_for(lambda: re.search(r"Airflow is up: (\S+) +\(user admin, password in (\S+)\)", log.read_text())
-                          or service.poll() is not None, 420, "the start banner")  # fmt: skip
+        banner = wait_for(
+            lambda: (
+                re.search(r"Airflow is up: (\S+) +\(user admin, password in (\S+)\)", log.read_text())
+                or service.poll() is not None
+            ),
+            420,
+            "the start banner",
+        )
         assert service.poll() is None, log.read_text()[-3000:]
         url, password_file = banner.group(1), Path(banner.group(2))
         assert url == f"http://127.0.0.1:{port}" and password_file.parent == home
 
         processes = [psutil.Process(service.pid), *psutil.Process(service.pid).children(recursive=True)]
-        listening = {(c.laddr.ip, c.laddr.port) for p in processes for c in p.net_connections("tcp")
-                     if c.status == psutil.CONN_LISTEN}  # fmt: skip
+        listening = {
+            (c.laddr.ip, c.laddr.port)
+            for p in processes
+            for c in p.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN
+        }
         assert listening and {ip for ip, _ in listening} == {"127.0.0.1"}, listening
 
         password = json.loads(password_file.read_text())["admin"]
         token = api(f"{url}/auth/token", body={"username": "admin", "password": password})["access_token"]
         dags = api(f"{url}/api/v2/dags?tags=doc-extraction", token)["dags"]
-        assert {d["dag_id"]: d["is_paused"] for d in dags} == {"doc_extraction": False,
-                                                               "doc_extraction_landing_watcher": False}  # fmt: skip
+        assert {d["dag_id"]: d["is_paused"] for d in dags} == {
+            "doc_extraction": False,
+            "doc_extraction_landing_watcher": False,
+        }
 
         landed = time.monotonic()
         land_synthetic(tmp_path / "landing" / "batch-1", 4, doc_types=["thsr_ticket"])
-        runs = wait_for(lambda: api(f"{url}/api/v2/dags/doc_extraction/dagRuns", token)["dag_runs"], 120,
-                        "a pipeline run for the landed batch")  # fmt: skip
+        runs = wait_for(
+            lambda: api(f"{url}/api/v2/dags/doc_extraction/dagRuns", token)["dag_runs"],
+            120,
+            "a pipeline run for the landed batch",
+        )
         latency = time.monotonic() - landed
         print(f"landed batch -> pipeline run created: {latency:.1f} s (poll every 15 s)")
         assert runs[0]["run_type"] == "asset_triggered"
@@ -94,8 +133,11 @@ def test_local_airflow_serves_on_loopback_and_runs_a_landed_batch_within_a_minut
         os.kill(scheduler, signal.SIGKILL)
         assert service.wait(timeout=60) == 1
         assert re.search(r"scheduler exited with code -9.*stopping the other components", log.read_text(), re.S)
-        wait_for(lambda: not [p for p in processes[1:] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 10,
-                 "every component and worker gone")  # fmt: skip
+        wait_for(
+            lambda: not [p for p in processes[1:] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+            10,
+            "every component and worker gone",
+        )
     finally:
         if service.poll() is None:
             service.send_signal(signal.SIGTERM)

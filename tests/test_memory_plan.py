@@ -27,8 +27,9 @@ def test_model_states_are_deepspeeds_own_estimates(gpus, nodes):
     for option, offload in (("zero2", False), ("zero2_offload", True)):
         expected = estimate_zero2_model_states_mem_needs(shape.parameters, gpus, nodes, cpu_offload=offload)
         assert memory_plan.model_states(shape, layout.model_copy(update={"deepspeed": option})) == expected
-    host, gpu, _ = estimate_zero3_model_states_mem_needs(shape.parameters, shape.largest_tensor, gpus, nodes,
-                                                         cpu_offload=False, zero_init=False)  # fmt: skip
+    host, gpu, _ = estimate_zero3_model_states_mem_needs(
+        shape.parameters, shape.largest_tensor, gpus, nodes, cpu_offload=False, zero_init=False
+    )
     assert memory_plan.model_states(shape, layout.model_copy(update={"deepspeed": "zero3"})) == (host, gpu)
 
 
@@ -60,9 +61,15 @@ def test_the_plan_refuses_a_layout_that_cannot_fit_and_names_the_nearest_that_do
     import json
 
     model_config = json.loads((tiny_model / "config.json").read_text())
-    big = {"model": {"base": str(tiny_model)},
-           "training": {"deepspeed": "zero2", "per_device_train_batch_size": 64, "model_max_length": 65536,
-                        "launch": {"gpu_memory_gib": 8}}}  # fmt: skip
+    big = {
+        "model": {"base": str(tiny_model)},
+        "training": {
+            "deepspeed": "zero2",
+            "per_device_train_batch_size": 64,
+            "model_max_length": 65536,
+            "launch": {"gpu_memory_gib": 8},
+        },
+    }
     config = load_pipeline_config([PIPELINE], big)
     with pytest.raises(ConfigError) as refused:
         check_memory(config, model_config, gpus=4, nodes=1)

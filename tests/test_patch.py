@@ -31,9 +31,11 @@ def checkpoint(tiny_model, tmp_path) -> Path:
         (folder / name).write_bytes(b"state")
     (tmp_path / "finetune" / "data").mkdir()
     Image.new("RGB", (300, 400), "white").save(tmp_path / "finetune" / "data" / "doc.png")
-    example = {"id": "doc", "image": str(tmp_path / "finetune" / "data" / "doc.png"),
-               "conversations": [{"role": "user", "content": "<image>\n請回傳"},
-                                 {"role": "assistant", "content": "{}"}]}  # fmt: skip
+    example = {
+        "id": "doc",
+        "image": str(tmp_path / "finetune" / "data" / "doc.png"),
+        "conversations": [{"role": "user", "content": "<image>\n請回傳"}, {"role": "assistant", "content": "{}"}],
+    }
     (tmp_path / "finetune" / "data" / "eval.json").write_text(json.dumps([example]))
     return folder
 
@@ -111,8 +113,13 @@ def test_remote_code_files_and_config_keys_come_back_from_the_base(tmp_path):
     base.mkdir(), checkpoint.mkdir()
     auto_map = {"AutoModel": "modeling_minicpmv.MiniCPMV", "AutoConfig": "configuration_minicpm.MiniCPMVConfig"}
     (base / "config.json").write_text(json.dumps({"version": 2.6, "auto_map": auto_map, "hidden_size": 8}))
-    for name in ("processing_minicpmv.py", "image_processing_minicpmv.py", "modeling_minicpmv.py",
-                 "preprocessor_config.json", "tokenizer_config.json"):  # fmt: skip
+    for name in (
+        "processing_minicpmv.py",
+        "image_processing_minicpmv.py",
+        "modeling_minicpmv.py",
+        "preprocessor_config.json",
+        "tokenizer_config.json",
+    ):
         (base / name).write_text(name)
     (checkpoint / "config.json").write_text(json.dumps({"version": 2.5, "hidden_size": 8}))
     save_file({"w": torch.zeros(1)}, checkpoint / "model.safetensors")

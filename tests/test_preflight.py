@@ -20,17 +20,27 @@ REMOTE = "model: {adapter: remote_code, llm_type: qwen2}\n"
 
 
 def preflight(configs: list[Path], base: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "tools.preflight", *config_flags(configs), "--base", str(base), "--output",
-               str(out), *extra]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "tools.preflight",
+        *config_flags(configs),
+        "--base",
+        str(base),
+        "--output",
+        str(out),
+        *extra,
+    ]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 def test_the_imports_of_a_checkpoints_code_are_found_where_they_are_written():
     code = "import os\nfrom transformers import AutoModel, Qwen2Config\nimport transformers.utils\nfrom .x import y\n"
     assert transformers_imports({"modeling.py": code}) == [
-        ("modeling.py", 2, "transformers.AutoModel"), ("modeling.py", 2, "transformers.Qwen2Config"),
+        ("modeling.py", 2, "transformers.AutoModel"),
+        ("modeling.py", 2, "transformers.Qwen2Config"),
         ("modeling.py", 3, "transformers.utils"),
-    ]  # fmt: skip
+    ]
 
 
 def test_a_hub_cache_snapshot_is_read_through_its_links(tmp_path):
@@ -62,10 +72,14 @@ def test_preflight_names_what_a_4x_era_checkpoint_needs_and_runs_no_stage(remote
     done = preflight(configs, old, tmp_path / "preflight")
     assert done.returncode == 1
     checks = {c["name"]: c for c in json.loads((tmp_path / "preflight" / "preflight.json").read_text())["checks"]}
-    assert checks["environment"]["status"] == "failed" and "written for transformers 4.40.0" in checks["environment"][
-        "detail"]  # fmt: skip
+    assert (
+        checks["environment"]["status"] == "failed"
+        and "written for transformers 4.40.0" in checks["environment"]["detail"]
+    )
     assert checks["imports"]["status"] == "failed"
-    assert "tokenization_tiny_minicpmv_fast.py:1 transformers.models.qwen2.tokenization_qwen2_fast" in checks[
-        "imports"]["detail"]  # fmt: skip
+    assert (
+        "tokenization_tiny_minicpmv_fast.py:1 transformers.models.qwen2.tokenization_qwen2_fast"
+        in checks["imports"]["detail"]
+    )
     assert {checks[stage]["status"] for stage in PIPELINE_STAGES} == {"skipped"}
     assert "preflight failed" in done.stdout

@@ -19,15 +19,24 @@ def _saved(tmp_path: Path, *steps: int) -> None:
 
 def _point(tmp_path: Path, step: int, field: float, loss: float, saved: bool = True) -> CheckpointScore:
     folder = str(tmp_path / f"checkpoint-{step}") if saved else None
-    return CheckpointScore(step=step, checkpoint=folder, eval_loss=loss, field_accuracy=field,
-                           document_accuracy=field / 2, json_validity=1.0)  # fmt: skip
+    return CheckpointScore(
+        step=step,
+        checkpoint=folder,
+        eval_loss=loss,
+        field_accuracy=field,
+        document_accuracy=field / 2,
+        json_validity=1.0,
+    )
 
 
 def test_curve_takes_each_evaluation_and_the_checkpoint_still_saved(tmp_path):
     _saved(tmp_path, 20)
-    history = [{"loss": 2.0, "step": 10}, {"eval_loss": 1.5, "eval_field_accuracy": 0.1, "step": 10},
-               {"eval_loss": 1.0, "eval_field_accuracy": 0.5, "eval_document_accuracy": 0.2, "step": 20},
-               {"eval_loss": 0.9, "step": 30}]  # fmt: skip
+    history = [
+        {"loss": 2.0, "step": 10},
+        {"eval_loss": 1.5, "eval_field_accuracy": 0.1, "step": 10},
+        {"eval_loss": 1.0, "eval_field_accuracy": 0.5, "eval_document_accuracy": 0.2, "step": 20},
+        {"eval_loss": 0.9, "step": 30},
+    ]
     points = curve(history, tmp_path)
     assert [p.step for p in points] == [10, 20, 30]
     assert [p.checkpoint for p in points] == [
@@ -39,8 +48,12 @@ def test_curve_takes_each_evaluation_and_the_checkpoint_still_saved(tmp_path):
 
 
 def test_best_by_accuracy_and_ties_go_to_the_later_step(tmp_path):
-    points = [_point(tmp_path, 10, 0.4, 1.0), _point(tmp_path, 20, 0.9, 0.8), _point(tmp_path, 30, 0.9, 0.7),
-              _point(tmp_path, 40, 0.95, 0.6, saved=False)]  # fmt: skip
+    points = [
+        _point(tmp_path, 10, 0.4, 1.0),
+        _point(tmp_path, 20, 0.9, 0.8),
+        _point(tmp_path, 30, 0.9, 0.7),
+        _point(tmp_path, 40, 0.95, 0.6, saved=False),
+    ]
     chosen = choose(points, "field_accuracy", 16, latest=str(tmp_path / "checkpoint-30"))
     assert (chosen.step, chosen.value) == (30, 0.9) and chosen.checkpoint.endswith("checkpoint-30")
     assert "tied with steps [20]" in chosen.reason and "on 16 eval documents" in chosen.reason

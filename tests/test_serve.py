@@ -39,10 +39,27 @@ def server(tiny_model, tmp_path_factory):
     limits.write_text(yaml.safe_dump({"publish": {"serving": LIMITS}}))
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "tools.openai_standin", "--model", str(tiny_model), "--port", str(port),
-         "--served-model-name", "tiny", "--config", str(PIPELINE), "--config", str(EMBEDDED), "--config", str(limits)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tools.openai_standin",
+            "--model",
+            str(tiny_model),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "tiny",
+            "--config",
+            str(PIPELINE),
+            "--config",
+            str(EMBEDDED),
+            "--config",
+            str(limits),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", lambda: process.poll() is None)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -64,8 +81,9 @@ TRUNCATED = "data:image/png;base64," + base64.b64encode(base64.b64decode(TICKET.
 
 def ask(client: openai.OpenAI, url: str = TICKET, **kwargs):
     content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]
-    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
-                                          temperature=0, **kwargs)  # fmt: skip
+    return client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": content}], temperature=0, **kwargs
+    )
 
 
 def test_answers_report_usage_and_why_they_stopped(server):
@@ -101,22 +119,39 @@ BAD_REQUESTS = {
     "max_tokens over the limit": ({"max_tokens": 100_000}, "max_tokens 100000 is over this server's limit of 64"),
     "too many pixels": ({"url": _png_bytes(8000, 8000)}, "8000x8000 = 64000000 pixels, over this server's limit"),
     "too many bytes": ({"url": "data:image/png;base64," + "A" * 500_000}, "over 300000 bytes, this server's limit"),
-    "not an image": ({"url": "data:image/png;base64," + base64.b64encode(b"<html>").decode()},
-                     "could not be read: not a PNG, JPEG"),
+    "not an image": (
+        {"url": "data:image/png;base64," + base64.b64encode(b"<html>").decode()},
+        "could not be read: not a PNG, JPEG",
+    ),
     "truncated image": ({"url": TRUNCATED}, "could not be decoded: truncated or corrupt"),
     "not base64": ({"url": "data:image/png;base64,@@@@"}, "not valid base64"),
     "a web URL": ({"url": "https://example.com/a.png"}, "must be a data:image/"),
     "two answers": ({"n": 2}, "n: Input should be less than or equal to 1"),
-    "a schema without its schema": ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-                                    "response_format must be"),
-    "a schema that does not compile": ({"response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "(["}}}}}},
-        "response_format: schema"),
+    "a schema without its schema": (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        "response_format must be",
+    ),
+    "a schema that does not compile": (
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "(["}}},
+                },
+            }
+        },
+        "response_format: schema",
+    ),
     "alternatives per token": ({"logprobs": True, "top_logprobs": 3}, "top_logprobs: Input should be less than"),
-}  # fmt: skip
+}
 
-CODE = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[0-9]{2,4}$"}},
-        "required": ["code"], "additionalProperties": False}  # fmt: skip
+CODE = {
+    "type": "object",
+    "properties": {"code": {"type": "string", "pattern": "^[0-9]{2,4}$"}},
+    "required": ["code"],
+    "additionalProperties": False,
+}
 
 
 def test_response_format_constrains_the_answer_and_logprobs_come_with_it(server):

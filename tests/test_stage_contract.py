@@ -85,8 +85,15 @@ def test_bad_input_exits_2_and_records_the_failure(overlay, tmp_path):
 
 def test_failure_exits_1_with_reason(overlay, tmp_path):
     out = tmp_path / "out"
-    done = run_module("tools.synthetic", *config_flags(overlay), "--output", str(out), "--count", "2",
-                      env={"SYNTH_FONT": str(tmp_path / "missing-font.ttc")})  # fmt: skip
+    done = run_module(
+        "tools.synthetic",
+        *config_flags(overlay),
+        "--output",
+        str(out),
+        "--count",
+        "2",
+        env={"SYNTH_FONT": str(tmp_path / "missing-font.ttc")},
+    )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("synthetic: error: FontMissingError: no CJK font found")
     result = json.loads((out / RESULT_FILE).read_text())

@@ -72,19 +72,37 @@ def test_the_pipeline_run_carries_what_a_reviewer_looks_for(tracking_config, tmp
         tracking.log_dataset(str(tmp_path / "ds"), "v123", context="evaluation")
     stages = {
         "export": {"status": "succeeded", "inputs": {"dataset": str(tmp_path / "ds"), "version": "v123"}},
-        "evaluate": {"status": "succeeded", "mlflow_run_id": evaluate_run, "inputs": {"eval_set": "golden@v123"},
-                     "metrics": {"field_accuracy": 0.97, "document_accuracy": 0.9, "json_validity": 1.0,
-                                 "ocr_baseline.field_accuracy": 0.62, "gate_passed": 1.0, "fit.field_accuracy": 0.99}},
-    }  # fmt: skip
+        "evaluate": {
+            "status": "succeeded",
+            "mlflow_run_id": evaluate_run,
+            "inputs": {"eval_set": "golden@v123"},
+            "metrics": {
+                "field_accuracy": 0.97,
+                "document_accuracy": 0.9,
+                "json_validity": 1.0,
+                "ocr_baseline.field_accuracy": 0.62,
+                "gate_passed": 1.0,
+                "fit.field_accuracy": 0.99,
+            },
+        },
+    }
     tracking.end_pipeline_run(tracking_config, parent, True, stages, ["receipt_en", "thsr_ticket"])
 
     client = mlflow.MlflowClient(tracking_config.tracking_uri)
     run = client.get_run(parent)
-    assert run.data.metrics == {"field_accuracy": 0.97, "document_accuracy": 0.9, "json_validity": 1.0,
-                                "ocr_baseline.field_accuracy": 0.62, "gate_passed": 1.0}  # fmt: skip
+    assert run.data.metrics == {
+        "field_accuracy": 0.97,
+        "document_accuracy": 0.9,
+        "json_validity": 1.0,
+        "ocr_baseline.field_accuracy": 0.62,
+        "gate_passed": 1.0,
+    }
     assert {k: run.data.tags[k] for k in ("dataset.version", "eval_set", "doc_types", "gate.passed")} == {
-        "dataset.version": "v123", "eval_set": "golden@v123", "doc_types": "receipt_en,thsr_ticket",
-        "gate.passed": "true"}  # fmt: skip
+        "dataset.version": "v123",
+        "eval_set": "golden@v123",
+        "doc_types": "receipt_en,thsr_ticket",
+        "gate.passed": "true",
+    }
     (used,) = run.inputs.dataset_inputs
     assert used.dataset.digest == "v123" and {t.value for t in used.tags} == {"evaluation"}
     experiment = client.get_experiment(run.info.experiment_id)
@@ -104,8 +122,17 @@ def test_failed_result_marks_the_run_failed(tracking_config):
 
     now = datetime.now(UTC)
     with tracking.stage_run(tracking_config, "export", {}) as run_id:
-        tracking.log_result(StageResult(stage="export", status="failed", exit_code=1, error="boom",
-                                        started_at=now, finished_at=now, duration_s=0.0))  # fmt: skip
+        tracking.log_result(
+            StageResult(
+                stage="export",
+                status="failed",
+                exit_code=1,
+                error="boom",
+                started_at=now,
+                finished_at=now,
+                duration_s=0.0,
+            )
+        )
     run = mlflow.MlflowClient(tracking_config.tracking_uri).get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["pipeline.error"] == "boom"
 
@@ -117,8 +144,15 @@ def test_stage_process_continues_the_pipeline_run(overlay, tmp_path):
 
     config = load_pipeline_config(overlay)
     parent = tracking.start_pipeline_run(config.tracking, "pipeline", {})
-    done = run_module("tools.synthetic", *config_flags(overlay), "--output", str(tmp_path / "b"), "--count", "2",
-                      env={tracking.PARENT_RUN_ENV: parent})  # fmt: skip
+    done = run_module(
+        "tools.synthetic",
+        *config_flags(overlay),
+        "--output",
+        str(tmp_path / "b"),
+        "--count",
+        "2",
+        env={tracking.PARENT_RUN_ENV: parent},
+    )
     assert done.returncode == 0, done.stderr
     client = mlflow.MlflowClient(config.tracking.tracking_uri)
     children = client.search_runs(
@@ -138,8 +172,17 @@ def test_tracking_through_an_mlflow_server(mlflow_server, monkeypatch):
     monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
     now = datetime.now(UTC)
     with tracking.stage_run(config, "evaluate", {"threshold": 0.9}) as child:
-        tracking.log_result(StageResult(stage="evaluate", status="succeeded", exit_code=0, metrics={"acc": 0.97},
-                                        started_at=now, finished_at=now, duration_s=1.5))  # fmt: skip
+        tracking.log_result(
+            StageResult(
+                stage="evaluate",
+                status="succeeded",
+                exit_code=0,
+                metrics={"acc": 0.97},
+                started_at=now,
+                finished_at=now,
+                duration_s=1.5,
+            )
+        )
     tracking.end_pipeline_run(config, parent, succeeded=True)
 
     client = mlflow.MlflowClient(mlflow_server)

@@ -26,9 +26,17 @@ from docpipe.orchestration.plan import Plan, stage_command
 from tests.conftest import PIPELINE, ROOT
 
 JOBS = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ml/trainjobs"
-KUBE = {"launcher": "kubernetes", "pass_environment": ["AWS_SECRET_ACCESS_KEY"],
-        "kubernetes": {"namespace": "ml", "data_claim": "pipeline-data", "credentials_secret": "pipeline-keys",
-                       "poll_seconds": 0.05, "conn_id": "no_cluster"}}  # fmt: skip
+KUBE = {
+    "launcher": "kubernetes",
+    "pass_environment": ["AWS_SECRET_ACCESS_KEY"],
+    "kubernetes": {
+        "namespace": "ml",
+        "data_claim": "pipeline-data",
+        "credentials_secret": "pipeline-keys",
+        "poll_seconds": 0.05,
+        "conn_id": "no_cluster",
+    },
+}
 
 
 def _config(**kube):
@@ -37,10 +45,19 @@ def _config(**kube):
 
 
 def _plan(nodes=2, gpus=4) -> Plan:
-    return Plan(run_name="manual__2026-11-26T10:00:00+00:00", run_uri="/data/runs/r1", datasets_uri="/data/datasets",
-                batches=[], overrides={"training": {"launch": {"nnodes": nodes}}}, gpus=gpus, nodes=nodes,
-                skip_publish=False, dry_run=False, mlflow_run_id="parent-run",
-                tracking_uri="http://mlflow:5000")  # fmt: skip
+    return Plan(
+        run_name="manual__2026-11-26T10:00:00+00:00",
+        run_uri="/data/runs/r1",
+        datasets_uri="/data/datasets",
+        batches=[],
+        overrides={"training": {"launch": {"nnodes": nodes}}},
+        gpus=gpus,
+        nodes=nodes,
+        skip_publish=False,
+        dry_run=False,
+        mlflow_run_id="parent-run",
+        tracking_uri="http://mlflow:5000",
+    )
 
 
 def test_the_trainjob_manifest_without_a_cluster_asks_for_nodes_gpus_shm_and_the_shared_claim(monkeypatch):
@@ -58,8 +75,10 @@ def test_the_trainjob_manifest_without_a_cluster_asks_for_nodes_gpus_shm_and_the
     assert trainer["command"] + trainer["args"] == command and trainer["image"] == config.gpu_container.image
     env = {e["name"]: e for e in trainer["env"]}
     assert env["MLFLOW_RUN_ID"]["value"] == "parent-run"
-    assert env["AWS_SECRET_ACCESS_KEY"] == {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {
-        "name": "pipeline-keys", "key": "AWS_SECRET_ACCESS_KEY", "optional": True}}}  # fmt: skip
+    assert env["AWS_SECRET_ACCESS_KEY"] == {
+        "name": "AWS_SECRET_ACCESS_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "pipeline-keys", "key": "AWS_SECRET_ACCESS_KEY", "optional": True}},
+    }
     assert "planted-secret" not in json.dumps(manifest)
     pod = trainjob.node_pod(job)["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -134,14 +153,31 @@ class FakeApiServer:
                 if url.path == f"{JOBS}/{name}":
                     state = server.states[min(server.reads, len(server.states) - 1)]
                     server.reads += 1
-                    conditions = [] if state == "Running" else [
-                        {"type": state, "status": "True", "reason": f"Job{state}", "message": f"jobs {state.lower()}",
-                         "lastTransitionTime": "2026-11-26T10:00:00Z"}]  # fmt: skip
+                    conditions = (
+                        []
+                        if state == "Running"
+                        else [
+                            {
+                                "type": state,
+                                "status": "True",
+                                "reason": f"Job{state}",
+                                "message": f"jobs {state.lower()}",
+                                "lastTransitionTime": "2026-11-26T10:00:00Z",
+                            }
+                        ]
+                    )
                     return self._send(200, {**server.job, "status": {"conditions": conditions}})
                 if url.path == "/api/v1/namespaces/ml/pods":
                     assert parse_qs(url.query)["labelSelector"] == [f"jobset.sigs.k8s.io/jobset-name={name}"]
-                    return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {},
-                                            "items": [server.pod(name, rank) for rank in (0, 1)]})  # fmt: skip
+                    return self._send(
+                        200,
+                        {
+                            "kind": "PodList",
+                            "apiVersion": "v1",
+                            "metadata": {},
+                            "items": [server.pod(name, rank) for rank in (0, 1)],
+                        },
+                    )
                 if url.path.startswith("/api/v1/namespaces/ml/pods/") and url.path.endswith("/log"):
                     pod = url.path.split("/")[-2]
                     lines = [f"2026-11-26T10:00:{i:02d}.000000000Z {pod} step {i}" for i in range(server.reads)]
@@ -155,10 +191,18 @@ class FakeApiServer:
     def pod(self, job: str, rank: int) -> dict:
         state = self.states[min(self.reads, len(self.states)) - 1]
         terminated = {"terminated": {"exitCode": self.exit_code, "reason": "Error"}} if state == "Failed" else None
-        status = {"name": "node", "image": "train", "imageID": "", "ready": False, "restartCount": 0,
-                  "state": terminated or {"running": {}}}  # fmt: skip
-        return {"metadata": {"name": f"{job}-node-0-{rank}"}, "status": {"phase": "Running",
-                                                                          "containerStatuses": [status]}}  # fmt: skip
+        status = {
+            "name": "node",
+            "image": "train",
+            "imageID": "",
+            "ready": False,
+            "restartCount": 0,
+            "state": terminated or {"running": {}},
+        }
+        return {
+            "metadata": {"name": f"{job}-node-0-{rank}"},
+            "status": {"phase": "Running", "containerStatuses": [status]},
+        }
 
     def methods(self) -> list[str]:
         return [f"{method} {path.split('?')[0]}" for method, path, _ in self.requests]
@@ -167,12 +211,17 @@ class FakeApiServer:
 @pytest.fixture
 def api_server(monkeypatch, request):
     server = FakeApiServer(**request.param)
-    kubeconfig = {"apiVersion": "v1", "kind": "Config", "current-context": "here",
-                  "clusters": [{"name": "here", "cluster": {"server": server.url}}],
-                  "contexts": [{"name": "here", "context": {"cluster": "here", "user": "me"}}],
-                  "users": [{"name": "me", "user": {}}]}  # fmt: skip
-    monkeypatch.setenv("AIRFLOW_CONN_NO_CLUSTER", json.dumps({"conn_type": "kubernetes",
-                                                              "extra": {"kube_config": kubeconfig}}))  # fmt: skip
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "here",
+        "clusters": [{"name": "here", "cluster": {"server": server.url}}],
+        "contexts": [{"name": "here", "context": {"cluster": "here", "user": "me"}}],
+        "users": [{"name": "me", "user": {}}],
+    }
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_NO_CLUSTER", json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": kubeconfig}})
+    )
     yield server
     server.httpd.shutdown()
 
@@ -193,7 +242,8 @@ def test_the_operator_without_a_cluster_submits_follows_logs_and_returns_on_comp
     submitted = api_server.requests[0]
     assert submitted[:2] == ("POST", JOBS) and submitted[2]["spec"]["trainer"]["numNodes"] == 2
     assert {"MLFLOW_RUN_ID": "parent-run", "NCCL_DEBUG": "WARN"}.items() <= {
-        e["name"]: e.get("value") for e in submitted[2]["spec"]["trainer"]["env"]}.items()  # fmt: skip
+        e["name"]: e.get("value") for e in submitted[2]["spec"]["trainer"]["env"]
+    }.items()
     task_log = capsys.readouterr().out  # Airflow's task logger writes here outside a task runner
     for rank in (0, 1):  # each line once, though the windows overlap
         pod = f"{name}-node-0-{rank}"

@@ -44,12 +44,20 @@ def main(argv: list[str] | None = None) -> int:
     airflow = str(Path(sys.executable).with_name("airflow"))
     env = airflow_environment(args.airflow_home, paths)
     steps = {
-        "a synthetic batch lands": [sys.executable, "-m", "tools.synthetic", *config_flags(paths),
-                                    "--output", batch.uri, "--count", str(args.count)],
+        "a synthetic batch lands": [
+            sys.executable,
+            "-m",
+            "tools.synthetic",
+            *config_flags(paths),
+            "--output",
+            batch.uri,
+            "--count",
+            str(args.count),
+        ],
         "Airflow's database": [airflow, "db", "migrate"],
         "the landing watcher": [airflow, "dags", "test", "doc_extraction_landing_watcher"],
         "the pipeline DAG": [airflow, "dags", "test", "doc_extraction"],
-    }  # fmt: skip
+    }
     for name, step in steps.items():
         print(f"== {name}", flush=True)
         quiet = name == "Airflow's database"
@@ -64,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = parent.data.tags.get("run.folder", config.storage.runs_uri)
     uri, experiment = config.tracking.tracking_uri, parent.info.experiment_id
     default = paths == EMBEDDED and args.airflow_home == Path("data/airflow")
-    ui = "make airflow" if default else " ".join([".venv/bin/python -m tools.local_airflow", *config_flags(paths),
-                                                  "--airflow-home", str(args.airflow_home)])  # fmt: skip
+    ui = (
+        "make airflow"
+        if default
+        else " ".join(
+            [".venv/bin/python -m tools.local_airflow", *config_flags(paths), "--airflow-home", str(args.airflow_home)]
+        )
+    )
     print(
         f"\nLabelled batch:   {batch.uri} (labels.jsonl, images/, result.json)"
         f"\nDataset versions: {config.storage.datasets_uri} (LATEST, versions/<id>/manifest.jsonl, card.json)"
@@ -87,11 +100,18 @@ def accuracy_summary(evaluation: Path) -> str:
         return f"\nNo evaluation in {evaluation}."
     saved = json.loads((evaluation / "metrics.json").read_text())
     decision = json.loads((evaluation / "decision.json").read_text())
-    rows = [("Fit (training documents)", saved.get("fit")), ("Image control (swapped)", saved.get("image_control")),
-            ("Eval set (unseen)", saved["metrics"])]  # fmt: skip
-    lines = [f"{label + ':':27}field accuracy {m['overall']['field_accuracy']:.3f}, document accuracy "
-             f"{m['overall']['document_accuracy']:.3f}, JSON validity {m['overall']['json_validity']:.3f} "
-             f"({m['overall']['documents']} documents)" for label, m in rows if m]  # fmt: skip
+    rows = [
+        ("Fit (training documents)", saved.get("fit")),
+        ("Image control (swapped)", saved.get("image_control")),
+        ("Eval set (unseen)", saved["metrics"]),
+    ]
+    lines = [
+        f"{label + ':':27}field accuracy {m['overall']['field_accuracy']:.3f}, document accuracy "
+        f"{m['overall']['document_accuracy']:.3f}, JSON validity {m['overall']['json_validity']:.3f} "
+        f"({m['overall']['documents']} documents)"
+        for label, m in rows
+        if m
+    ]
     verdict = "passed" if decision["passed"] else "failed"
     return "\n" + "\n".join([*lines, f"Gate: {verdict}: {'; '.join(decision['reasons'])}"])
 

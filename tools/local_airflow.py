@@ -33,8 +33,12 @@ from docpipe.loader import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = [Path("configs/pipeline.yaml"), Path("configs/overlays/embedded.yaml")]
 # Everything runs on this machine and reads its logs from disk: no log servers (they bind every interface).
-COMPONENTS = {"api-server": [], "scheduler": ["--skip-serve-logs"], "dag-processor": [],
-              "triggerer": ["--skip-serve-logs"]}  # fmt: skip
+COMPONENTS = {
+    "api-server": [],
+    "scheduler": ["--skip-serve-logs"],
+    "dag-processor": [],
+    "triggerer": ["--skip-serve-logs"],
+}
 PIPELINE_DAGS = ("doc_extraction", "doc_extraction_landing_watcher")
 PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
 
@@ -44,10 +48,15 @@ def airflow_environment(home: Path, configs: list[Path]) -> dict[str, str]:
     interpreter's ``bin`` first on PATH (Airflow starts ``airflow`` subprocesses by name)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW__", "MLFLOW_"))}
     bin_dir = str(Path(sys.executable).parent)
-    return {**env, "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")]), "AIRFLOW_HOME": str(home.resolve()),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "DOC_EXTRACTION_HOME": str(ROOT),
-            "DOC_EXTRACTION_CONFIG": os.pathsep.join(str(path.resolve()) for path in configs)}  # fmt: skip
+    return {
+        **env,
+        "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")]),
+        "AIRFLOW_HOME": str(home.resolve()),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "DOC_EXTRACTION_HOME": str(ROOT),
+        "DOC_EXTRACTION_CONFIG": os.pathsep.join(str(path.resolve()) for path in configs),
+    }
 
 
 def service_environment(home: Path, configs: list[Path], port: int) -> dict[str, str]:
@@ -91,10 +100,17 @@ class LocalAirflow:
         self.logs.mkdir(parents=True, exist_ok=True)
         for name, flags in COMPONENTS.items():
             with (self.logs / f"{name}.log").open("ab") as log:
-                self.processes[name] = subprocess.Popen([self.airflow, name, *flags], env=self.env, stdout=log,
-                                                        stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-            print(f"local_airflow: started {name} (pid {self.processes[name].pid}, log {self.logs / name}.log)",
-                  flush=True)  # fmt: skip
+                self.processes[name] = subprocess.Popen(
+                    [self.airflow, name, *flags],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            print(
+                f"local_airflow: started {name} (pid {self.processes[name].pid}, log {self.logs / name}.log)",
+                flush=True,
+            )
 
     def dead(self) -> str | None:
         """A component that exited, with its exit code and the end of its log, or None."""
@@ -192,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         airflow.start()
-        airflow.wait_until(f"the API server on {airflow.url}",
-                           lambda: airflow._request("GET", "/api/v2/version"), 300)  # fmt: skip
+        airflow.wait_until(f"the API server on {airflow.url}", lambda: airflow._request("GET", "/api/v2/version"), 300)
         token = airflow.wait_until("the admin password file", airflow.token, 60)
         unpaused = airflow.unpause_pipeline_dags(token)
         poll = config.orchestration.landing_poll_seconds
@@ -204,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             f" a batch completed in {config.storage.landing_uri} starts a run within about {poll} s."
             "\nCtrl-C stops every component.",
             flush=True,
-        )  # fmt: skip
+        )
         while not (dead := airflow.dead()):
             time.sleep(1)
         print(f"local_airflow: {dead}\nlocal_airflow: stopping the other components", file=sys.stderr)

@@ -74,8 +74,10 @@ def decode_image(url: str, limits: ServingConfig) -> Image.Image:
     except (OSError, ValueError, Image.DecompressionBombError):
         raise BadRequest("the image could not be read: not a PNG, JPEG, WebP or other supported image") from None
     if width * height > limits.max_image_pixels:
-        raise BadRequest(f"the image is {width}x{height} = {width * height} pixels, over this server's limit of "
-                         f"{limits.max_image_pixels}")  # fmt: skip
+        raise BadRequest(
+            f"the image is {width}x{height} = {width * height} pixels, over this server's limit of "
+            f"{limits.max_image_pixels}"
+        )
     try:
         return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):
@@ -96,8 +98,14 @@ def sample_of(messages: list[dict[str, Any]], limits: ServingConfig) -> Sample:
     if len(urls) != 1:
         raise BadRequest(f"expected exactly one image in the user message, got {len(urls)}")
     image = decode_image(urls[0], limits)
-    example = Example(id="request", image="request", conversations=[
-        {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{text}"}, {"role": "assistant", "content": ""}])  # fmt: skip
+    example = Example(
+        id="request",
+        image="request",
+        conversations=[
+            {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{text}"},
+            {"role": "assistant", "content": ""},
+        ],
+    )
     return Sample(example, image)
 
 
@@ -118,8 +126,10 @@ def answer_schema(response_format: dict[str, Any] | None) -> dict | None:
         return {"type": "object"}
     schema = (response_format.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
     if not isinstance(schema, dict):
-        raise BadRequest("response_format must be {type: text}, {type: json_object} or {type: json_schema, "
-                         "json_schema: {name, schema: {...}}}")  # fmt: skip
+        raise BadRequest(
+            "response_format must be {type: text}, {type: json_object} or {type: json_schema, "
+            "json_schema: {name, schema: {...}}}"
+        )
     return schema
 
 
@@ -128,8 +138,14 @@ def logprobs_content(completion) -> list[dict]:
     text, start, content = completion.text.encode("utf-8"), 0, []
     for end, logprob in completion.logprobs:
         piece = text[start:end]
-        content.append({"token": piece.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(piece),
-                        "top_logprobs": []})  # fmt: skip
+        content.append(
+            {
+                "token": piece.decode("utf-8", errors="replace"),
+                "logprob": logprob,
+                "bytes": list(piece),
+                "top_logprobs": [],
+            }
+        )
         start = end
     return content
 
@@ -183,8 +199,9 @@ def create_app(model_dir: Path, served_model: str, config_paths: list[Path] | No
     @app.post("/v1/chat/completions")
     def chat(request: ChatRequest):
         if request.model != served_model:
-            return JSONResponse(error_body(f"model {request.model!r} is not served here; {served_model!r} is",
-                                           "model"), status_code=404)  # fmt: skip
+            return JSONResponse(
+                error_body(f"model {request.model!r} is not served here; {served_model!r} is", "model"), status_code=404
+            )
         sample, budget = sample_of(request.messages, limits), token_budget(request, limits)
         schema = answer_schema(request.response_format)
         try:
@@ -193,11 +210,18 @@ def create_app(model_dir: Path, served_model: str, config_paths: list[Path] | No
         except GrammarError as exc:
             raise BadRequest(f"response_format: {exc}") from None
         prompt_tokens = adapter.length(sample)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion.tokens,
-                 "total_tokens": prompt_tokens + completion.tokens}  # fmt: skip
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion.tokens,
+            "total_tokens": prompt_tokens + completion.tokens,
+        }
         finish = "length" if completion.cut else "stop"
-        common = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served_model,
-                  "system_fingerprint": "cpu-stand-in"}  # fmt: skip
+        common = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": served_model,
+            "system_fingerprint": "cpu-stand-in",
+        }
         logprobs = {"content": logprobs_content(completion)} if request.logprobs else None
         if not request.stream:
             message = {"role": "assistant", "content": completion.text}
@@ -205,10 +229,19 @@ def create_app(model_dir: Path, served_model: str, config_paths: list[Path] | No
             return {**common, "object": "chat.completion", "usage": usage, "choices": [choice]}
         chunk = {**common, "object": "chat.completion.chunk"}
         chunks = [
-            {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": completion.text},
-                                   "finish_reason": None, "logprobs": logprobs}]},
+            {
+                **chunk,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": completion.text},
+                        "finish_reason": None,
+                        "logprobs": logprobs,
+                    }
+                ],
+            },
             {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]},
-        ]  # fmt: skip
+        ]
         if request.stream_options and request.stream_options.include_usage:
             chunks.append({**chunk, "choices": [], "usage": usage})
         return StreamingResponse(sse(chunks), media_type="text/event-stream")

@@ -39,10 +39,15 @@ from docpipe.redaction import redact_output, redact_text
 REPORT = "preflight.json"
 PIPELINE_STAGES = ("synthetic", "ingest", "export", "finetune", "patch")
 ONE_STEP = {
-    "max_steps": 1, "eval_steps": 1, "save_steps": 1, "per_device_train_batch_size": 2,
-    "gradient_accumulation_steps": 1, "selection": "eval_loss", "selection_documents": 0,
+    "max_steps": 1,
+    "eval_steps": 1,
+    "save_steps": 1,
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "selection": "eval_loss",
+    "selection_documents": 0,
     "launch": {"gpus_per_node": 1, "nnodes": 1, "node_rank": 0},
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -102,8 +107,10 @@ def check_imports(base: str, s3: S3Config) -> str:
     if missing:
         import transformers
 
-        raise RuntimeError(f"{len(missing)} of {len(wanted)} transformers imports are not in transformers "
-                           f"{transformers.__version__}: {'; '.join(missing)}")  # fmt: skip
+        raise RuntimeError(
+            f"{len(missing)} of {len(wanted)} transformers imports are not in transformers "
+            f"{transformers.__version__}: {'; '.join(missing)}"
+        )
     return f"{len(wanted)} transformers imports in {len(sources)} files all resolve"
 
 
@@ -125,11 +132,30 @@ def stage_commands(config_paths: list[str], overrides: dict, out: Path) -> dict[
     from docpipe.orchestration.plan import Plan, stage_command
 
     batch = str(out / "landing" / "batch-preflight")
-    plan = Plan(run_name="preflight", run_uri=str(out), datasets_uri=str(out / "datasets"), batches=[batch],
-                overrides=overrides, gpus=1, skip_publish=True, dry_run=False, tracking_uri="")  # fmt: skip
+    plan = Plan(
+        run_name="preflight",
+        run_uri=str(out),
+        datasets_uri=str(out / "datasets"),
+        batches=[batch],
+        overrides=overrides,
+        gpus=1,
+        skip_publish=True,
+        dry_run=False,
+        tracking_uri="",
+    )
     commands = {stage: [sys.executable, *stage_command(stage, plan, config_paths)[1:]] for stage in PIPELINE_STAGES[1:]}
-    synthetic = [sys.executable, "-m", "tools.synthetic", *config_flags(config_paths), "--overrides",
-                 json.dumps(overrides), "--output", batch, "--count", "2"]  # fmt: skip
+    synthetic = [
+        sys.executable,
+        "-m",
+        "tools.synthetic",
+        *config_flags(config_paths),
+        "--overrides",
+        json.dumps(overrides),
+        "--output",
+        batch,
+        "--count",
+        "2",
+    ]
     return {"synthetic": synthetic, **commands}
 
 

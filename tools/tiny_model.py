@@ -61,8 +61,9 @@ def build_tokenizer(doctypes_dir: Path, vocab_size: int = 600):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     special = CHAT_TOKENS + list(IMAGE_TOKENS.values())
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     core.train_from_iterator(_corpus(doctypes_dir) * 4, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
@@ -93,13 +94,26 @@ class TinySize(BaseModel):
 
 SIZES = {
     "smoke": TinySize(),
-    "demo": TinySize(text_hidden=128, text_layers=("full_attention",) * 2, vision_hidden=64, vision_layers=2,
-                     ink_contrast=True),
-    "reader": TinySize(text_hidden=128, text_layers=("full_attention",) * 2, vision_hidden=96, vision_layers=3,
-                       scale_resolution=224, ink_contrast=True),
-    "reader_large": TinySize(text_hidden=512, text_layers=("full_attention",) * 4, vision_hidden=256,
-                             vision_layers=4, scale_resolution=448, ink_contrast=True),
-}  # fmt: skip
+    "demo": TinySize(
+        text_hidden=128, text_layers=("full_attention",) * 2, vision_hidden=64, vision_layers=2, ink_contrast=True
+    ),
+    "reader": TinySize(
+        text_hidden=128,
+        text_layers=("full_attention",) * 2,
+        vision_hidden=96,
+        vision_layers=3,
+        scale_resolution=224,
+        ink_contrast=True,
+    ),
+    "reader_large": TinySize(
+        text_hidden=512,
+        text_layers=("full_attention",) * 4,
+        vision_hidden=256,
+        vision_layers=4,
+        scale_resolution=448,
+        ink_contrast=True,
+    ),
+}
 
 
 def _family_ids(family: str, tokenizer) -> dict[str, int]:
@@ -107,8 +121,10 @@ def _family_ids(family: str, tokenizer) -> dict[str, int]:
     delimiters and the newline, for its 2-D positions)."""
     if family != "minicpmv4_7":
         return {}
-    ids = {f"{name}_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[f"{name}_token"])
-           for name in ("image_start", "image_end", "slice_start", "slice_end")}  # fmt: skip
+    ids = {
+        f"{name}_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[f"{name}_token"])
+        for name in ("image_start", "image_end", "slice_start", "slice_end")
+    }
     return {**ids, "newline_id": tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\n"))[0]}
 
 
@@ -121,15 +137,29 @@ def build(output: Path, doctypes_dir: Path, seed: int = 0, family: str = "minicp
     dims = SIZES[size]
     tokenizer = build_tokenizer(doctypes_dir)
     text = {
-        "model_type": "qwen3_5_text", "vocab_size": len(tokenizer), "hidden_size": dims.text_hidden,
-        "intermediate_size": 2 * dims.text_hidden, "num_hidden_layers": len(dims.text_layers),
-        "layer_types": list(dims.text_layers), "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 32, "linear_conv_kernel_dim": 2, "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 2,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
-                            "partial_rotary_factor": 0.25},
-        "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-    }  # fmt: skip
+        "model_type": "qwen3_5_text",
+        "vocab_size": len(tokenizer),
+        "hidden_size": dims.text_hidden,
+        "intermediate_size": 2 * dims.text_hidden,
+        "num_hidden_layers": len(dims.text_layers),
+        "layer_types": list(dims.text_layers),
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "linear_conv_kernel_dim": 2,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 2,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 1, 1],
+            "partial_rotary_factor": 0.25,
+        },
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     vision = {
         "hidden_size": dims.vision_hidden,
         "intermediate_size": 2 * dims.vision_hidden,
@@ -139,11 +169,15 @@ def build(output: Path, doctypes_dir: Path, seed: int = 0, family: str = "minicp
         "image_size": 56,
     }
     config = AutoConfig.for_model(
-        family, text_config=text, vision_config=vision, insert_layer_id=0, image_size=56,
+        family,
+        text_config=text,
+        vision_config=vision,
+        insert_layer_id=0,
+        image_size=56,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["image_token"]),
         video_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["video_token"]),
         **_family_ids(family, tokenizer),
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -152,8 +186,9 @@ def build(output: Path, doctypes_dir: Path, seed: int = 0, family: str = "minicp
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     contrast = {"image_mean": [0.93] * 3, "image_std": [0.1] * 3} if dims.ink_contrast else {}
-    MiniCPMV4_6ImageProcessorPil(scale_resolution=dims.scale_resolution, max_slice_nums=1, patch_size=14,
-                                 **contrast).save_pretrained(output)  # fmt: skip
+    MiniCPMV4_6ImageProcessorPil(
+        scale_resolution=dims.scale_resolution, max_slice_nums=1, patch_size=14, **contrast
+    ).save_pretrained(output)
     processor_class = {"minicpmv4_6": "MiniCPMV4_6Processor", "minicpmv4_7": "MiniCPMV4_7Processor"}[family]
     (output / "processor_config.json").write_text(json.dumps({"processor_class": processor_class}, indent=2))
     return output

@@ -107,15 +107,22 @@ def data_url(image_uri: str, config: PipelineConfig) -> str:
 
 def chat_messages(request: Request, config: PipelineConfig) -> list[dict]:
     """The document as an OpenAI chat request: the image, then the question."""
-    return [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(request.example.image, config)}},
-        {"type": "text", "text": request.question},
-    ]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(request.example.image, config)}},
+                {"type": "text", "text": request.question},
+            ],
+        }
+    ]
 
 
 def response_format(doc_type: DocType) -> dict:
-    return {"type": "json_schema",
-            "json_schema": {"name": doc_type.id, "schema": decoding_schema(doc_type), "strict": True}}  # fmt: skip
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": doc_type.id, "schema": decoding_schema(doc_type), "strict": True},
+    }
 
 
 class TransformersBackend:
@@ -148,8 +155,9 @@ class TransformersBackend:
             with torch.no_grad():
                 completions = self.adapter.complete(self.model, samples, budget, schemas)
             elapsed = time.perf_counter() - started
-            responses += [Response(r.example.id, c.text, elapsed, c.logprobs)
-                          for r, c in zip(batch, completions, strict=True)]  # fmt: skip
+            responses += [
+                Response(r.example.id, c.text, elapsed, c.logprobs) for r, c in zip(batch, completions, strict=True)
+            ]
         return responses
 
 
@@ -160,16 +168,21 @@ class OpenAIBackend:
         from openai import OpenAI
 
         # A key only where the server wants one, from the environment; vLLM's default wants none.
-        self.client = OpenAI(base_url=endpoint, api_key=os.environ.get("OPENAI_API_KEY", "none"), max_retries=3,
-                             timeout=600)  # fmt: skip
+        self.client = OpenAI(
+            base_url=endpoint, api_key=os.environ.get("OPENAI_API_KEY", "none"), max_retries=3, timeout=600
+        )
         self.model = model
         self.config = config
 
     def request_arguments(self, request: Request) -> dict:
         settings = self.config.evaluation
-        arguments = {"model": self.model, "messages": chat_messages(request, self.config), "temperature": 0,
-                     "max_tokens": max_new_tokens(request.doc_type, settings.max_new_tokens),
-                     "logprobs": True}  # fmt: skip
+        arguments = {
+            "model": self.model,
+            "messages": chat_messages(request, self.config),
+            "temperature": 0,
+            "max_tokens": max_new_tokens(request.doc_type, settings.max_new_tokens),
+            "logprobs": True,
+        }
         if settings.structured_output:
             arguments["response_format"] = response_format(request.doc_type)
         return arguments
@@ -180,8 +193,9 @@ class OpenAIBackend:
         choice = completion.choices[0]
         tokens = (choice.logprobs.content or []) if choice.logprobs else []
         pieces = [(bytes(t.bytes) if t.bytes is not None else t.token.encode("utf-8"), t.logprob) for t in tokens]
-        return Response(request.example.id, choice.message.content or "", time.perf_counter() - started,
-                        byte_ends(pieces))  # fmt: skip
+        return Response(
+            request.example.id, choice.message.content or "", time.perf_counter() - started, byte_ends(pieces)
+        )
 
     def predict(self, requests: list[Request]) -> list[Response]:
         from concurrent.futures import ThreadPoolExecutor
@@ -197,8 +211,12 @@ class VllmBackend:
         from vllm import LLM
 
         self.config = config
-        self.llm = LLM(model=str(model_dir), trust_remote_code=config.model.adapter == "remote_code",
-                       max_model_len=config.training.model_max_length, limit_mm_per_prompt={"image": 1})  # fmt: skip
+        self.llm = LLM(
+            model=str(model_dir),
+            trust_remote_code=config.model.adapter == "remote_code",
+            max_model_len=config.training.model_max_length,
+            limit_mm_per_prompt={"image": 1},
+        )
 
     def sampling_arguments(self, request: Request) -> dict:
         """Keyword arguments of ``vllm.SamplingParams`` for one request (no vllm needed to build them)."""
@@ -225,8 +243,10 @@ class VllmBackend:
         started = time.perf_counter()
         outputs = self.llm.chat([chat_messages(r, self.config) for r in requests], sampling_params=params)
         elapsed = time.perf_counter() - started
-        return [Response(r.example.id, o.outputs[0].text, elapsed, self.logprobs(o.outputs[0]))
-                for r, o in zip(requests, outputs, strict=True)]  # fmt: skip
+        return [
+            Response(r.example.id, o.outputs[0].text, elapsed, self.logprobs(o.outputs[0]))
+            for r, o in zip(requests, outputs, strict=True)
+        ]
 
     @staticmethod
     def logprobs(output) -> tuple[tuple[int, float], ...]:

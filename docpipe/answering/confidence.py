@@ -69,8 +69,9 @@ def value_spans(answer: str, predicted: dict) -> dict[str, tuple[int, int]]:
     return {key: (to_bytes[begin], to_bytes[end]) for key, (begin, end) in found.items()}
 
 
-def field_confidence(answer: str, predicted: dict | None, fields: Sequence[str],
-                     logprobs: Sequence[tuple[int, float]]) -> dict[str, float] | None:  # fmt: skip
+def field_confidence(
+    answer: str, predicted: dict | None, fields: Sequence[str], logprobs: Sequence[tuple[int, float]]
+) -> dict[str, float] | None:
     """Each field's confidence (see the module), or None without log-probabilities."""
     if not logprobs:
         return None

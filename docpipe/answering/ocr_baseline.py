@@ -62,7 +62,7 @@ def reading_order(boxes: list[Box]) -> list[str]:
             line.append(box)
         else:
             lines.append([box])
-    return [" ".join(b.text for b in sorted(line, key=lambda b: b.left)) for line in lines]  # fmt: skip
+    return [" ".join(b.text for b in sorted(line, key=lambda b: b.left)) for line in lines]
 
 
 def spaced(characters: list[str], boxes: list[list[list[float]]]) -> str:
@@ -269,8 +269,11 @@ class Extractor:
         result: dict[str, str | None] = {}
         captionless = [spec for spec in self.doc_type.fields if spec.type == "text" and not keywords(spec)]
         free = [i for i in self.block if self._wordy(i) or any(self._has(i, s.hints) for s in captionless)]
-        below = [i for i in range(len(self.lines)) if i > (self.block[-1] if self.block else -1)
-                 and not self._has(i, self.captions) and self._wordy(i)]  # fmt: skip
+        below = [
+            i
+            for i in range(len(self.lines))
+            if i > (self.block[-1] if self.block else -1) and not self._has(i, self.captions) and self._wordy(i)
+        ]
         for number, spec in enumerate(captionless):
             value, taken = (self.company_like if number == 0 else self.address_like)(spec, free)
             if value is None and number:  # printed below the captions (a layout that puts the date first)

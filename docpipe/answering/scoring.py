@@ -58,11 +58,11 @@ class Scored:
         return None if least is None else least < threshold
 
 
-def score(doc_type: DocType, document_id: str, expected: dict, predicted: dict | None, answer: str,
-          latency_s: float) -> Scored:  # fmt: skip
+def score(
+    doc_type: DocType, document_id: str, expected: dict, predicted: dict | None, answer: str, latency_s: float
+) -> Scored:
     """Compare every field of the type by its comparison key (normalised, variants folded, money as numbers)."""
-    scored = Scored(document_id, doc_type.id, expected, predicted, answer, latency_s,
-                    valid=fits(predicted, doc_type))  # fmt: skip
+    scored = Scored(document_id, doc_type.id, expected, predicted, answer, latency_s, valid=fits(predicted, doc_type))
     for spec in doc_type.fields:
         want = doc_type.compare_key(spec.name, expected.get(spec.name))
         got = doc_type.compare_key(spec.name, _text(predicted.get(spec.name))) if predicted is not None else None
@@ -86,8 +86,11 @@ def _tree(fields: dict[str, str]) -> Node:
 def _pairs(doc_type: DocType, fields: dict | None) -> dict[str, str]:
     if not fields:
         return {}
-    return {name: doc_type.compare_key(name, _text(value)) for name, value in fields.items()
-            if value is not None and name in {f.name for f in doc_type.fields}}  # fmt: skip
+    return {
+        name: doc_type.compare_key(name, _text(value))
+        for name, value in fields.items()
+        if value is not None and name in {f.name for f in doc_type.fields}
+    }
 
 
 def donut_scores(doc_type: DocType, documents: list[Scored]) -> tuple[float, float]:
@@ -150,8 +153,9 @@ def review(documents: list[Scored], threshold: float) -> dict | None:
     }
 
 
-def evaluate_all(documents: list[Scored], registry: dict[str, DocType], duration_s: float,
-                 review_threshold: float = 0.9) -> dict:  # fmt: skip
+def evaluate_all(
+    documents: list[Scored], registry: dict[str, DocType], duration_s: float, review_threshold: float = 0.9
+) -> dict:
     """``{"overall": {...}, "per_doc_type": {type: {...}}, "confidence": {...} or None}``; Donut's
     scores overall are the per-type ones weighted by documents."""
     by_type: dict[str, list[Scored]] = defaultdict(list)
@@ -162,14 +166,17 @@ def evaluate_all(documents: list[Scored], registry: dict[str, DocType], duration
     overall = {
         **_pooled(documents),
         "docs_per_s": len(documents) / duration_s if duration_s else 0.0,
-        **{key: sum(m[key] * m["documents"] for m in per_type.values()) / total
-           for key in ("donut_field_f1", "donut_ted_accuracy")},
-    }  # fmt: skip
+        **{
+            key: sum(m[key] * m["documents"] for m in per_type.values()) / total
+            for key in ("donut_field_f1", "donut_ted_accuracy")
+        },
+    }
     return {"overall": overall, "per_doc_type": per_type, "confidence": review(documents, review_threshold)}
 
 
-def measure(backend: Backend, requests: list[Request], registry: dict[str, DocType],
-            review_threshold: float = 0.9) -> tuple[list[Scored], dict]:  # fmt: skip
+def measure(
+    backend: Backend, requests: list[Request], registry: dict[str, DocType], review_threshold: float = 0.9
+) -> tuple[list[Scored], dict]:
     """Answer ``requests`` through ``backend`` and score every answer: the documents and their metrics."""
     started = time.perf_counter()
     responses = backend.predict(requests)
@@ -177,9 +184,16 @@ def measure(backend: Backend, requests: list[Request], registry: dict[str, DocTy
     documents = []
     for request, response in zip(requests, responses, strict=True):
         predicted = extract_json(response.answer, request.doc_type)
-        document = score(request.doc_type, request.example.id, json.loads(request.example.answer), predicted,
-                         response.answer, response.latency_s)  # fmt: skip
-        document.confidence = field_confidence(response.answer, predicted, [f.name for f in request.doc_type.fields],
-                                               response.logprobs)  # fmt: skip
+        document = score(
+            request.doc_type,
+            request.example.id,
+            json.loads(request.example.answer),
+            predicted,
+            response.answer,
+            response.latency_s,
+        )
+        document.confidence = field_confidence(
+            response.answer, predicted, [f.name for f in request.doc_type.fields], response.logprobs
+        )
         documents.append(document)
     return documents, evaluate_all(documents, registry, duration, review_threshold)

@@ -88,7 +88,7 @@ def read_examples(data: bytes, path: str) -> list[Example]:
         roles = [turn.role for turn in example.conversations]
         if roles != ["user", "assistant"] or example.prompt.count(IMAGE_PLACEHOLDER) != 1:
             raise DataError(f"{path}: [{index}] {example.id}: need a user turn with one {IMAGE_PLACEHOLDER} "
-                            f"and an assistant answer, got roles {roles}")  # fmt: skip
+                            f"and an assistant answer, got roles {roles}")
     return examples
 
 
@@ -148,7 +148,7 @@ class Unfit(BaseModel):
 
 
 def split_fitting(examples: list[Example], length: Callable[[Sample], int], max_length: int, s3: S3Config,
-                  label: str) -> tuple[list[Example], list[Unfit]]:  # fmt: skip
+                  label: str) -> tuple[list[Example], list[Unfit]]:
     """Examples that fit ``max_length`` tokens, and the ones that do not (or cannot be encoded),
     each with its reason. Nothing is cut: a cut answer or image placeholder would train garbage."""
     fitting, unfit = [], []
@@ -160,7 +160,7 @@ def split_fitting(examples: list[Example], length: Callable[[Sample], int], max_
             continue
         if tokens > max_length:
             unfit.append(Unfit(id=example.id, image=example.image,
-                               reason=f"{tokens} tokens > model_max_length {max_length}"))  # fmt: skip
+                               reason=f"{tokens} tokens > model_max_length {max_length}"))
         else:
             fitting.append(example)
     for bad in unfit:

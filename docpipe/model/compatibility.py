@@ -25,10 +25,12 @@ TRANSFORMERS_VERSION = "5.20.2"  # pyproject's pin for the training, evaluation 
 NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7")  # the MiniCPM-V families this transformers implements
 VERSION_LLM_TYPE = {2.0: "minicpm", 2.5: "llama3", 2.6: "qwen2"}  # config.json "version" of each release
 PREFLIGHT = "make preflight BASE=<folder or s3:// URI>"
-WAY_OUT = (f"use a native family, MiniCPM-V 4.6 or 4.7 (model types {', '.join(NATIVE_MODEL_TYPES)}; model.adapter: "
-           "native), or port the checkpoint's "
-           f"code to transformers {TRANSFORMERS_VERSION.split('.')[0]}.x, prove it with `{PREFLIGHT}` in the training "
-           "image, and record the version it passed with as config.json's transformers_version")  # fmt: skip
+WAY_OUT = (
+    f"use a native family, MiniCPM-V 4.6 or 4.7 (model types {', '.join(NATIVE_MODEL_TYPES)}; model.adapter: "
+    "native), or port the checkpoint's "
+    f"code to transformers {TRANSFORMERS_VERSION.split('.')[0]}.x, prove it with `{PREFLIGHT}` in the training "
+    "image, and record the version it passed with as config.json's transformers_version"
+)
 
 
 class IncompatibleModel(ConfigError):
@@ -60,8 +62,10 @@ def read_model_config(base: str, s3: S3Config) -> dict[str, Any]:
     except (StorageError, OSError) as exc:
         raise IncompatibleModel(f"model.base: {where} could not be read: {exc}") from None
     if data is None:
-        raise IncompatibleModel(f"model.base: {where} does not exist (the scheduler must see the base model too: "
-                                "mount its folder or use an s3:// URI)")  # fmt: skip
+        raise IncompatibleModel(
+            f"model.base: {where} does not exist (the scheduler must see the base model too: "
+            "mount its folder or use an s3:// URI)"
+        )
     try:
         config = json.loads(data)
     except ValueError as exc:
@@ -82,8 +86,10 @@ def problems(config: dict[str, Any], model: ModelConfig) -> list[str]:
     model_type, auto_map = config.get("model_type"), config.get("auto_map") or {}
     if model.adapter == "native":
         if model_type not in NATIVE_MODEL_TYPES:
-            found.append(f"model_type {model_type!r} is not a MiniCPM-V family native in transformers "
-                         f"{TRANSFORMERS_VERSION} ({', '.join(NATIVE_MODEL_TYPES)})")  # fmt: skip
+            found.append(
+                f"model_type {model_type!r} is not a MiniCPM-V family native in transformers "
+                f"{TRANSFORMERS_VERSION} ({', '.join(NATIVE_MODEL_TYPES)})"
+            )
             if auto_map:
                 found.append("it ships its own code (auto_map): that is model.adapter: remote_code, with its llm_type")
         return found
@@ -92,8 +98,9 @@ def problems(config: dict[str, Any], model: ModelConfig) -> list[str]:
     recorded = str(config.get("transformers_version") or "")
     major, pinned = _major(recorded), _major(TRANSFORMERS_VERSION)
     if not recorded:
-        found.append("config.json records no transformers_version: which transformers its code was written for is "
-                     "unknown")  # fmt: skip
+        found.append(
+            "config.json records no transformers_version: which transformers its code was written for is unknown"
+        )
     elif major != pinned:
         found.append(
             f"its code was written for transformers {recorded} (config.json's transformers_version); this "
@@ -110,8 +117,10 @@ def llm_type_contradiction(config: dict[str, Any], llm_type: str | None) -> str 
     """Why ``llm_type`` does not fit a checkpoint whose ``config.json`` names its release, or None."""
     expected = VERSION_LLM_TYPE.get(config.get("version"))
     if expected and expected != llm_type:
-        return (f"llm_type {llm_type!r} does not fit this checkpoint: its config.json says version "
-                f"{config['version']}, whose LLM type is {expected!r}")  # fmt: skip
+        return (
+            f"llm_type {llm_type!r} does not fit this checkpoint: its config.json says version "
+            f"{config['version']}, whose LLM type is {expected!r}"
+        )
     return None
 
 
@@ -121,6 +130,8 @@ def check_base_model(model: ModelConfig, s3: S3Config) -> dict[str, Any]:
     config = read_model_config(model.base, s3)
     found = problems(config, model)
     if found:
-        raise IncompatibleModel(f"model.base {model.base} (adapter {model.adapter}) cannot run in this pipeline's "
-                                f"environment: {'; '.join(found)}. Way out: {WAY_OUT}")  # fmt: skip
+        raise IncompatibleModel(
+            f"model.base {model.base} (adapter {model.adapter}) cannot run in this pipeline's "
+            f"environment: {'; '.join(found)}. Way out: {WAY_OUT}"
+        )
     return config

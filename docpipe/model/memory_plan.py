@@ -35,8 +35,12 @@ CONTEXT_BYTES = 1.5 * GIB  # CUDA context, NCCL buffers
 FRAGMENTATION = 1.10  # the caching allocator's slack over what tensors hold
 DeepSpeedOption = Literal["zero2", "zero2_offload", "zero3"] | None
 TRIED: tuple[DeepSpeedOption, ...] = ("zero2", "zero2_offload", "zero3")
-NAMES = {None: "DDP without DeepSpeed", "zero2": "ZeRO-2 without offload", "zero2_offload": "ZeRO-2 with CPU offload",
-         "zero3": "ZeRO-3 without offload"}  # fmt: skip
+NAMES = {
+    None: "DDP without DeepSpeed",
+    "zero2": "ZeRO-2 without offload",
+    "zero2_offload": "ZeRO-2 with CPU offload",
+    "zero3": "ZeRO-3 without offload",
+}
 
 
 class ModelShape(BaseModel):
@@ -54,8 +58,16 @@ class ModelShape(BaseModel):
 
 # MiniCPM-V 2.6 (Qwen2-7B + SigLIP-400M, 8.1 B parameters) as its config.json describes it: the
 # practitioners' model, for the benchmark and the test that check the plan against their data point.
-MINICPM_V_2_6 = ModelShape(parameters=8_099_175_152, largest_tensor=151_666 * 3584, hidden=3584, layers=28,
-                           vocab=151_666, vision_hidden=1152, vision_layers=27, patches_per_slice=1024)  # fmt: skip
+MINICPM_V_2_6 = ModelShape(
+    parameters=8_099_175_152,
+    largest_tensor=151_666 * 3584,
+    hidden=3584,
+    layers=28,
+    vocab=151_666,
+    vision_hidden=1152,
+    vision_layers=27,
+    patches_per_slice=1024,
+)
 
 
 class Layout(BaseModel):
@@ -90,9 +102,11 @@ class Estimate(BaseModel):
         where = f"{layout.nodes} x {layout.gpus_per_node} GPUs" + (
             f" of {self.gpu_capacity_gib:g} GiB" if self.gpu_capacity_gib else ""
         )
-        return (f"{NAMES[layout.deepspeed]}, batch {layout.batch} x {layout.tokens} tokens on {where}: "
-                f"{self.gpu_gib:.1f} GiB per GPU (model states {self.model_states_gib:.1f}, activations "
-                f"{self.activations_gib:.1f}), {self.host_gib:.1f} GiB host memory per node")  # fmt: skip
+        return (
+            f"{NAMES[layout.deepspeed]}, batch {layout.batch} x {layout.tokens} tokens on {where}: "
+            f"{self.gpu_gib:.1f} GiB per GPU (model states {self.model_states_gib:.1f}, activations "
+            f"{self.activations_gib:.1f}), {self.host_gib:.1f} GiB host memory per node"
+        )
 
 
 def model_states(shape: ModelShape, layout: Layout) -> tuple[int, int]:
@@ -122,8 +136,15 @@ def estimate(shape: ModelShape, layout: Layout, gpu_gib: float | None = None, ho
     host, states = model_states(shape, layout)
     acts = activations(shape, layout)
     per_gpu = (states + acts) * FRAGMENTATION + CONTEXT_BYTES
-    return Estimate(layout=layout, model_states_gib=states / GIB, activations_gib=acts / GIB, gpu_gib=per_gpu / GIB,
-                    host_gib=host / GIB, gpu_capacity_gib=gpu_gib, host_capacity_gib=host_gib)  # fmt: skip
+    return Estimate(
+        layout=layout,
+        model_states_gib=states / GIB,
+        activations_gib=acts / GIB,
+        gpu_gib=per_gpu / GIB,
+        host_gib=host / GIB,
+        gpu_capacity_gib=gpu_gib,
+        host_capacity_gib=host_gib,
+    )
 
 
 def alternatives(layout: Layout) -> Iterator[Layout]:
@@ -150,12 +171,15 @@ def shape_of(config: dict[str, Any], tensors: dict[str, int], scale_resolution: 
     patch = vision.get("patch_size") or 14
     resolution = (config.get("slice_config") or {}).get("scale_resolution") or scale_resolution
     return ModelShape(
-        parameters=sum(tensors.values()), largest_tensor=max(tensors.values(), default=0),
-        hidden=text["hidden_size"], layers=text["num_hidden_layers"],
+        parameters=sum(tensors.values()),
+        largest_tensor=max(tensors.values(), default=0),
+        hidden=text["hidden_size"],
+        layers=text["num_hidden_layers"],
         vocab=text.get("vocab_size") or config["vocab_size"],
-        vision_hidden=vision.get("hidden_size", 0), vision_layers=vision.get("num_hidden_layers", 0),
+        vision_hidden=vision.get("hidden_size", 0),
+        vision_layers=vision.get("num_hidden_layers", 0),
         patches_per_slice=(resolution // patch) ** 2 if vision else 0,
-    )  # fmt: skip
+    )
 
 
 def _header(read_range) -> dict[str, int]:
@@ -195,6 +219,11 @@ def tensor_sizes(base: str, s3: S3Config) -> dict[str, int]:
 
 
 def plan_layout(training: TrainingConfig, gpus_per_node: int, nodes: int) -> Layout:
-    return Layout(deepspeed=training.deepspeed, batch=training.per_device_train_batch_size,
-                  tokens=training.model_max_length, slices=training.max_slice_nums + 1,
-                  gpus_per_node=max(gpus_per_node, 1), nodes=nodes)  # fmt: skip
+    return Layout(
+        deepspeed=training.deepspeed,
+        batch=training.per_device_train_batch_size,
+        tokens=training.model_max_length,
+        slices=training.max_slice_nums + 1,
+        gpus_per_node=max(gpus_per_node, 1),
+        nodes=nodes,
+    )

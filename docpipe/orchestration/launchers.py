@@ -64,20 +64,30 @@ def stage_operator(stage: str, config: PipelineConfig, home: Path, config_paths:
     if settings.launcher == "docker":
         from docker.types import Mount
 
-        mounts = [Mount(target=target, source=host_path(source), type="bind")
-                  for source, target in settings.mounts.items()]  # fmt: skip
+        mounts = [
+            Mount(target=target, source=host_path(source), type="bind") for source, target in settings.mounts.items()
+        ]
         return docker_stage_operator(
-            stage=stage, config_paths=config_paths, gpu=gpu, image=image, docker_url=settings.docker_url,
-            network_mode=settings.network_mode, mounts=mounts, environment=environment, auto_remove="success",
+            stage=stage,
+            config_paths=config_paths,
+            gpu=gpu,
+            image=image,
+            docker_url=settings.docker_url,
+            network_mode=settings.network_mode,
+            mounts=mounts,
+            environment=environment,
+            auto_remove="success",
             pass_environment=settings.pass_environment,
-            mount_tmp_dir=False, **common,
-        )  # fmt: skip
+            mount_tmp_dir=False,
+            **common,
+        )
     kube = settings.kubernetes
     if stage == "finetune":
         from docpipe.orchestration.trainjob import TrainJobOperator
 
-        return TrainJobOperator(stage=stage, config=config, config_paths=config_paths, poll_seconds=kube.poll_seconds,
-                                **common)  # fmt: skip
+        return TrainJobOperator(
+            stage=stage, config=config, config_paths=config_paths, poll_seconds=kube.poll_seconds, **common
+        )
     from kubernetes.client import models as k8s
 
     volumes, volume_mounts = [], []
@@ -86,8 +96,19 @@ def stage_operator(stage: str, config: PipelineConfig, home: Path, config_paths:
         volumes.append(k8s.V1Volume(name="data", persistent_volume_claim=claim))
         volume_mounts.append(k8s.V1VolumeMount(name="data", mount_path=kube.data_mount_path))
     return kubernetes_stage_operator(
-        stage=stage, config_paths=config_paths, gpu=gpu, image=image, namespace=kube.namespace,
-        service_account_name=kube.service_account, node_selector=kube.node_selector, env_vars=environment,
-        volumes=volumes, volume_mounts=volume_mounts, name=f"doc-extraction-{stage}", kubernetes_conn_id=kube.conn_id,
-        on_finish_action="delete_succeeded_pod", get_logs=True, **common,
-    )  # fmt: skip
+        stage=stage,
+        config_paths=config_paths,
+        gpu=gpu,
+        image=image,
+        namespace=kube.namespace,
+        service_account_name=kube.service_account,
+        node_selector=kube.node_selector,
+        env_vars=environment,
+        volumes=volumes,
+        volume_mounts=volume_mounts,
+        name=f"doc-extraction-{stage}",
+        kubernetes_conn_id=kube.conn_id,
+        on_finish_action="delete_succeeded_pod",
+        get_logs=True,
+        **common,
+    )

@@ -42,8 +42,9 @@ class LocalStageOperator(StageTask, BaseOperator):
         argv = self.stage_command(plan)
         self.log.info("running %s", " ".join(argv))
         env = {**os.environ, **self.run_environment(plan)}
-        self._process = subprocess.Popen(argv, cwd=self.home, env=env, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True, errors="replace")  # fmt: skip
+        self._process = subprocess.Popen(
+            argv, cwd=self.home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        )
         last = ""
         for line in self._process.stdout:
             last = line.rstrip() or last
@@ -68,8 +69,15 @@ def docker_stage_operator(**kwargs):
         """A stage in a container of its image; GPU settings resolved per run from the plan. Exit 2
         (bad input, a folder in use) fails the task without retries, as with the local launcher."""
 
-        def __init__(self, *, stage: str, config_paths: list[str], gpu: PipelineConfig | None,
-                     pass_environment: list[str], **kwargs):  # fmt: skip
+        def __init__(
+            self,
+            *,
+            stage: str,
+            config_paths: list[str],
+            gpu: PipelineConfig | None,
+            pass_environment: list[str],
+            **kwargs,
+        ):
             super().__init__(**kwargs)
             self.stage, self.config_paths, self.gpu_config = stage, config_paths, gpu
             self.pass_environment = pass_environment

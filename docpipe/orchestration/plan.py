@@ -56,9 +56,13 @@ class RunForm(BaseModel):
     learning_rate: float = Field(gt=0, lt=1, title="Learning rate")
     gpus: int = Field(ge=0, le=64, title="GPUs per node", description="GPUs per node for finetune (0: CPU)")
     nodes: int = Field(
-        1, ge=1, le=64, title="Nodes", description="nodes for finetune, each with the GPUs above (above 1: the "
+        1,
+        ge=1,
+        le=64,
+        title="Nodes",
+        description="nodes for finetune, each with the GPUs above (above 1: the "
         "kubernetes launcher, a Kubeflow TrainJob)",
-    )  # fmt: skip
+    )
     batches: list[str] | None = Field(
         None, title="Batches", description="landed batches to ingest; empty: every new completed batch"
     )
@@ -81,24 +85,40 @@ class RunForm(BaseModel):
         return {
             "model": {"base": self.base_model},
             "doc_types": self.doc_types,
-            "training": {"max_steps": self.max_steps, "learning_rate": self.learning_rate,
-                         "launch": {"gpus_per_node": max(self.gpus, 1), "nnodes": self.nodes}},
-        }  # fmt: skip
+            "training": {
+                "max_steps": self.max_steps,
+                "learning_rate": self.learning_rate,
+                "launch": {"gpus_per_node": max(self.gpus, 1), "nnodes": self.nodes},
+            },
+        }
 
 
 def form_defaults(config: PipelineConfig) -> dict[str, Any]:
     """The form's defaults, from the deployment's configuration."""
     return RunForm(
-        base_model=config.model.base, doc_types=config.doc_types, max_steps=config.training.max_steps,
+        base_model=config.model.base,
+        doc_types=config.doc_types,
+        max_steps=config.training.max_steps,
         learning_rate=config.training.learning_rate,
         gpus=config.training.launch.gpus_per_node if config.gpu_container.gpus is None else config.gpu_container.gpus,
         nodes=config.training.launch.nnodes,
         skip_publish=not config.orchestration.publish,
-    ).model_dump()  # fmt: skip
+    ).model_dump()
 
 
-SCHEMA_KEYWORDS = {"type", "items", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
-                   "minItems", "uniqueItems", "title", "description"}  # fmt: skip
+SCHEMA_KEYWORDS = {
+    "type",
+    "items",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "minItems",
+    "uniqueItems",
+    "title",
+    "description",
+}
 
 
 def form_params(config: PipelineConfig) -> dict[str, dict[str, Any]]:
@@ -269,8 +289,10 @@ def make_plan(
     overrides = form.overrides()
     config = load_config(home, paths, overrides)
     if form.nodes > 1 and config.orchestration.launcher != "kubernetes":
-        raise ConfigError(f"the run's form: nodes {form.nodes} needs orchestration.launcher kubernetes (a Kubeflow "
-                          f"TrainJob); the {config.orchestration.launcher} launcher starts one node")  # fmt: skip
+        raise ConfigError(
+            f"the run's form: nodes {form.nodes} needs orchestration.launcher kubernetes (a Kubeflow "
+            f"TrainJob); the {config.orchestration.launcher} launcher starts one node"
+        )
     # refused here, not hours into a GPU booking
     model_config = in_home(home, check_base_model, config.model, config.storage.s3)
     memory = in_home(home, check_memory, config, model_config, form.gpus, form.nodes)
@@ -283,11 +305,18 @@ def make_plan(
     name = run_folder_name(run_id)
     run_uri = f"{config.storage.runs_uri.rstrip('/')}/{name}"
     plan = Plan(
-        run_name=name, run_uri=run_uri, datasets_uri=config.storage.datasets_uri, batches=batches,
-        overrides=overrides, gpus=form.gpus, nodes=form.nodes, memory=memory, skip_publish=form.skip_publish,
+        run_name=name,
+        run_uri=run_uri,
+        datasets_uri=config.storage.datasets_uri,
+        batches=batches,
+        overrides=overrides,
+        gpus=form.gpus,
+        nodes=form.nodes,
+        memory=memory,
+        skip_publish=form.skip_publish,
         dry_run=form.dry_run,
         tracking_uri=redact_text(config.tracking.tracking_uri),  # a plan is an XCom, shown in the UI
-    )  # fmt: skip
+    )
     return plan, config
 
 
@@ -310,8 +339,14 @@ def stage_arguments(stage: str, plan: Plan, config_paths: list[str]) -> list[str
         "evaluate": ["--data", out["export"], "--model", out["patch"]],
         "publish": ["--model", out["patch"], "--evaluation", out["evaluate"]],
     }
-    return [*config_flags(config_paths), "--overrides", json.dumps(plan.overrides, ensure_ascii=False), *inputs[stage],
-            "--output", out[stage]]  # fmt: skip
+    return [
+        *config_flags(config_paths),
+        "--overrides",
+        json.dumps(plan.overrides, ensure_ascii=False),
+        *inputs[stage],
+        "--output",
+        out[stage],
+    ]
 
 
 def stage_config_paths(config: PipelineConfig, worker_paths: list[str]) -> list[str]:
@@ -355,11 +390,17 @@ def summarize(plan: Plan, config: PipelineConfig) -> dict[str, Any]:
     for stage in (s for s in STAGES if s in needed):
         uri = f"{stage_output(plan, stage)}/{RESULT_FILE}"
         result = _read_json(uri, config) or {"status": "missing", "error": f"{uri} was not written"}
-        stages[stage] = {key: result.get(key) for key in ("status", "error", "mlflow_run_id", "inputs", "metrics",
-                                                          "outputs")}  # fmt: skip
+        stages[stage] = {
+            key: result.get(key) for key in ("status", "error", "mlflow_run_id", "inputs", "metrics", "outputs")
+        }
     failed = [stage for stage, result in stages.items() if result["status"] != "succeeded"]
-    return {"succeeded": not failed, "failed_stages": failed, "gate_passed": passed, "gate_reasons": reasons,
-            "stages": stages}  # fmt: skip
+    return {
+        "succeeded": not failed,
+        "failed_stages": failed,
+        "gate_passed": passed,
+        "gate_reasons": reasons,
+        "stages": stages,
+    }
 
 
 def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:

@@ -44,9 +44,17 @@ def train_job(name: str, config: PipelineConfig, plan: Plan, command: list[str],
     kube, settings = config.orchestration.kubernetes, config.gpu_container
     env = [m.IoK8sApiCoreV1EnvVar(name=key, value=value) for key, value in environment.items()]
     if kube.credentials_secret:  # values stay in the Secret: the manifest names them only
-        env += [m.IoK8sApiCoreV1EnvVar(name=key, value_from=m.IoK8sApiCoreV1EnvVarSource(
-            secret_key_ref=m.IoK8sApiCoreV1SecretKeySelector(name=kube.credentials_secret, key=key, optional=True)))
-            for key in config.orchestration.pass_environment]  # fmt: skip
+        env += [
+            m.IoK8sApiCoreV1EnvVar(
+                name=key,
+                value_from=m.IoK8sApiCoreV1EnvVarSource(
+                    secret_key_ref=m.IoK8sApiCoreV1SecretKeySelector(
+                        name=kube.credentials_secret, key=key, optional=True
+                    )
+                ),
+            )
+            for key in config.orchestration.pass_environment
+        ]
     shm = m.IoK8sApiCoreV1EmptyDirVolumeSource(
         medium="Memory", size_limit=m.IoK8sApimachineryPkgApiResourceQuantity(shm_quantity(settings))
     )
@@ -57,38 +65,61 @@ def train_job(name: str, config: PipelineConfig, plan: Plan, command: list[str],
         volumes.append(m.IoK8sApiCoreV1Volume(name="data", persistent_volume_claim=claim))
         mounts.append(m.IoK8sApiCoreV1VolumeMount(name="data", mount_path=kube.data_mount_path))
     pod = m.TrainerV1alpha1PodSpecPatch(
-        containers=[m.TrainerV1alpha1ContainerPatch(name=NODE, volume_mounts=mounts)], volumes=volumes,
-        node_selector=kube.node_selector or None, service_account_name=kube.service_account,
-    )  # fmt: skip
+        containers=[m.TrainerV1alpha1ContainerPatch(name=NODE, volume_mounts=mounts)],
+        volumes=volumes,
+        node_selector=kube.node_selector or None,
+        service_account_name=kube.service_account,
+    )
     patch = m.TrainerV1alpha1RuntimePatch(
         manager=MANAGER,
         training_runtime_spec=m.TrainerV1alpha1TrainingRuntimeSpecPatch(
             template=m.TrainerV1alpha1JobSetTemplatePatch(
                 spec=m.TrainerV1alpha1JobSetSpecPatch(
-                    replicated_jobs=[m.TrainerV1alpha1ReplicatedJobPatch(
-                        name=NODE, template=m.TrainerV1alpha1JobTemplatePatch(spec=m.TrainerV1alpha1JobSpecPatch(
-                            template=m.TrainerV1alpha1PodTemplatePatch(spec=pod))))]))),
-    )  # fmt: skip
+                    replicated_jobs=[
+                        m.TrainerV1alpha1ReplicatedJobPatch(
+                            name=NODE,
+                            template=m.TrainerV1alpha1JobTemplatePatch(
+                                spec=m.TrainerV1alpha1JobSpecPatch(template=m.TrainerV1alpha1PodTemplatePatch(spec=pod))
+                            ),
+                        )
+                    ]
+                )
+            )
+        ),
+    )
     limits = {"nvidia.com/gpu": m.IoK8sApimachineryPkgApiResourceQuantity(str(plan.gpus))} if plan.gpus else None
     trainer = m.TrainerV1alpha1Trainer(
-        image=settings.image, command=command[:1], args=command[1:], env=env, num_nodes=plan.nodes,
-        num_proc_per_node=max(plan.gpus, 1), resources_per_node=m.IoK8sApiCoreV1ResourceRequirements(limits=limits),
-    )  # fmt: skip
+        image=settings.image,
+        command=command[:1],
+        args=command[1:],
+        env=env,
+        num_nodes=plan.nodes,
+        num_proc_per_node=max(plan.gpus, 1),
+        resources_per_node=m.IoK8sApiCoreV1ResourceRequirements(limits=limits),
+    )
     return m.TrainerV1alpha1TrainJob(
-        api_version=f"{GROUP}/{VERSION}", kind="TrainJob",
+        api_version=f"{GROUP}/{VERSION}",
+        kind="TrainJob",
         metadata=m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
-            name=name, namespace=kube.namespace, labels={"app.kubernetes.io/part-of": "doc-extraction"}),
+            name=name, namespace=kube.namespace, labels={"app.kubernetes.io/part-of": "doc-extraction"}
+        ),
         spec=m.TrainerV1alpha1TrainJobSpec(
-            runtime_ref=m.TrainerV1alpha1RuntimeRef(name=kube.training_runtime), trainer=trainer,
-            runtime_patches=[patch]),
-    )  # fmt: skip
+            runtime_ref=m.TrainerV1alpha1RuntimeRef(name=kube.training_runtime),
+            trainer=trainer,
+            runtime_patches=[patch],
+        ),
+    )
 
 
 def finetune_job(name: str, config: PipelineConfig, plan: Plan, config_paths: list[str]):
     """The run's finetune TrainJob: the stage's command line and the environment every launcher
     gives it (NCCL settings, the MLflow run to continue)."""
-    environment = {**config.orchestration.container_environment, **gpu_environment(config.gpu_container),
-                   "PYTHONUNBUFFERED": "1", **StageTask.run_environment(plan)}  # fmt: skip
+    environment = {
+        **config.orchestration.container_environment,
+        **gpu_environment(config.gpu_container),
+        "PYTHONUNBUFFERED": "1",
+        **StageTask.run_environment(plan),
+    }
     return train_job(name, config, plan, stage_command("finetune", plan, config_paths), environment)
 
 
@@ -98,11 +129,21 @@ def node_pod(job) -> dict[str, Any]:
     trainer = job.spec.trainer
     patch = job.spec.runtime_patches[0].training_runtime_spec.template.spec.replicated_jobs[0]
     pod = patch.template.spec.template.spec.to_dict()
-    container = {"name": NODE, "image": trainer.image, "command": trainer.command, "args": trainer.args,
-                 "env": [e.to_dict() for e in trainer.env], "resources": trainer.resources_per_node.to_dict(),
-                 **{k: v for k, v in pod.pop("containers")[0].items() if k != "name"}}  # fmt: skip
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{job.metadata.name}-{NODE}-0-0"},
-            "spec": {**pod, "containers": [container], "restartPolicy": "Never"}}  # fmt: skip
+    container = {
+        "name": NODE,
+        "image": trainer.image,
+        "command": trainer.command,
+        "args": trainer.args,
+        "env": [e.to_dict() for e in trainer.env],
+        "resources": trainer.resources_per_node.to_dict(),
+        **{k: v for k, v in pod.pop("containers")[0].items() if k != "name"},
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"{job.metadata.name}-{NODE}-0-0"},
+        "spec": {**pod, "containers": [container], "restartPolicy": "Never"},
+    }
 
 
 def validate(job, kubernetes_version: str) -> None:
@@ -120,8 +161,9 @@ class TrainJobOperator(StageTask, BaseOperator):
     """Finetune as a Kubeflow TrainJob: submitted, followed with its logs, deleted when it fails,
     when the task is killed or times out. Exit 2 of a node (bad input) fails without retries."""
 
-    def __init__(self, *, stage: str, config: PipelineConfig, config_paths: list[str], poll_seconds: float = 15,
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self, *, stage: str, config: PipelineConfig, config_paths: list[str], poll_seconds: float = 15, **kwargs
+    ):
         super().__init__(**kwargs)
         self.stage, self.config, self.config_paths, self.poll_seconds = stage, config, config_paths, poll_seconds
         self.job_name: str | None = None
@@ -136,8 +178,14 @@ class TrainJobOperator(StageTask, BaseOperator):
         command = job.spec.trainer.args
         validate(job, kube.kubernetes_version)
         self.hook = KubernetesHook(conn_id=kube.conn_id)
-        self.log.info("submitting TrainJob %s/%s: %d node(s) x %d GPU(s), runtime %s", kube.namespace, self.job_name,
-                      plan.nodes, plan.gpus, kube.training_runtime)  # fmt: skip
+        self.log.info(
+            "submitting TrainJob %s/%s: %d node(s) x %d GPU(s), runtime %s",
+            kube.namespace,
+            self.job_name,
+            plan.nodes,
+            plan.gpus,
+            kube.training_runtime,
+        )
         self.hook.custom_object_client.create_namespaced_custom_object(
             GROUP, VERSION, kube.namespace, PLURAL, job.to_dict(), _request_timeout=REQUEST_TIMEOUT
         )
@@ -176,16 +224,23 @@ class TrainJobOperator(StageTask, BaseOperator):
     def copy_logs(self, namespace: str, seen: dict[str, str]) -> list:
         """New log lines of every started pod of the job, each prefixed with its pod; returns the pods."""
         core = self.hook.core_v1_client
-        pods = core.list_namespaced_pod(namespace, label_selector=f"{JOBSET_LABEL}={self.job_name}",
-                                        _request_timeout=REQUEST_TIMEOUT).items  # fmt: skip
+        pods = core.list_namespaced_pod(
+            namespace, label_selector=f"{JOBSET_LABEL}={self.job_name}", _request_timeout=REQUEST_TIMEOUT
+        ).items
         since = int(self.poll_seconds * 2 + 30)  # overlapping windows; lines already copied are skipped
         for pod in pods:
             name = pod.metadata.name
             if pod.status is None or pod.status.phase in (None, "Pending"):
                 continue
-            response = core.read_namespaced_pod_log(name, namespace, container=NODE, timestamps=True,
-                                                    since_seconds=since, _request_timeout=REQUEST_TIMEOUT,
-                                                    _preload_content=False)  # fmt: skip
+            response = core.read_namespaced_pod_log(
+                name,
+                namespace,
+                container=NODE,
+                timestamps=True,
+                since_seconds=since,
+                _request_timeout=REQUEST_TIMEOUT,
+                _preload_content=False,
+            )
             for line in response.data.decode("utf-8", "replace").splitlines():
                 stamp, _, message = line.partition(" ")
                 if stamp > seen.get(name, ""):
@@ -201,9 +256,14 @@ class TrainJobOperator(StageTask, BaseOperator):
         kube = self.config.orchestration.kubernetes
         try:
             self.hook.custom_object_client.delete_namespaced_custom_object(
-                GROUP, VERSION, kube.namespace, PLURAL, self.job_name, propagation_policy="Foreground",
+                GROUP,
+                VERSION,
+                kube.namespace,
+                PLURAL,
+                self.job_name,
+                propagation_policy="Foreground",
                 _request_timeout=REQUEST_TIMEOUT,
-            )  # fmt: skip
+            )
             self.log.info("deleted TrainJob %s/%s", kube.namespace, self.job_name)
         except Exception as exc:  # noqa: BLE001 - reported, and the original failure stands
             self.log.error("could not delete TrainJob %s/%s: %s", kube.namespace, self.job_name, exc)

@@ -21,27 +21,32 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from docpipe import tracking
 from docpipe.answering.backends import NoModelFolder, Request, open_backend
 from docpipe.answering.scoring import HEADLINE, Scored, evaluate_all, measure, score
-from docpipe.config import FitCheckConfig, PipelineConfig
+from docpipe.config import EvaluationConfig, FitCheckConfig, PipelineConfig
 from docpipe.contract import BadInputError, main, stage_parser
 from docpipe.data.examples import DataError, Example, fixed_sample, read_examples
 from docpipe.doctypes import DocType, load_registry
 from docpipe.manifest import StageOutput, jsonl
 from docpipe.storage import Storage, StorageError, StorageUnavailable, open_storage
-from stages.evaluate.gate import decide
+from stages.evaluate.gate import Decision, decide
 
 STAGE = "evaluate"
+OUTPUT_FILES = ("predictions.jsonl", "metrics.json", "decision.json", "report.html")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = stage_parser(STAGE, __doc__)
     parser.add_argument("--data", help="the export stage's output (eval.json; train.json for the fit check)")
-    parser.add_argument("--eval-set", help="a golden set of evaluation.eval_sets to answer instead of eval.json "
-                        "(default: evaluation.eval_set); without --data: a regression check, no training")  # fmt: skip
+    parser.add_argument(
+        "--eval-set",
+        help="a golden set of evaluation.eval_sets to answer instead of eval.json "
+        "(default: evaluation.eval_set); without --data: a regression check, no training",
+    )
     parser.add_argument("--model", help="the patched model folder (transformers and vllm backends)")
     parser.add_argument("--champion-metrics", help="metrics.json of the champion's evaluation, to compare with")
     return parser
@@ -80,11 +85,15 @@ def golden_requests(config: PipelineConfig, name: str, registry: dict[str, DocTy
     except StorageError as exc:
         raise BadInputError(f"eval set {name!r}: version {pinned.version} of {dataset.uri} not found: {exc}") from exc
     root = dataset.uri if "://" in dataset.uri else str(Path(dataset.uri).resolve())
-    examples = [Example.model_validate(example_for(r, registry[r.doc_type], root, use_variants=False))
-                for r in records if r.split == "eval" and r.doc_type in config.doc_types]  # fmt: skip
+    examples = [
+        Example.model_validate(example_for(r, registry[r.doc_type], root, use_variants=False))
+        for r in records
+        if r.split == "eval" and r.doc_type in config.doc_types
+    ]
     if not examples:
-        raise BadInputError(f"eval set {name!r} ({dataset.uri} version {pinned.version}): no eval document of types "
-                            f"{config.doc_types}")  # fmt: skip
+        raise BadInputError(
+            f"eval set {name!r} ({dataset.uri} version {pinned.version}): no eval document of types {config.doc_types}"
+        )
     tracking.log_dataset(dataset.uri, pinned.version, context="evaluation")
     return [Request(e, registry[e.doc_type]) for e in examples], f"{name}@{pinned.version}"
 
@@ -120,8 +129,10 @@ def swapped_images(requests: list[Request]) -> list[Request]:
         pool = indices if len(indices) > 1 else list(range(len(requests)))
         for index in indices:
             donor[index] = pool[(pool.index(index) + 1) % len(pool)]
-    return [Request(r.example.model_copy(update={"image": requests[donor[i]].example.image}), r.doc_type)
-            for i, r in enumerate(requests)]  # fmt: skip
+    return [
+        Request(r.example.model_copy(update={"image": requests[donor[i]].example.image}), r.doc_type)
+        for i, r in enumerate(requests)
+    ]
 
 
 def ocr_baseline(requests: list[Request], config: PipelineConfig) -> tuple[list[Scored], float]:
@@ -131,8 +142,16 @@ def ocr_baseline(requests: list[Request], config: PipelineConfig) -> tuple[list[
     reader, documents, started = OcrBaseline(), [], time.perf_counter()
     for request in requests:
         fields, seconds = reader.read(request.doc_type, load_image(request.example.image, config.storage.s3))
-        documents.append(score(request.doc_type, request.example.id, json.loads(request.example.answer), fields,
-                               json.dumps(fields, ensure_ascii=False), seconds))  # fmt: skip
+        documents.append(
+            score(
+                request.doc_type,
+                request.example.id,
+                json.loads(request.example.answer),
+                fields,
+                json.dumps(fields, ensure_ascii=False),
+                seconds,
+            )
+        )
     return documents, time.perf_counter() - started
 
 
@@ -176,8 +195,10 @@ def registered_champion(config: PipelineConfig, eval_set: str) -> tuple[str | No
         return None, f"no champion of {config.publish.registered_model} yet: nothing to compare with"
     its_set, uri = champion.tags.get("eval_set"), champion.tags.get(EVALUATION_METRICS)
     if its_set != eval_set or not uri:
-        return None, (f"champion version {champion.version} was evaluated on {its_set}, not {eval_set}: not compared "
-                      f"(evaluate it on {eval_set} and pass its metrics.json as --champion-metrics)")  # fmt: skip
+        return None, (
+            f"champion version {champion.version} was evaluated on {its_set}, not {eval_set}: not compared "
+            f"(evaluate it on {eval_set} and pass its metrics.json as --champion-metrics)"
+        )
     return uri, f"compared with champion version {champion.version} on {eval_set}"
 
 
@@ -194,12 +215,36 @@ def _champion(uri: str | None, config: PipelineConfig) -> tuple[dict | None, str
         raise BadInputError(f"--champion-metrics {uri}: not a metrics.json of this stage: {exc}") from exc
 
 
-def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
-    import mlflow
+@dataclass
+class Inputs:
+    """What the run answers: the eval documents (and their set's id), the fit check's sample, the
+    champion's figures to compare with, and notes on what was left out."""
 
-    from stages.evaluate.report import render
+    data: Storage | None
+    requests: list[Request]
+    eval_set: str
+    settings: EvaluationConfig
+    train_sample: list[Request] = field(default_factory=list)
+    champion_uri: str | None = None
+    champion: dict | None = None
+    champion_eval_set: str | None = None
+    notes: list[str] = field(default_factory=list)
 
-    registry = load_registry(config.doctypes_dir)
+
+@dataclass
+class Outcome:
+    """The answers scored: the eval set's, the fit check's, the OCR baseline's, and the gate's decision."""
+
+    documents: list[Scored]
+    metrics: dict
+    fit: dict | None
+    control: dict | None
+    baseline: dict | None
+    decision: Decision
+
+
+def read_inputs(args: argparse.Namespace, config: PipelineConfig, registry: dict[str, DocType]) -> Inputs:
+    """The eval documents (an export's eval.json or a golden set), the fit sample and the champion."""
     settings, fit_check = config.evaluation, config.evaluation.fit_check
     golden = args.eval_set or settings.eval_set
     if golden and golden not in settings.eval_sets:
@@ -209,79 +254,157 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     data = open_storage(args.data, config.storage.s3) if args.data else None
     if data is not None and not golden:
         _log_exported_dataset(data)
-    requests, eval_set = golden_requests(config, golden, registry) if golden else read_requests(data, "eval.json",
-                                                                                                registry)  # fmt: skip
-    notes = []
-    if data is None and (fit_check.thresholds or fit_check.max_control_ratio is not None):
-        settings = settings.model_copy(update={"fit_check": FitCheckConfig(documents=0)})
-        notes.append("no --data: a regression check on the eval set alone, without the fit check's rules")
-    train_sample = (
-        fit_sample(data, registry, fit_check.documents, fit_check.seed) if data and fit_check.documents else []
+    requests, eval_set = (
+        golden_requests(config, golden, registry) if golden else read_requests(data, "eval.json", registry)
     )
-    champion_uri = args.champion_metrics
-    if not champion_uri and golden:
-        champion_uri, note = registered_champion(config, eval_set)
-        notes.append(note)
-    champion, champion_eval_set = _champion(champion_uri, config)
+    inputs = Inputs(data, requests, eval_set, settings)
+    if data is None and (fit_check.thresholds or fit_check.max_control_ratio is not None):
+        inputs.settings = settings.model_copy(update={"fit_check": FitCheckConfig(documents=0)})
+        inputs.notes.append("no --data: a regression check on the eval set alone, without the fit check's rules")
+    if data and fit_check.documents:
+        inputs.train_sample = fit_sample(data, registry, fit_check.documents, fit_check.seed)
+    inputs.champion_uri = args.champion_metrics
+    if not inputs.champion_uri and golden:
+        inputs.champion_uri, note = registered_champion(config, eval_set)
+        inputs.notes.append(note)
+    inputs.champion, inputs.champion_eval_set = _champion(inputs.champion_uri, config)
+    return inputs
+
+
+def answer_and_score(
+    inputs: Inputs, model: str | None, config: PipelineConfig, registry: dict[str, DocType]
+) -> Outcome:
+    """Every document answered by the backend and scored; the fit check, its image control and the
+    OCR baseline beside them; then the gate."""
     try:
-        backend = open_backend(config, args.model)
+        backend = open_backend(config, model)
     except NoModelFolder as exc:
         raise BadInputError(str(exc)) from exc
-
+    settings, sample = inputs.settings, inputs.train_sample
     threshold = settings.review_threshold
-    documents, metrics = measure(backend, requests, registry, threshold)
-    fit = control = None
-    if train_sample:
-        _, fit = measure(backend, train_sample, registry, threshold)
-        if fit_check.image_control and len(train_sample) > 1:
-            _, control = measure(backend, swapped_images(train_sample), registry, threshold)
-    baseline = None
+    documents, metrics = measure(backend, inputs.requests, registry, threshold)
+    fit = control = baseline = None
+    if sample:
+        _, fit = measure(backend, sample, registry, threshold)
+        if settings.fit_check.image_control and len(sample) > 1:
+            _, control = measure(backend, swapped_images(sample), registry, threshold)
     if settings.ocr_baseline:
-        baseline_documents, seconds = ocr_baseline(requests, config)
+        baseline_documents, seconds = ocr_baseline(inputs.requests, config)
         baseline = evaluate_all(baseline_documents, registry, seconds, threshold)
-    decision = decide(metrics, settings, eval_set, champion, champion_eval_set, fit, control, config.doc_types)
-    decision.notes = notes
-    selection = _selection(args.model)
+    decision = decide(
+        metrics, settings, inputs.eval_set, inputs.champion, inputs.champion_eval_set, fit, control, config.doc_types
+    )
+    decision.notes = inputs.notes
+    return Outcome(documents, metrics, fit, control, baseline, decision)
 
-    predictions = [{"id": d.id, "doc_type": d.doc_type, "expected": d.expected, "predicted": d.predicted,
-                    "answer": d.answer, "latency_s": d.latency_s, "correct": d.correct, "confidence": d.confidence,
-                    "needs_review": d.needs_review(threshold)} for d in documents]  # fmt: skip
+
+def prediction_rows(documents: list[Scored], threshold: float) -> list[dict]:
+    """One row per document for ``predictions.jsonl`` and MLflow's table."""
+    return [
+        {
+            "id": d.id,
+            "doc_type": d.doc_type,
+            "expected": d.expected,
+            "predicted": d.predicted,
+            "answer": d.answer,
+            "latency_s": d.latency_s,
+            "correct": d.correct,
+            "confidence": d.confidence,
+            "needs_review": d.needs_review(threshold),
+        }
+        for d in documents
+    ]
+
+
+def write_outputs(
+    output: Storage, inputs: Inputs, outcome: Outcome, predictions: list[dict], model: str, config: PipelineConfig
+) -> str:
+    """predictions.jsonl, metrics.json, decision.json and report.html; returns the report."""
+    from stages.evaluate.report import render
+
     output.write_bytes("predictions.jsonl", jsonl(predictions))
-    saved = {"eval_set": eval_set, "model": args.model or config.evaluation.endpoint, "metrics": metrics,
-             "baseline": baseline, "fit": fit, "image_control": control}  # fmt: skip
+    saved = {
+        "eval_set": inputs.eval_set,
+        "model": model,
+        "metrics": outcome.metrics,
+        "baseline": outcome.baseline,
+        "fit": outcome.fit,
+        "image_control": outcome.control,
+    }
     output.write_bytes("metrics.json", json.dumps(saved, indent=2, ensure_ascii=False).encode("utf-8"))
-    output.write_bytes("decision.json", decision.model_dump_json(indent=2).encode("utf-8"))
-    images = {r.example.id: r.example.image for r in requests}
-    page = render(model=args.model or config.evaluation.endpoint, backend=config.evaluation.backend,
-                  eval_set=eval_set, metrics=metrics, baseline=baseline, fit=fit, control=control,
-                  selection=selection, decision=decision.model_dump(),
-                  documents=documents, images=images, gallery_size=config.evaluation.gallery_size,
-                  s3=config.storage.s3)  # fmt: skip
+    output.write_bytes("decision.json", outcome.decision.model_dump_json(indent=2).encode("utf-8"))
+    page = render(
+        model=model,
+        backend=config.evaluation.backend,
+        eval_set=inputs.eval_set,
+        metrics=outcome.metrics,
+        baseline=outcome.baseline,
+        fit=outcome.fit,
+        control=outcome.control,
+        selection=_selection(model),
+        decision=outcome.decision.model_dump(),
+        documents=outcome.documents,
+        images={r.example.id: r.example.image for r in inputs.requests},
+        gallery_size=config.evaluation.gallery_size,
+        s3=config.storage.s3,
+    )
     output.write_bytes("report.html", page.encode("utf-8"))
+    return page
 
-    logged = _flat(metrics) | _confidence_metrics(metrics["confidence"])
-    for part, prefix in ((baseline, "ocr_baseline."), (fit, "fit."), (control, "image_control.")):
+
+def log_to_mlflow(eval_set: str, outcome: Outcome, predictions: list[dict], page: str) -> None:
+    """Metrics (overall, per type and field, baseline, fit, control), the gate's tags, the report,
+    the decision and the predictions table, in the stage's MLflow run."""
+    import mlflow
+
+    logged = _flat(outcome.metrics) | _confidence_metrics(outcome.metrics["confidence"])
+    for part, prefix in (
+        (outcome.baseline, "ocr_baseline."),
+        (outcome.fit, "fit."),
+        (outcome.control, "image_control."),
+    ):
         logged |= _flat(part, prefix) if part else {}
     mlflow.log_metrics(logged)
-    mlflow.set_tags({"eval_set": eval_set, "gate.passed": str(decision.passed).lower()})
+    mlflow.set_tags({"eval_set": eval_set, "gate.passed": str(outcome.decision.passed).lower()})
     mlflow.log_text(page, f"{STAGE}/report.html")
-    mlflow.log_dict(decision.model_dump(mode="json"), f"{STAGE}/decision.json")
-    mlflow.log_table({key: [json.dumps(p[key], ensure_ascii=False) if isinstance(p[key], dict) else p[key]
-                            for p in predictions] for key in predictions[0]}, f"{STAGE}/predictions.json")  # fmt: skip
-    overall = metrics["overall"]
+    mlflow.log_dict(outcome.decision.model_dump(mode="json"), f"{STAGE}/decision.json")
+    table = {
+        key: [json.dumps(p[key], ensure_ascii=False) if isinstance(p[key], dict) else p[key] for p in predictions]
+        for key in predictions[0]
+    }
+    mlflow.log_table(table, f"{STAGE}/predictions.json")
+
+
+def stage_output(args: argparse.Namespace, inputs: Inputs, outcome: Outcome, output: Storage) -> StageOutput:
+    overall, baseline, fit, control = outcome.metrics["overall"], outcome.baseline, outcome.fit, outcome.control
+    documents = outcome.documents
     return StageOutput(
-        inputs={"data": data.uri if data else "", "model": args.model or "", "eval_set": eval_set,
-                "champion_metrics": champion_uri or ""},
-        outputs={name: output.uri_of(name) for name in ("predictions.jsonl", "metrics.json", "decision.json",
-                                                        "report.html")},
+        inputs={
+            "data": inputs.data.uri if inputs.data else "",
+            "model": args.model or "",
+            "eval_set": inputs.eval_set,
+            "champion_metrics": inputs.champion_uri or "",
+        },
+        outputs={name: output.uri_of(name) for name in OUTPUT_FILES},
         counts={"documents": len(documents), "unparsed": sum(d.predicted is None for d in documents)},
-        metrics={"gate_passed": float(decision.passed), **{k: overall[k] for k in (
-            "field_accuracy", "document_accuracy", "json_validity", "docs_per_s")},
+        metrics={
+            "gate_passed": float(outcome.decision.passed),
+            **{k: overall[k] for k in ("field_accuracy", "document_accuracy", "json_validity", "docs_per_s")},
             **({"ocr_baseline.field_accuracy": baseline["overall"]["field_accuracy"]} if baseline else {}),
-            **({f"fit.{k}": fit["overall"][k] for k in HEADLINE}
-               if fit else {}),
-            **({"image_control.field_accuracy": control["overall"]["field_accuracy"]} if control else {})},
-    )  # fmt: skip
+            **({f"fit.{k}": fit["overall"][k] for k in HEADLINE} if fit else {}),
+            **({"image_control.field_accuracy": control["overall"]["field_accuracy"]} if control else {}),
+        },
+    )
+
+
+def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
+    registry = load_registry(config.doctypes_dir)
+    inputs = read_inputs(args, config, registry)
+    outcome = answer_and_score(inputs, args.model, config, registry)
+    predictions = prediction_rows(outcome.documents, inputs.settings.review_threshold)
+    page = write_outputs(output, inputs, outcome, predictions, args.model or config.evaluation.endpoint, config)
+    log_to_mlflow(inputs.eval_set, outcome, predictions, page)
+    return stage_output(args, inputs, outcome, output)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,17 @@ class Check(BaseModel):
     @property
     def failure(self) -> str:
         if self.rule == "eval_documents":
-            return (f"{self.scope}: {self.value:.0f} eval documents, fewer than evaluation.min_eval_documents "
-                    f"({self.limit:.0f}): its accuracy is not measured well enough to gate on")  # fmt: skip
+            return (
+                f"{self.scope}: {self.value:.0f} eval documents, fewer than evaluation.min_eval_documents "
+                f"({self.limit:.0f}): its accuracy is not measured well enough to gate on"
+            )
         if self.rule == "image_dependence" and not self.limit:
             return f"{self.scope}: the fit's {self.metric} is 0: nothing shows that the answers depend on the image"
         if self.rule == "image_dependence":
-            return (f"{self.scope}: {self.metric} with swapped images {self.value:.4f} > {self.limit:.4f} (the "
-                    "fit's share allowed): the answers do not depend enough on the image")  # fmt: skip
+            return (
+                f"{self.scope}: {self.metric} with swapped images {self.value:.4f} > {self.limit:.4f} (the "
+                "fit's share allowed): the answers do not depend enough on the image"
+            )
         against = {"no_regression": "the champion's less the tolerance", "fit_threshold": "the fit threshold"}
         limit = against.get(self.rule, "the threshold")
         return f"{self.scope}: {self.metric} {self.value:.4f} < {self.limit:.4f} ({limit})"
@@ -47,45 +51,89 @@ class Decision(BaseModel):
     notes: list[str] = []  # what was compared, or skipped, and why
 
 
-def decide(metrics: dict, config: EvaluationConfig, eval_set: str | None, champion: dict | None = None,
-           champion_eval_set: str | None = None, fit: dict | None = None,
-           control: dict | None = None, requested: list[str] | None = None) -> Decision:  # fmt: skip
+def decide(
+    metrics: dict,
+    config: EvaluationConfig,
+    eval_set: str | None,
+    champion: dict | None = None,
+    champion_eval_set: str | None = None,
+    fit: dict | None = None,
+    control: dict | None = None,
+    requested: list[str] | None = None,
+) -> Decision:
     """Apply the thresholds, the no-regression rule where a champion's metrics are given, and the fit
     check's rules where ``evaluation.fit_check`` sets them. Every ``requested`` type (default: the
     evaluated ones) needs ``min_eval_documents``: a type with none is not skipped, it fails."""
     checks: list[Check] = []
     reasons: list[str] = []
-    counts = {t: metrics["per_doc_type"].get(t, {}).get("documents", 0)
-              for t in dict.fromkeys([*(requested or []), *metrics["per_doc_type"]])}  # fmt: skip
+    counts = {
+        t: metrics["per_doc_type"].get(t, {}).get("documents", 0)
+        for t in dict.fromkeys([*(requested or []), *metrics["per_doc_type"]])
+    }
     least = config.min_eval_documents
     for doc_type, documents in counts.items():
-        checks.append(Check(rule="eval_documents", scope=doc_type, metric="documents", value=documents, limit=least,
-                            passed=documents >= least))  # fmt: skip
+        checks.append(
+            Check(
+                rule="eval_documents",
+                scope=doc_type,
+                metric="documents",
+                value=documents,
+                limit=least,
+                passed=documents >= least,
+            )
+        )
     for doc_type, values in metrics["per_doc_type"].items():
         thresholds = config.thresholds_for(doc_type)
         for metric in GATED:
             limit = getattr(thresholds, metric)
-            checks.append(Check(rule="threshold", scope=doc_type, metric=metric, value=values[metric], limit=limit,
-                                passed=values[metric] >= limit))  # fmt: skip
+            checks.append(
+                Check(
+                    rule="threshold",
+                    scope=doc_type,
+                    metric=metric,
+                    value=values[metric],
+                    limit=limit,
+                    passed=values[metric] >= limit,
+                )
+            )
     if champion is not None:
         if champion_eval_set != eval_set:
-            reasons.append(f"the champion was evaluated on eval set {champion_eval_set}, not {eval_set}: "
-                           "evaluate it on this one before comparing")  # fmt: skip
+            reasons.append(
+                f"the champion was evaluated on eval set {champion_eval_set}, not {eval_set}: "
+                "evaluate it on this one before comparing"
+            )
         else:
             scopes = {"overall": (metrics["overall"], champion["overall"])}
-            scopes |= {t: (metrics["per_doc_type"][t], champion["per_doc_type"][t])
-                       for t in metrics["per_doc_type"] if t in champion.get("per_doc_type", {})}  # fmt: skip
+            scopes |= {
+                t: (metrics["per_doc_type"][t], champion["per_doc_type"][t])
+                for t in metrics["per_doc_type"]
+                if t in champion.get("per_doc_type", {})
+            }
             for scope, (mine, theirs) in scopes.items():
                 for metric in NO_REGRESSION:
                     limit = theirs[metric] - config.regression_tolerance
-                    checks.append(Check(rule="no_regression", scope=scope, metric=metric, value=mine[metric],
-                                        limit=limit, passed=mine[metric] >= limit))  # fmt: skip
+                    checks.append(
+                        Check(
+                            rule="no_regression",
+                            scope=scope,
+                            metric=metric,
+                            value=mine[metric],
+                            limit=limit,
+                            passed=mine[metric] >= limit,
+                        )
+                    )
     checks += _fit_checks(config, fit, control, reasons)
     reasons += [check.failure for check in checks if not check.passed]
     if not metrics["per_doc_type"]:
         reasons.append("no document was evaluated")
-    return Decision(passed=not reasons, reasons=reasons or ["every check passed"], checks=checks,
-                    eval_set=eval_set, champion_eval_set=champion_eval_set, doc_types=counts)  # fmt: skip
+    return Decision(
+        passed=not reasons,
+        reasons=reasons or ["every check passed"],
+        checks=checks,
+        eval_set=eval_set,
+        champion_eval_set=champion_eval_set,
+        doc_types=counts,
+    )
 
 
 def _fit_checks(config: EvaluationConfig, fit: dict | None, control: dict | None, reasons: list[str]) -> list[Check]:
@@ -97,15 +145,33 @@ def _fit_checks(config: EvaluationConfig, fit: dict | None, control: dict | None
         else:
             for metric in GATED:
                 value, limit = fit["overall"][metric], getattr(settings.thresholds, metric)
-                checks.append(Check(rule="fit_threshold", scope=scope, metric=metric, value=value, limit=limit,
-                                    passed=value >= limit))  # fmt: skip
+                checks.append(
+                    Check(
+                        rule="fit_threshold",
+                        scope=scope,
+                        metric=metric,
+                        value=value,
+                        limit=limit,
+                        passed=value >= limit,
+                    )
+                )
     if settings.max_control_ratio is not None:
         if fit is None or control is None:
-            reasons.append("evaluation.fit_check.max_control_ratio is set but no image control ran (it needs two "
-                           "or more training documents)")  # fmt: skip
+            reasons.append(
+                "evaluation.fit_check.max_control_ratio is set but no image control ran (it needs two "
+                "or more training documents)"
+            )
         else:
             value = control["overall"]["field_accuracy"]
             limit = settings.max_control_ratio * fit["overall"]["field_accuracy"]
-            checks.append(Check(rule="image_dependence", scope=scope, metric="field_accuracy", value=value,
-                                limit=limit, passed=limit > 0 and value <= limit))  # fmt: skip
+            checks.append(
+                Check(
+                    rule="image_dependence",
+                    scope=scope,
+                    metric="field_accuracy",
+                    value=value,
+                    limit=limit,
+                    passed=limit > 0 and value <= limit,
+                )
+            )
     return checks

@@ -66,8 +66,10 @@ def accuracy_plot(metrics: dict, baseline: dict | None) -> str:
     plt = _pyplot()
 
     names = list(metrics["per_doc_type"])
-    series = {"field acc.": [metrics["per_doc_type"][n]["field_accuracy"] for n in names],
-              "document acc.": [metrics["per_doc_type"][n]["document_accuracy"] for n in names]}  # fmt: skip
+    series = {
+        "field acc.": [metrics["per_doc_type"][n]["field_accuracy"] for n in names],
+        "document acc.": [metrics["per_doc_type"][n]["document_accuracy"] for n in names],
+    }
     if baseline:
         series["OCR field acc."] = [baseline["per_doc_type"].get(n, {}).get("field_accuracy", 0.0) for n in names]
     figure, axes = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.2))
@@ -121,27 +123,68 @@ def thumbnail(uri: str, s3: S3Config) -> str:
 def _failed(documents: list[Scored], images: dict[str, str], limit: int, s3: S3Config) -> list[dict]:
     shown = []
     for document in [d for d in documents if not d.all_correct][:limit]:
-        rows = [{"field": name, "expected": document.expected.get(name) or "",
-                 "predicted": predicted_cell(document.expected.get(name), document.predicted, name, ok)}
-                for name, ok in document.correct.items()]  # fmt: skip
-        shown.append({"id": document.id, "doc_type": document.doc_type, "rows": rows, "answer": document.answer,
-                      "unparsed": document.predicted is None,
-                      "thumbnail": thumbnail(images[document.id], s3)})  # fmt: skip
+        rows = [
+            {
+                "field": name,
+                "expected": document.expected.get(name) or "",
+                "predicted": predicted_cell(document.expected.get(name), document.predicted, name, ok),
+            }
+            for name, ok in document.correct.items()
+        ]
+        shown.append(
+            {
+                "id": document.id,
+                "doc_type": document.doc_type,
+                "rows": rows,
+                "answer": document.answer,
+                "unparsed": document.predicted is None,
+                "thumbnail": thumbnail(images[document.id], s3),
+            }
+        )
     return shown
 
 
-def render(*, model: str, backend: str, eval_set: str, metrics: dict, baseline: dict | None, fit: dict | None,
-           control: dict | None, selection: dict | None, decision: dict, documents: list[Scored],
-           images: dict[str, str], gallery_size: int, s3: S3Config) -> str:  # fmt: skip
+def render(
+    *,
+    model: str,
+    backend: str,
+    eval_set: str,
+    metrics: dict,
+    baseline: dict | None,
+    fit: dict | None,
+    control: dict | None,
+    selection: dict | None,
+    decision: dict,
+    documents: list[Scored],
+    images: dict[str, str],
+    gallery_size: int,
+    s3: S3Config,
+) -> str:
     """The report's HTML. ``images`` maps document ids to their image URIs."""
-    worst = sorted(({"doc_type": t, "field": f, "accuracy": a, "cer": m["per_field_cer"][f]}
-                    for t, m in metrics["per_doc_type"].items() for f, a in m["per_field_accuracy"].items()),
-                   key=lambda row: (row["accuracy"], -row["cer"]))[:10]  # fmt: skip
+    worst = sorted(
+        (
+            {"doc_type": t, "field": f, "accuracy": a, "cer": m["per_field_cer"][f]}
+            for t, m in metrics["per_doc_type"].items()
+            for f, a in m["per_field_accuracy"].items()
+        ),
+        key=lambda row: (row["accuracy"], -row["cer"]),
+    )[:10]
     environment = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=select_autoescape())
     return environment.get_template(TEMPLATE).render(
-        model=model, backend=backend, eval_set=eval_set, overall=metrics["overall"], per_type=metrics["per_doc_type"],
+        model=model,
+        backend=backend,
+        eval_set=eval_set,
+        overall=metrics["overall"],
+        per_type=metrics["per_doc_type"],
         confidence=metrics.get("confidence"),
-        baseline=baseline, decision=decision, plot=accuracy_plot(metrics, baseline), worst_fields=worst,
-        fit=fit, control=control, selection=selection, selection_plot=selection and selection_plot(selection),
-        failed=_failed(documents, images, gallery_size, s3), failed_total=sum(not d.all_correct for d in documents),
-    )  # fmt: skip
+        baseline=baseline,
+        decision=decision,
+        plot=accuracy_plot(metrics, baseline),
+        worst_fields=worst,
+        fit=fit,
+        control=control,
+        selection=selection,
+        selection_plot=selection and selection_plot(selection),
+        failed=_failed(documents, images, gallery_size, s3),
+        failed_total=sum(not d.all_correct for d in documents),
+    )

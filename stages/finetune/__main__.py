@@ -25,7 +25,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from docpipe.config import TorchrunLayout, PipelineConfig
+from docpipe.config import PipelineConfig, TorchrunLayout
 from docpipe.contract import BadInputError, main, stage_parser
 from docpipe.data.dataset import DatasetCard
 from docpipe.data.examples import DataError, Example, Unfit, read_examples, split_fitting, write_examples
@@ -37,9 +37,13 @@ from stages.finetune.train import RESULT, TrainSpec, die_with_parent, location_e
 
 STAGE = "finetune"
 SELECTION = "selection.json"
-LAYOUT_ENV = {"gpus_per_node": ("GPUS_PER_NODE", "PET_NPROC_PER_NODE"), "nnodes": ("NNODES", "PET_NNODES"),
-              "node_rank": ("NODE_RANK", "PET_NODE_RANK"), "master_addr": ("MASTER_ADDR", "PET_MASTER_ADDR"),
-              "master_port": ("MASTER_PORT", "PET_MASTER_PORT")}  # fmt: skip
+LAYOUT_ENV = {
+    "gpus_per_node": ("GPUS_PER_NODE", "PET_NPROC_PER_NODE"),
+    "nnodes": ("NNODES", "PET_NNODES"),
+    "node_rank": ("NODE_RANK", "PET_NODE_RANK"),
+    "master_addr": ("MASTER_ADDR", "PET_MASTER_ADDR"),
+    "master_port": ("MASTER_PORT", "PET_MASTER_PORT"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 def layout_from_environment(config: TorchrunLayout, environ: Mapping[str, str]) -> TorchrunLayout:
     """The configured layout with any of GPUS_PER_NODE, NNODES, ... (or PET_NPROC_PER_NODE,
     PET_NNODES, ...) from the environment on top."""
-    overrides = {key: value for key, names in LAYOUT_ENV.items()
-                 if (value := next((environ[n] for n in names if environ.get(n)), None))}  # fmt: skip
+    overrides = {
+        key: value
+        for key, names in LAYOUT_ENV.items()
+        if (value := next((environ[n] for n in names if environ.get(n)), None))
+    }
     return TorchrunLayout.model_validate({**config.model_dump(), **overrides})
 
 
@@ -76,9 +83,13 @@ def torchrun_command(launch: TorchrunLayout, spec: Path, checkpoints: Path) -> l
         command.append("--standalone")  # a free local port: two runs on one machine do not collide
     else:
         run_id = hashlib.sha256(str(checkpoints).encode()).hexdigest()[:16]
-        command += [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-id={run_id}",
-                    f"--rdzv-endpoint={launch.master_addr}:{launch.master_port}",
-                    f"--rdzv-conf=join_timeout={launch.rendezvous_timeout_s}"]  # fmt: skip
+        command += [
+            f"--nnodes={launch.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-id={run_id}",
+            f"--rdzv-endpoint={launch.master_addr}:{launch.master_port}",
+            f"--rdzv-conf=join_timeout={launch.rendezvous_timeout_s}",
+        ]
     return [*command, "-m", "stages.finetune.train", str(spec)]
 
 
@@ -103,22 +114,29 @@ def _fitting_examples(data: Storage, adapter: Adapter, config: PipelineConfig, o
     training, s3, out = config.training, config.storage.s3, Path(output.uri)
     examples = _examples(data, "train.json", required=True)
     if not examples:
-        raise BadInputError(f"{data.uri_of('train.json')}: no train document (an evaluation-only export, such as a "
-                            "golden set, is evaluated, not trained on)")  # fmt: skip
+        raise BadInputError(
+            f"{data.uri_of('train.json')}: no train document (an evaluation-only export, such as a "
+            "golden set, is evaluated, not trained on)"
+        )
     train, unfit_train = split_fitting(examples, adapter.length, training.model_max_length, s3, "train")
-    evaluation, unfit_eval = split_fitting(_examples(data, "eval.json", required=False), adapter.length,
-                                           training.model_max_length, s3, "eval")  # fmt: skip
+    evaluation, unfit_eval = split_fitting(
+        _examples(data, "eval.json", required=False), adapter.length, training.model_max_length, s3, "eval"
+    )
     unfit: list[Unfit] = unfit_train + unfit_eval
     output.write_bytes("unfit.jsonl", "".join(u.model_dump_json() + "\n" for u in unfit).encode("utf-8"))
     share = len(unfit_train) / max(1, len(train) + len(unfit_train))
     if share > training.max_unfit_fraction or not train:
-        raise BadInputError(f"{len(unfit_train)} of {len(train) + len(unfit_train)} train documents cannot be "
-                            f"trained on ({share:.1%} > max_unfit_fraction {training.max_unfit_fraction:.1%}); "
-                            f"reasons in {output.uri_of('unfit.jsonl')}")  # fmt: skip
+        raise BadInputError(
+            f"{len(unfit_train)} of {len(train) + len(unfit_train)} train documents cannot be "
+            f"trained on ({share:.1%} > max_unfit_fraction {training.max_unfit_fraction:.1%}); "
+            f"reasons in {output.uri_of('unfit.jsonl')}"
+        )
     untyped = [e.id for e in evaluation if e.doc_type not in config.doc_types]
     if untyped and training.selection_documents:
-        raise BadInputError(f"{data.uri_of('eval.json')}: documents {untyped[:5]} have no doc_type of "
-                            f"{config.doc_types}: checkpoints cannot be scored on them (export again)")  # fmt: skip
+        raise BadInputError(
+            f"{data.uri_of('eval.json')}: documents {untyped[:5]} have no doc_type of "
+            f"{config.doc_types}: checkpoints cannot be scored on them (export again)"
+        )
     (out / "data").mkdir(parents=True, exist_ok=True)
     write_examples(out / "data" / "train.json", train)
     if evaluation:
@@ -151,20 +169,29 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         mlflow.log_param("dataset.version", version)
     run_id = mlflow.active_run().info.run_id
     spec = TrainSpec(
-        model_dir=str(model_dir.resolve()), model=config.model, training=training, evaluation=config.evaluation,
-        doctypes_dir=str(config.doctypes_dir.resolve()), train_file=str(out / "data" / "train.json"),
-        eval_file=str(out / "data" / "eval.json") if evaluation else None, output_dir=str(checkpoints),
+        model_dir=str(model_dir.resolve()),
+        model=config.model,
+        training=training,
+        evaluation=config.evaluation,
+        doctypes_dir=str(config.doctypes_dir.resolve()),
+        train_file=str(out / "data" / "train.json"),
+        eval_file=str(out / "data" / "eval.json") if evaluation else None,
+        output_dir=str(checkpoints),
         deepspeed_config=str((config.deepspeed_dir / f"{training.deepspeed}.json").resolve())
-        if training.deepspeed else None,
-        s3=config.storage.s3, tracking_uri=config.tracking.tracking_uri, mlflow_run_id=run_id,
-    )  # fmt: skip
+        if training.deepspeed
+        else None,
+        s3=config.storage.s3,
+        tracking_uri=config.tracking.tracking_uri,
+        mlflow_run_id=run_id,
+    )
     output.write_bytes("train_spec.json", json.dumps(redact(spec.model_dump(mode="json")), indent=2).encode("utf-8"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **location_environment(spec.tracking_uri, spec.s3)}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU (tests, the embedded demo)
     launch = layout_from_environment(training.launch, os.environ)
-    done = subprocess.run(torchrun_command(launch, out / "train_spec.json", checkpoints), env=env, check=False,
-                          preexec_fn=die_with_parent)  # fmt: skip
+    done = subprocess.run(
+        torchrun_command(launch, out / "train_spec.json", checkpoints), env=env, check=False, preexec_fn=die_with_parent
+    )
     if done.returncode:
         raise RuntimeError(f"training exited with code {done.returncode}; its log is above")
     if launch.node_rank != 0:  # node 0 reports the run
@@ -176,19 +203,38 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     mlflow.log_dict(selection, f"{STAGE}/{SELECTION}")
     mlflow.set_tags({"checkpoint.selected": selection["checkpoint"] or "", "checkpoint.selection": selection["reason"]})
     return StageOutput(
-        inputs={"data": data.uri, "base_model": args.base_model or config.model.base,
-                **({"dataset_version": version} if version else {})},
-        outputs={"checkpoints": str(checkpoints), "tensorboard": str(checkpoints / "tensorboard"),
-                 "last_checkpoint": result["last_checkpoint"], "best_checkpoint": selection["checkpoint"] or "",
-                 "selection": output.uri_of(SELECTION),
-                 "resumed_from": result["resumed_from"] or "", "unfit": output.uri_of("unfit.jsonl")},
-        counts={"train": len(train), "eval": len(evaluation), "unfit_train": len(unfit_train),
-                "unfit_eval": len(unfit_eval), "global_step": result["global_step"],
-                "input_tokens_seen": result["input_tokens_seen"]},
-        metrics={"train_loss": result["train_loss"], "train_runtime_s": result["train_runtime_s"],
-                 **({f"selected.{selection['metric']}": selection["value"], "selected.step": selection["step"]}
-                    if selection["value"] is not None else {})},
-    )  # fmt: skip
+        inputs={
+            "data": data.uri,
+            "base_model": args.base_model or config.model.base,
+            **({"dataset_version": version} if version else {}),
+        },
+        outputs={
+            "checkpoints": str(checkpoints),
+            "tensorboard": str(checkpoints / "tensorboard"),
+            "last_checkpoint": result["last_checkpoint"],
+            "best_checkpoint": selection["checkpoint"] or "",
+            "selection": output.uri_of(SELECTION),
+            "resumed_from": result["resumed_from"] or "",
+            "unfit": output.uri_of("unfit.jsonl"),
+        },
+        counts={
+            "train": len(train),
+            "eval": len(evaluation),
+            "unfit_train": len(unfit_train),
+            "unfit_eval": len(unfit_eval),
+            "global_step": result["global_step"],
+            "input_tokens_seen": result["input_tokens_seen"],
+        },
+        metrics={
+            "train_loss": result["train_loss"],
+            "train_runtime_s": result["train_runtime_s"],
+            **(
+                {f"selected.{selection['metric']}": selection["value"], "selected.step": selection["step"]}
+                if selection["value"] is not None
+                else {}
+            ),
+        },
+    )
 
 
 if __name__ == "__main__":

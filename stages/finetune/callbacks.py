@@ -29,8 +29,11 @@ class MlflowMetrics(TrainerCallback):
         from mlflow.entities import Metric
 
         now = time.time()
-        values = {key: float(value) for key, value in logs.items()
-                  if isinstance(value, int | float) and key not in TRAINING_SUMMARY}  # fmt: skip
+        values = {
+            key: float(value)
+            for key, value in logs.items()
+            if isinstance(value, int | float) and key not in TRAINING_SUMMARY
+        }
         step, tokens = state.global_step, state.num_input_tokens_seen
         if self.last and step > self.last[1] and now > self.last[0]:
             elapsed = now - self.last[0]

@@ -26,8 +26,16 @@ CHECKPOINT_PREFIX = "checkpoint-"
 class SelectionScorer:
     """Answers and scores a fixed sample of eval documents with the model in memory."""
 
-    def __init__(self, adapter: Any, examples: list[Example], documents: int, seed: int, doctypes_dir: Path,
-                 settings: EvaluationConfig, s3: S3Config):  # fmt: skip
+    def __init__(
+        self,
+        adapter: Any,
+        examples: list[Example],
+        documents: int,
+        seed: int,
+        doctypes_dir: Path,
+        settings: EvaluationConfig,
+        s3: S3Config,
+    ):
         from docpipe.answering.backends import Request
 
         self.registry = load_registry(Path(doctypes_dir))
@@ -37,8 +45,9 @@ class SelectionScorer:
     def __call__(self, model: Any) -> dict[str, float]:
         from docpipe.answering.backends import TransformersBackend
 
-        _, metrics = measure(TransformersBackend(self.adapter, model.eval(), self.settings, self.s3), self.requests,
-                             self.registry)  # fmt: skip
+        _, metrics = measure(
+            TransformersBackend(self.adapter, model.eval(), self.settings, self.s3), self.requests, self.registry
+        )
         return {name: metrics["overall"][name] for name in HEADLINE}
 
 
@@ -74,9 +83,11 @@ def curve(log_history: list[dict], output_dir: Path) -> list[CheckpointScore]:
         step = int(entry["step"])
         folder = output_dir / f"{CHECKPOINT_PREFIX}{step}"
         by_step[step] = CheckpointScore(
-            step=step, checkpoint=str(folder) if (folder / "trainer_state.json").is_file() else None,
-            eval_loss=entry["eval_loss"], **{name: entry.get(f"eval_{name}") for name in HEADLINE},
-        )  # fmt: skip
+            step=step,
+            checkpoint=str(folder) if (folder / "trainer_state.json").is_file() else None,
+            eval_loss=entry["eval_loss"],
+            **{name: entry.get(f"eval_{name}") for name in HEADLINE},
+        )
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -85,10 +96,16 @@ def choose(scores: list[CheckpointScore], metric: str, documents: int, latest: s
     later step. Where no saved checkpoint was scored by it, the latest checkpoint, and the reason says so."""
     scored = [s for s in scores if s.checkpoint and getattr(s, metric) is not None]
     if not scored:
-        return Selection(metric=metric, documents=documents, checkpoint=latest,
-                         step=int(Path(latest).name.removeprefix(CHECKPOINT_PREFIX)) if latest else None, value=None,
-                         reason=f"no saved checkpoint was scored by {metric} (no eval documents, or "
-                                "selection_documents 0): the latest checkpoint", curve=scores)  # fmt: skip
+        return Selection(
+            metric=metric,
+            documents=documents,
+            checkpoint=latest,
+            step=int(Path(latest).name.removeprefix(CHECKPOINT_PREFIX)) if latest else None,
+            value=None,
+            reason=f"no saved checkpoint was scored by {metric} (no eval documents, or "
+            "selection_documents 0): the latest checkpoint",
+            curve=scores,
+        )
     sign = -1 if metric == "eval_loss" else 1
     best = max(scored, key=lambda s: (sign * getattr(s, metric), s.step))
     value = getattr(best, metric)
@@ -98,5 +115,12 @@ def choose(scores: list[CheckpointScore], metric: str, documents: int, latest: s
         f"step {best.step}: {metric} {value:.4f}{on}, the {'lowest' if sign < 0 else 'highest'} of "
         f"{len(scored)} saved checkpoints" + (f" (tied with steps {tied}: the later one wins)" if tied else "")
     )
-    return Selection(metric=metric, documents=documents, checkpoint=best.checkpoint, step=best.step, value=value,
-                     reason=reason, curve=scores)  # fmt: skip
+    return Selection(
+        metric=metric,
+        documents=documents,
+        checkpoint=best.checkpoint,
+        step=best.step,
+        value=value,
+        reason=reason,
+        curve=scores,
+    )

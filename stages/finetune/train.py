@@ -65,8 +65,9 @@ def location_environment(tracking_uri: str | None, s3: S3Config) -> dict[str, st
 def with_locations(spec: TrainSpec, environ: dict[str, str]) -> TrainSpec:
     """The spec with its redacted locations taken back from the environment."""
     s3 = spec.s3.model_copy(update={"endpoint_url": environ.get(LOCATION_ENV["s3_endpoint_url"], spec.s3.endpoint_url)})
-    return spec.model_copy(update={"tracking_uri": environ.get(LOCATION_ENV["tracking_uri"], spec.tracking_uri),
-                                   "s3": s3})  # fmt: skip
+    return spec.model_copy(
+        update={"tracking_uri": environ.get(LOCATION_ENV["tracking_uri"], spec.tracking_uri), "s3": s3}
+    )
 
 
 def die_with_parent() -> None:
@@ -251,10 +252,19 @@ def train(spec: TrainSpec) -> dict:
     t = spec.training
     scorer = None
     if eval_set and t.selection_documents:
-        scorer = SelectionScorer(adapter, eval_set.examples, t.selection_documents, t.seed, Path(spec.doctypes_dir),
-                                 spec.evaluation, spec.s3)  # fmt: skip
-    trainer = adapter_trainer(adapter, scorer, model=model, args=args, train_dataset=train_set,
-                              eval_dataset=eval_set, data_collator=adapter.collate, callbacks=callbacks)  # fmt: skip
+        scorer = SelectionScorer(
+            adapter, eval_set.examples, t.selection_documents, t.seed, Path(spec.doctypes_dir), spec.evaluation, spec.s3
+        )
+    trainer = adapter_trainer(
+        adapter,
+        scorer,
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=adapter.collate,
+        callbacks=callbacks,
+    )
     resume = latest_checkpoint(output_dir)
     if resume:
         log.info("resuming from %s", resume)
@@ -284,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rank = int(os.environ.get("RANK", "0"))
     redact_output()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+    )
     die_with_parent()
     import torch.distributed as dist
 

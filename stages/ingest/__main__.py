@@ -69,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=FORMATS, default="landing", help="how the batches are laid out")
     parser.add_argument("--mapping", type=Path, help="an ImportMapping YAML: tool labels -> document-type fields")
     parser.add_argument("--doc-type", help="document type of every record (image-key, label-studio, ppocrlabel)")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="every new document goes to the eval split: a golden set, never trained on")  # fmt: skip
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="every new document goes to the eval split: a golden set, never trained on",
+    )
     return parser
 
 
@@ -100,8 +103,14 @@ _worker: dict = {}
 def _start_worker(datasets: str, s3: S3Config, limits: DatasetConfig, doctypes_dir: Path, store_failed) -> None:
     """Once per worker process: what every record's check needs, so tasks carry only records, and
     the event by which the first worker a store fails tells the others to stop asking it."""
-    _worker.update(output=open_storage(datasets, s3), s3=s3, limits=limits, batches={},
-                   registry=load_registry(doctypes_dir), store_failed=store_failed)  # fmt: skip
+    _worker.update(
+        output=open_storage(datasets, s3),
+        s3=s3,
+        limits=limits,
+        batches={},
+        registry=load_registry(doctypes_dir),
+        store_failed=store_failed,
+    )
 
 
 def _check_records(batch: str, candidates: list[Candidate]) -> list[Verdict]:
@@ -157,11 +166,20 @@ def _check_record(batch: str, candidate: Candidate) -> Verdict:
     if not _worker["output"].exists(stored):
         _worker["output"].write_bytes(stored, checked.upright or data, durable=False)
         created = stored
-    return Verdict(DatasetRecord(
-        id=checked.sha256, image=stored, doc_type=candidate.doc_type, fields=fields,
-        split=split_for(checked.sha256, limits.split_salt, limits.eval_fraction),
-        source=f"{batch}/{candidate.image}", width=checked.width, height=checked.height,
-    ), sha256=checked.sha256, created=created)  # fmt: skip
+    return Verdict(
+        DatasetRecord(
+            id=checked.sha256,
+            image=stored,
+            doc_type=candidate.doc_type,
+            fields=fields,
+            split=split_for(checked.sha256, limits.split_salt, limits.eval_fraction),
+            source=f"{batch}/{candidate.image}",
+            width=checked.width,
+            height=checked.height,
+        ),
+        sha256=checked.sha256,
+        created=created,
+    )
 
 
 def _label(record: DatasetRecord) -> tuple:
@@ -187,8 +205,9 @@ class Ingest:
         self.unavailable: str | None = None  # the first store failure a worker met
 
     def reject(self, batch: str, candidate: Candidate, kind: str, reason: str) -> None:
-        self.quarantine[batch].append(QuarantinedRecord(source=candidate.source, reason=f"{kind}: {reason}",
-                                                        record=candidate.raw))  # fmt: skip
+        self.quarantine[batch].append(
+            QuarantinedRecord(source=candidate.source, reason=f"{kind}: {reason}", record=candidate.raw)
+        )
 
     def read_batch(self, store: Storage, candidates: Iterator[Candidate]) -> None:
         """Check every record of one batch in the worker processes, a chunk of records per task
@@ -248,8 +267,12 @@ class Ingest:
                 others = ", ".join(sorted(sources))
                 for item in items:
                     if not known or _label(item.record) != _label(known) or invalid:
-                        self.reject(item.batch, item.candidate, "conflict",
-                                    f"image {document_id[:12]} has conflicting labels in {others}")  # fmt: skip
+                        self.reject(
+                            item.batch,
+                            item.candidate,
+                            "conflict",
+                            f"image {document_id[:12]} has conflicting labels in {others}",
+                        )
             elif not known:
                 records[document_id] = items[0].record
                 added += 1
@@ -278,8 +301,15 @@ class Ingest:
         return failed
 
 
-def _card(records: list[DatasetRecord], version: str, parent: str | None, added: int, run: Ingest,
-          batches: list[str], eval_only: bool) -> DatasetCard:  # fmt: skip
+def _card(
+    records: list[DatasetRecord],
+    version: str,
+    parent: str | None,
+    added: int,
+    run: Ingest,
+    batches: list[str],
+    eval_only: bool,
+) -> DatasetCard:
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {"train": 0, "eval": 0})
     for record in records:
         counts[record.doc_type][record.split] += 1
@@ -291,10 +321,17 @@ def _card(records: list[DatasetRecord], version: str, parent: str | None, added:
     quarantined = Counter(q.reason.split(":")[0] for bad in run.quarantine.values() for q in bad)
     settings = run.config.dataset
     return DatasetCard(
-        version=version, parent=parent, created_at=datetime.now(UTC), documents=len(records), added=added,
-        counts=dict(counts), sources=batches, quarantined=dict(quarantined), warnings=warnings,
+        version=version,
+        parent=parent,
+        created_at=datetime.now(UTC),
+        documents=len(records),
+        added=added,
+        counts=dict(counts),
+        sources=batches,
+        quarantined=dict(quarantined),
+        warnings=warnings,
         split={"salt": settings.split_salt, "eval_fraction": settings.eval_fraction, "eval_only": eval_only},
-    )  # fmt: skip
+    )
 
 
 def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
@@ -344,19 +381,34 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         write_version(output, manifest, card)
         for warning in card.warnings:
             log.warning(warning)
-    log.info("dataset version %s (%s): %d documents, %d added", version, "new" if changed else "unchanged",
-             len(records), added)  # fmt: skip
+    log.info(
+        "dataset version %s (%s): %d documents, %d added",
+        version,
+        "new" if changed else "unchanged",
+        len(records),
+        added,
+    )
     tracking.log_dataset(output.uri, version, context="ingest")
     quarantined = sum(len(bad) for bad in ingest.quarantine.values())
     splits = Counter(r.split for r in records)
     return StageOutput(
         inputs={f"batch.{i}": uri for i, uri in enumerate(args.batch)},
-        outputs={"datasets": output.uri, "version": version,
-                 "manifest": output.uri_of(f"versions/{version}/manifest.jsonl")},
-        counts={"seen": sum(ingest.seen.values()), "accepted": len(ingest.accepted), "quarantined": quarantined,
-                "added": added, "documents": len(records), "train": splits["train"], "eval": splits["eval"],
-                "new_version": int(changed)},
-    )  # fmt: skip
+        outputs={
+            "datasets": output.uri,
+            "version": version,
+            "manifest": output.uri_of(f"versions/{version}/manifest.jsonl"),
+        },
+        counts={
+            "seen": sum(ingest.seen.values()),
+            "accepted": len(ingest.accepted),
+            "quarantined": quarantined,
+            "added": added,
+            "documents": len(records),
+            "train": splits["train"],
+            "eval": splits["eval"],
+            "new_version": int(changed),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -182,8 +182,13 @@ def _label_studio_task(source: str, task: dict, mapping: ImportMapping) -> Candi
         if field and region in texts:
             parts[field].append((*boxes.get(region, (0, 0)), texts[region]))
     image = task["data"][mapping.data_key]
-    return Candidate(source, _label_studio_image(image, mapping), doc_type,
-                     {field: _reading_order(p) for field, p in parts.items()}, raw=task)  # fmt: skip
+    return Candidate(
+        source,
+        _label_studio_image(image, mapping),
+        doc_type,
+        {field: _reading_order(p) for field, p in parts.items()},
+        raw=task,
+    )
 
 
 def _label_studio_image(reference: str, mapping: ImportMapping) -> str:

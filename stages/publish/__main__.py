@@ -73,9 +73,11 @@ def smoke_check(example_request: Request, config: PipelineConfig):
 
     def check(client) -> str:
         completion = client.chat.completions.create(
-            model=config.publish.serving.served_model_name, messages=chat_messages(example_request, config),
-            temperature=0, max_tokens=max_new_tokens(example_request.doc_type, config.evaluation.max_new_tokens),
-        )  # fmt: skip
+            model=config.publish.serving.served_model_name,
+            messages=chat_messages(example_request, config),
+            temperature=0,
+            max_tokens=max_new_tokens(example_request.doc_type, config.evaluation.max_new_tokens),
+        )
         answer = completion.choices[0].message.content or ""
         parsed = extract_json(answer, example_request.doc_type)
         if parsed is None:
@@ -124,11 +126,16 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     output.write_bytes("smoke_answer.txt", answer.encode("utf-8"))
     return StageOutput(
         inputs={"model": str(args.model), "evaluation": evaluation.uri},
-        outputs={**outputs, "image": image.reference, "digest": image.digest, "champion": version,
-                 "previous_champion": replaced or ""},
+        outputs={
+            **outputs,
+            "image": image.reference,
+            "digest": image.digest,
+            "champion": version,
+            "previous_champion": replaced or "",
+        },
         counts={"served": 1},
         metrics={"gate_passed": 1.0},
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,12 @@ def build_context(context: Path, model_dir: Path, model_uri: str, config: Pipeli
     (context / "model").mkdir(parents=True, exist_ok=True)
     shutil.copy(DOCKERFILE, context / "Dockerfile")
     if baked:
-        shutil.copytree(model_dir, context / "model", dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("result.json", "patch.json", f"*{LOCK_SUFFIX}"))  # fmt: skip
+        shutil.copytree(
+            model_dir,
+            context / "model",
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("result.json", "patch.json", f"*{LOCK_SUFFIX}"),
+        )
     flags = serve_flags(config, BAKED_MODEL if baked else model_uri)
     (context / "serve.yaml").write_text(yaml.safe_dump(flags, sort_keys=False))
     return context
@@ -74,8 +78,9 @@ class PushedImage:
 
 def build_and_push(client, context: Path, reference: str, base_image: str, version: str) -> PushedImage:
     """Build the serving image, push it, and return its reference and manifest digest."""
-    client.images.build(path=str(context), tag=reference, rm=True,
-                        buildargs={"BASE_IMAGE": base_image, "MODEL_VERSION": version})  # fmt: skip
+    client.images.build(
+        path=str(context), tag=reference, rm=True, buildargs={"BASE_IMAGE": base_image, "MODEL_VERSION": version}
+    )
     repository, tag = reference.rsplit(":", 1)
     digest = None
     for line in client.api.push(repository, tag=tag, stream=True, decode=True):
@@ -122,8 +127,10 @@ def smoke_test(client, image: str, config: PipelineConfig, check) -> str:
             if base and _healthy(f"{base}/health"):
                 break
             if time.monotonic() > deadline:
-                raise SmokeTestFailed(f"{image}: /health did not answer within {config.publish.smoke_timeout_s}s; "
-                                      f"server log tail:\n{_log_tail(container)}")  # fmt: skip
+                raise SmokeTestFailed(
+                    f"{image}: /health did not answer within {config.publish.smoke_timeout_s}s; "
+                    f"server log tail:\n{_log_tail(container)}"
+                )
             time.sleep(1)
         try:
             answer = check(OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=1, timeout=600))

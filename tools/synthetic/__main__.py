@@ -57,7 +57,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
             "documents": marker.records,
             **{f"doc_type.{k}": v for k, v in per_type.items()},
             **{f"effect.{k}": v for k, v in effects.items()},
-        },  # fmt: skip
+        },
     )
 
 

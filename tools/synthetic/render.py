@@ -23,11 +23,25 @@ FONT_CANDIDATES = (
     "/usr/share/fonts/truetype/noto/NotoSansCJK-Regular.ttc",
 )
 DISTRACTORS = (
-    "僅限當日當次車有效", "請妥善保存本票", "退票須收手續費", "Non-smoking car", "自由座 Non-reserved",
-    "客服專線 4066-3000", "THANK YOU PLEASE COME AGAIN", "GST SUMMARY", "QTY  U/P  AMT",
-    "CASH  CHANGE", "營業人統一編號", "備註 Remarks", "ROUNDING ADJ", "SERVICE TAX 6%",
-    "交易序號", "載具號碼", "GOODS SOLD ARE NOT RETURNABLE", "會員卡號 ****1234",
-)  # fmt: skip
+    "僅限當日當次車有效",
+    "請妥善保存本票",
+    "退票須收手續費",
+    "Non-smoking car",
+    "自由座 Non-reserved",
+    "客服專線 4066-3000",
+    "THANK YOU PLEASE COME AGAIN",
+    "GST SUMMARY",
+    "QTY  U/P  AMT",
+    "CASH  CHANGE",
+    "營業人統一編號",
+    "備註 Remarks",
+    "ROUNDING ADJ",
+    "SERVICE TAX 6%",
+    "交易序號",
+    "載具號碼",
+    "GOODS SOLD ARE NOT RETURNABLE",
+    "會員卡號 ****1234",
+)
 WIDTH = {"rows": 640, "grid": 720, "stacked": 600}
 MARGIN = 24
 

@@ -95,14 +95,17 @@ class Adapter(ABC):
     def generate(self, model: Any, samples: list[Sample], max_new_tokens: int) -> list[str]:
         """The model's answers to the samples' prompts and images, greedy."""
 
-    def complete(self, model: Any, samples: list[Sample], max_new_tokens: int,
-                 schemas: list[dict] | None = None) -> list[Completion]:  # fmt: skip
+    def complete(
+        self, model: Any, samples: list[Sample], max_new_tokens: int, schemas: list[dict] | None = None
+    ) -> list[Completion]:
         """``generate`` with token counts and, where the family sees its generated ids, each token's
         log-probability; with ``schemas``, row ``i`` can only answer JSON valid against ``schemas[i]``.
         Here each answer is re-tokenised to count it, and constraints are refused."""
         if schemas:
-            raise AdapterError(f"constrained decoding needs the generated ids, which {type(self).__name__} does "
-                               "not see: set evaluation.structured_output: false, or serve it with vLLM")  # fmt: skip
+            raise AdapterError(
+                f"constrained decoding needs the generated ids, which {type(self).__name__} does "
+                "not see: set evaluation.structured_output: false, or serve it with vLLM"
+            )
         texts = self.generate(model, samples, max_new_tokens)
         counts = [len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
         return [Completion(text, n, n >= max_new_tokens) for text, n in zip(texts, counts, strict=True)]
@@ -138,15 +141,22 @@ def resolve_model_dir(uri: str, cache: Path, s3: S3Config) -> Path:
         if not copied.exists(key):
             data = source.read_bytes(key)
             copied.write_bytes(key, data)
-            log.info("copied %s (%.1f MB, file %d of %d) into %s", source.uri_of(key), len(data) / 1e6, number,
-                     len(keys), cache)  # fmt: skip
+            log.info(
+                "copied %s (%.1f MB, file %d of %d) into %s",
+                source.uri_of(key),
+                len(data) / 1e6,
+                number,
+                len(keys),
+                cache,
+            )
     if not copied.exists("config.json"):
         raise AdapterError(f"{uri}: not a model folder (no config.json)")
     return cache
 
 
-def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, answers: list[list[int]],
-                  ids: list[str]) -> torch.Tensor:  # fmt: skip
+def answer_labels(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, answers: list[list[int]], ids: list[str]
+) -> torch.Tensor:
     """Labels for right-padded rows whose last real tokens are each row's answer: everything
     before the answer and all padding become IGNORE_INDEX. A row whose tail is not its answer
     (a template that tokenised differently) is an error naming the example, never a silent guess."""

@@ -39,13 +39,17 @@ class ChatFormat:
 
 
 CHAT_FORMATS = {
-    "qwen2": ChatFormat(user="<|im_start|>user\n{}<|im_end|>\n", assistant="<|im_start|>assistant\n",
-                        end="<|im_end|>\n"),
-    "llama3": ChatFormat(user="<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>",
-                         assistant="<|start_header_id|>assistant<|end_header_id|>\n\n", end="<|eot_id|>",
-                         bos="<|begin_of_text|>"),
+    "qwen2": ChatFormat(
+        user="<|im_start|>user\n{}<|im_end|>\n", assistant="<|im_start|>assistant\n", end="<|im_end|>\n"
+    ),
+    "llama3": ChatFormat(
+        user="<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>",
+        assistant="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        end="<|eot_id|>",
+        bos="<|begin_of_text|>",
+    ),
     "minicpm": ChatFormat(user="<用户>{}", assistant="<AI>", end="</s>"),
-}  # fmt: skip
+}
 
 
 def chat_format(llm_type: str | None, config: dict) -> ChatFormat:
@@ -58,10 +62,21 @@ def chat_format(llm_type: str | None, config: dict) -> ChatFormat:
 
 
 class RemoteCodeAdapter(Adapter):
-    processor_files = ("*.py", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
-                       "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
-                       "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
-                       "chat_template.json")  # fmt: skip
+    processor_files = (
+        "*.py",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "added_tokens.json",
+        "generation_config.json",
+        "chat_template.jinja",
+        "chat_template.json",
+    )
     trust_remote_code = True
     zero3_leaf_modules = ("vpm", "resampler")
 
@@ -74,8 +89,10 @@ class RemoteCodeAdapter(Adapter):
             raise AdapterError(f"{self.model_dir}/config.json has no auto_map: not a remote-code checkpoint")
         processor = AutoProcessor.from_pretrained(self.model_dir, trust_remote_code=True)
         if getattr(processor, "image_processor", None) is None:
-            raise AdapterError(f"{self.model_dir}: the processor loaded without an image processor "
-                               "(preprocessor_config.json or processing_minicpmv.py missing?)")  # fmt: skip
+            raise AdapterError(
+                f"{self.model_dir}: the processor loaded without an image processor "
+                "(preprocessor_config.json or processing_minicpmv.py missing?)"
+            )
         return processor
 
     def freeze(self, model: Any) -> None:
@@ -91,8 +108,12 @@ class RemoteCodeAdapter(Adapter):
         for sample in samples:
             content = sample.example.prompt.replace(IMAGE_PLACEHOLDER, REMOTE_IMAGE_PLACEHOLDER)
             answer = self.chat.answer(sample.example.answer)
-            encoded = self.processor([self.chat.prompt(content) + answer], [[sample.image]], return_tensors="pt",
-                                     max_slice_nums=self.training.max_slice_nums)  # fmt: skip
+            encoded = self.processor(
+                [self.chat.prompt(content) + answer],
+                [[sample.image]],
+                return_tensors="pt",
+                max_slice_nums=self.training.max_slice_nums,
+            )
             rows.append(encoded["input_ids"][0])
             answers.append(self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
             pixel_values.append(encoded["pixel_values"][0])
@@ -112,10 +133,17 @@ class RemoteCodeAdapter(Adapter):
 
     def generate(self, model: Any, samples: list[Sample], max_new_tokens: int) -> list[str]:
         """Through the checkpoint's own ``chat`` (its chat format and slicing), one sample at a time."""
-        return [model.chat(image=None, msgs=[{"role": "user", "content": [s.image, s.example.prompt.replace(
-                    IMAGE_PLACEHOLDER, "").strip()]}], tokenizer=self.processor.tokenizer,
-                    max_new_tokens=max_new_tokens, sampling=False, max_slice_nums=self.training.max_slice_nums)
-                for s in samples]  # fmt: skip
+        return [
+            model.chat(
+                image=None,
+                msgs=[{"role": "user", "content": [s.image, s.example.prompt.replace(IMAGE_PLACEHOLDER, "").strip()]}],
+                tokenizer=self.processor.tokenizer,
+                max_new_tokens=max_new_tokens,
+                sampling=False,
+                max_slice_nums=self.training.max_slice_nums,
+            )
+            for s in samples
+        ]
 
     def loss(self, model: Any, inputs: dict) -> Any:
         """The remote models take one ``data`` dict and return logits: next-token loss on the answer."""
@@ -123,5 +151,6 @@ class RemoteCodeAdapter(Adapter):
 
         labels = inputs.pop("labels")
         logits = model(data=inputs, use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(),
-                               ignore_index=IGNORE_INDEX)  # fmt: skip
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(), ignore_index=IGNORE_INDEX
+        )
