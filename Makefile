@@ -60,8 +60,8 @@ preflight: setup ## BASE=<folder or s3:// URI> [CONFIG="a.yaml b.yaml"]: check a
 	@test -n "$(BASE)" || (echo "usage: make preflight BASE=<folder or s3:// URI> [CONFIG=...]" >&2; exit 2)
 	$(PY) -m tools.preflight $(foreach c,$(CONFIG),--config $(c)) --base $(BASE) --output $(PREFLIGHT_OUT)
 
-test: setup containers label-studio ## every test: unit, integration and container tests
-	$(PY) -m pytest
+test: setup containers label-studio ## every test: unit, integration and container tests (the 25 slowest listed)
+	$(PY) -m pytest --durations=25
 
 # docker-compose (Debian's 1.29) drives podman's Docker API; the stack's public images are replaced
 # by stand-ins built here (docker/local/compose.yml).

@@ -16,8 +16,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,6 +36,19 @@ log = logging.getLogger("stages")
 
 class BadInputError(ValueError):
     """Input the stage cannot accept; the message names the file and the problem."""
+
+
+@contextmanager
+def input_errors_are_bad_input(*errors: type[Exception], prefix: str = "") -> Iterator[None]:
+    """Inside: a ``StorageError`` or one of ``errors`` is the input's fault, re-raised as
+    ``BadInputError`` (``prefix`` + its message); a store that does not answer
+    (``StorageUnavailable``) stays what it is, a failure of the run."""
+    try:
+        yield
+    except StorageUnavailable:
+        raise
+    except (StorageError, *errors) as exc:
+        raise BadInputError(f"{prefix}{exc}") from exc
 
 
 Runner = Callable[[argparse.Namespace, PipelineConfig, Storage], StageOutput]

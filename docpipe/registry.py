@@ -69,3 +69,16 @@ class Registry:
         else:
             self.client.delete_registered_model_alias(self.name, PREVIOUS)
         return str(current.version), str(previous)
+
+
+def champion_model(tracking_uri: str, registered: str, cache: str) -> tuple[str | None, str]:
+    """The registered model's champion downloaded into ``cache`` and its name, or None and why not."""
+    import mlflow
+
+    champion = Registry(tracking_uri, registered).version_of(CHAMPION)
+    if champion is None:
+        return None, f"no champion of {registered}: pre-filled by the OCR baseline"
+    folder = mlflow.artifacts.download_artifacts(
+        artifact_uri=champion.source, dst_path=cache, tracking_uri=tracking_uri
+    )
+    return folder, f"{registered} version {champion.version}"

@@ -27,6 +27,11 @@ _CHUNK = 1 << 20
 _MISSING = ("404", "NoSuchKey", "NotFound")  # how S3 APIs say an object is not there
 
 
+def absolute_location(uri: str) -> str:
+    """A store's location as other processes can use it: a URI as it is, a local path made absolute."""
+    return uri if "://" in uri else str(Path(uri).resolve())
+
+
 class StorageError(OSError):
     """A storage operation failed; the message names the URI."""
 

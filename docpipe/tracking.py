@@ -23,6 +23,7 @@ from typing import Any
 from docpipe.config import TrackingConfig
 from docpipe.manifest import RESULT_FILE, StageResult, git_commit
 from docpipe.redaction import SECRET_NAME, redact, redact_logs, redact_text, secret_values
+from docpipe.storage import absolute_location
 
 PARENT_RUN_ENV = "MLFLOW_RUN_ID"
 EXPERIMENT_KIND = "mlflow.experimentKind"  # the MLflow UI opens a custom-model experiment on its runs table
@@ -205,7 +206,7 @@ def log_dataset(uri: str, version: str, context: str) -> None:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    location = uri if "://" in uri else str(Path(uri).resolve())
+    location = absolute_location(uri)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MLflow warns that a local path could be one of two source types
         source = resolve_dataset_source(location)

@@ -13,16 +13,15 @@ import argparse
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 
 from docpipe import tracking
 from docpipe.config import PipelineConfig
-from docpipe.contract import BadInputError, main, stage_parser
+from docpipe.contract import BadInputError, input_errors_are_bad_input, main, stage_parser
 from docpipe.data.dataset import latest_version, read_manifest
 from docpipe.data.examples import example_for
 from docpipe.doctypes import load_registry
 from docpipe.manifest import StageOutput
-from docpipe.storage import Storage, StorageError, StorageUnavailable, open_storage
+from docpipe.storage import Storage, absolute_location, open_storage
 
 STAGE = "export"
 
@@ -43,15 +42,11 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     version = args.version or latest_version(dataset)
     if version is None:
         raise BadInputError(f"{dataset.uri}: no dataset version yet (run stages.ingest first)")
-    try:
+    with input_errors_are_bad_input(prefix=f"dataset version {version!r} not found: "):
         records = read_manifest(dataset, version)
-    except StorageUnavailable:
-        raise
-    except StorageError as exc:
-        raise BadInputError(f"dataset version {version!r} not found: {exc}") from exc
 
     registry = load_registry(config.doctypes_dir)
-    image_root = config.export.image_root or (dataset.uri if "://" in dataset.uri else str(Path(dataset.uri).resolve()))
+    image_root = config.export.image_root or absolute_location(dataset.uri)
     splits: dict[str, list[dict]] = {"train": [], "eval": []}
     counts: Counter[str] = Counter()
     for record in records:

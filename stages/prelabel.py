@@ -34,6 +34,7 @@ from docpipe.data.examples import Example
 from docpipe.doctypes import DocType
 from docpipe.label_studio import LabelStudio, labelling_config, project_title, registered_type, result_items
 from docpipe.manifest import StageOutput, jsonl
+from docpipe.registry import champion_model
 from docpipe.storage import Storage, StorageError, StorageUnavailable, open_storage
 
 STAGE = "prelabel"
@@ -66,22 +67,6 @@ def read_images(source: Storage) -> tuple[list[tuple[str, bytes]], list[dict]]:
             continue
         good.append((uri, data))
     return good, rejected
-
-
-def champion_model(config: PipelineConfig, cache: str) -> tuple[str | None, str]:
-    """The registry champion's files downloaded into ``cache`` and its name, or None and why not."""
-    import mlflow
-
-    from docpipe.registry import CHAMPION, Registry
-
-    registered = config.publish.registered_model
-    champion = Registry(config.tracking.tracking_uri, registered).version_of(CHAMPION)
-    if champion is None:
-        return None, f"no champion of {registered}: pre-filled by the OCR baseline"
-    folder = mlflow.artifacts.download_artifacts(
-        artifact_uri=champion.source, dst_path=cache, tracking_uri=config.tracking.tracking_uri
-    )
-    return folder, f"{registered} version {champion.version}"
 
 
 def predict_with_model(config: PipelineConfig, model: str, doc_type: DocType, images: list[str]) -> list[dict]:
@@ -135,21 +120,8 @@ def display_url(uri: str, data: bytes) -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
-def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
-    doc_type = registered_type(config, args.doc_type)
-    source = open_storage(args.images, config.storage.s3)
-    images, rejected = read_images(source)
-    if not images:
-        raise BadInputError(f"{source.uri}: no readable image ({len(rejected)} rejected)")
-    with tempfile.TemporaryDirectory(prefix="champion-") as cache:
-        model, model_version = (
-            (args.model, PurePosixPath(args.model).name) if args.model else champion_model(config, cache)
-        )
-        uris = [uri for uri, _ in images]
-        predictions = (
-            predict_with_model(config, model, doc_type, uris) if model else predict_with_ocr(config, doc_type, uris)
-        )
-    threshold = config.evaluation.review_threshold
+def prefilled_documents(images: list[tuple[str, bytes]], predictions: list[dict], threshold: float) -> list[dict]:
+    """Each image's prediction with its document confidence and review flag, least confident first."""
     documents = []
     for (uri, data), prediction in zip(images, predictions, strict=True):
         least = document_confidence(prediction["confidence"])
@@ -162,12 +134,15 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
                 "needs_review": least is None or least < threshold,
             }
         )
-    documents.sort(key=lambda d: (d["document_confidence"] or 0.0, d["source"]))
-    image_bytes = dict(images)
-    tasks = [
+    return sorted(documents, key=lambda d: (d["document_confidence"] or 0.0, d["source"]))
+
+
+def label_studio_tasks(documents: list[dict], images: dict[str, bytes], doc_type: DocType, model_version: str) -> list:
+    """One Label Studio task per document, its prediction as the pre-filled annotation."""
+    return [
         {
             "data": {
-                "image": display_url(d["source"], image_bytes[d["source"]]),
+                "image": display_url(d["source"], images[d["source"]]),
                 "source": d["source"],
                 "doc_type": doc_type.id,
                 "confidence": d["document_confidence"],
@@ -184,35 +159,50 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         for d in documents
     ]
 
-    label_config = labelling_config(doc_type)
+
+def write_outputs(output: Storage, label_config: str, documents: list[dict], tasks: list, rejected: list) -> None:
+    """The labelling config, the predictions, the rejected images and the tasks (sources, not inline images)."""
     output.write_bytes("labeling_config.xml", label_config.encode("utf-8"))
     output.write_bytes("predictions.jsonl", jsonl({k: v for k, v in d.items() if k != "answer"} for d in documents))
     output.write_bytes("rejected.jsonl", jsonl(rejected))
-    output.write_bytes(
-        "tasks.json",
-        json.dumps(
-            [{**t, "data": {**t["data"], "image": t["data"]["source"]}} for t in tasks], ensure_ascii=False, indent=1
-        ).encode(),
-    )
+    by_source = [{**t, "data": {**t["data"], "image": t["data"]["source"]}} for t in tasks]
+    output.write_bytes("tasks.json", json.dumps(by_source, ensure_ascii=False, indent=1).encode())
+
+
+def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
+    doc_type = registered_type(config, args.doc_type)
+    source = open_storage(args.images, config.storage.s3)
+    images, rejected = read_images(source)
+    if not images:
+        raise BadInputError(f"{source.uri}: no readable image ({len(rejected)} rejected)")
+    with tempfile.TemporaryDirectory(prefix="champion-") as cache:
+        if args.model:
+            model, model_version = args.model, PurePosixPath(args.model).name
+        else:
+            model, model_version = champion_model(config.tracking.tracking_uri, config.publish.registered_model, cache)
+        uris = [uri for uri, _ in images]
+        predictions = (
+            predict_with_model(config, model, doc_type, uris) if model else predict_with_ocr(config, doc_type, uris)
+        )
+    documents = prefilled_documents(images, predictions, config.evaluation.review_threshold)
+    tasks = label_studio_tasks(documents, dict(images), doc_type, model_version)
+    label_config = labelling_config(doc_type)
+    write_outputs(output, label_config, documents, tasks, rejected)
 
     studio = LabelStudio(config.labelling)
     project = studio.project(project_title(config.labelling, doc_type), label_config)
     imported = studio.import_tasks(project["id"], tasks)
     confidences = [d["document_confidence"] for d in documents if d["document_confidence"] is not None]
+    review = sum(d["needs_review"] for d in documents)
     return StageOutput(
         inputs={"images": source.uri, "doc_type": doc_type.id, "model": model_version},
         outputs={
             "project": f"{config.labelling.url.rstrip('/')}/projects/{project['id']}",
             **{n: output.uri_of(n) for n in ("predictions.jsonl", "tasks.json", "rejected.jsonl")},
         },
-        counts={
-            "documents": len(documents),
-            "imported": imported,
-            "rejected": len(rejected),
-            "needs_review": sum(d["needs_review"] for d in documents),
-        },
+        counts={"documents": len(documents), "imported": imported, "rejected": len(rejected), "needs_review": review},
         metrics={
-            "review_rate": sum(d["needs_review"] for d in documents) / len(documents),
+            "review_rate": review / len(documents),
             **({"mean_document_confidence": sum(confidences) / len(confidences)} if confidences else {}),
         },
     )

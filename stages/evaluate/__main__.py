@@ -28,11 +28,11 @@ from docpipe import tracking
 from docpipe.answering.backends import NoModelFolder, Request, open_backend
 from docpipe.answering.scoring import HEADLINE, Scored, evaluate_all, measure, score
 from docpipe.config import EvaluationConfig, FitCheckConfig, PipelineConfig
-from docpipe.contract import BadInputError, main, stage_parser
+from docpipe.contract import BadInputError, input_errors_are_bad_input, main, stage_parser
 from docpipe.data.examples import DataError, Example, fixed_sample, read_examples
 from docpipe.doctypes import DocType, load_registry
 from docpipe.manifest import StageOutput, jsonl
-from docpipe.storage import Storage, StorageError, StorageUnavailable, open_storage
+from docpipe.storage import Storage, StorageError, StorageUnavailable, absolute_location, open_storage
 from stages.evaluate.gate import Decision, decide
 
 STAGE = "evaluate"
@@ -54,13 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_requests(data: Storage, name: str, registry: dict[str, DocType]) -> tuple[list[Request], str]:
     """The documents of an examples file, and the file's version (its hash)."""
-    try:
+    with input_errors_are_bad_input(DataError):
         raw = data.read_bytes(name)
         examples = read_examples(raw, data.uri_of(name))
-    except StorageUnavailable:
-        raise
-    except (StorageError, DataError) as exc:
-        raise BadInputError(str(exc)) from exc
     if not examples:
         raise BadInputError(f"{data.uri_of(name)}: no documents")
     if any(e.doc_type is None for e in examples):
@@ -78,13 +74,10 @@ def golden_requests(config: PipelineConfig, name: str, registry: dict[str, DocTy
 
     pinned = config.evaluation.eval_sets[name]
     dataset = open_storage(pinned.dataset, config.storage.s3)
-    try:
+    not_found = f"eval set {name!r}: version {pinned.version} of {dataset.uri} not found: "
+    with input_errors_are_bad_input(prefix=not_found):
         records = read_manifest(dataset, pinned.version)
-    except StorageUnavailable:
-        raise
-    except StorageError as exc:
-        raise BadInputError(f"eval set {name!r}: version {pinned.version} of {dataset.uri} not found: {exc}") from exc
-    root = dataset.uri if "://" in dataset.uri else str(Path(dataset.uri).resolve())
+    root = absolute_location(dataset.uri)
     examples = [
         Example.model_validate(example_for(r, registry[r.doc_type], root, use_variants=False))
         for r in records
@@ -206,13 +199,10 @@ def _champion(uri: str | None, config: PipelineConfig) -> tuple[dict | None, str
     if not uri:
         return None, None
     parent, name = uri.rsplit("/", 1)
-    try:
+    not_metrics = f"--champion-metrics {uri}: not a metrics.json of this stage: "
+    with input_errors_are_bad_input(ValueError, KeyError, prefix=not_metrics):
         saved = json.loads(open_storage(parent, config.storage.s3).read_bytes(name))
         return saved["metrics"], saved["eval_set"]
-    except StorageUnavailable:
-        raise
-    except (StorageError, ValueError, KeyError) as exc:
-        raise BadInputError(f"--champion-metrics {uri}: not a metrics.json of this stage: {exc}") from exc
 
 
 @dataclass

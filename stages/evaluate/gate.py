@@ -22,6 +22,11 @@ class Check(BaseModel):
     limit: float  # the least the value may be; for image_dependence, the most
     passed: bool
 
+    @classmethod
+    def at_least(cls, rule: str, scope: str, metric: str, value: float, limit: float) -> Check:
+        """A check that passes when ``value`` reaches ``limit``."""
+        return cls(rule=rule, scope=scope, metric=metric, value=value, limit=limit, passed=value >= limit)
+
     @property
     def failure(self) -> str:
         if self.rule == "eval_documents":
@@ -64,64 +69,19 @@ def decide(
     """Apply the thresholds, the no-regression rule where a champion's metrics are given, and the fit
     check's rules where ``evaluation.fit_check`` sets them. Every ``requested`` type (default: the
     evaluated ones) needs ``min_eval_documents``: a type with none is not skipped, it fails."""
-    checks: list[Check] = []
     reasons: list[str] = []
     counts = {
         t: metrics["per_doc_type"].get(t, {}).get("documents", 0)
         for t in dict.fromkeys([*(requested or []), *metrics["per_doc_type"]])
     }
-    least = config.min_eval_documents
-    for doc_type, documents in counts.items():
-        checks.append(
-            Check(
-                rule="eval_documents",
-                scope=doc_type,
-                metric="documents",
-                value=documents,
-                limit=least,
-                passed=documents >= least,
-            )
+    checks = _document_count_checks(counts, config) + _threshold_checks(metrics, config)
+    if champion is not None and champion_eval_set != eval_set:
+        reasons.append(
+            f"the champion was evaluated on eval set {champion_eval_set}, not {eval_set}: "
+            "evaluate it on this one before comparing"
         )
-    for doc_type, values in metrics["per_doc_type"].items():
-        thresholds = config.thresholds_for(doc_type)
-        for metric in GATED:
-            limit = getattr(thresholds, metric)
-            checks.append(
-                Check(
-                    rule="threshold",
-                    scope=doc_type,
-                    metric=metric,
-                    value=values[metric],
-                    limit=limit,
-                    passed=values[metric] >= limit,
-                )
-            )
-    if champion is not None:
-        if champion_eval_set != eval_set:
-            reasons.append(
-                f"the champion was evaluated on eval set {champion_eval_set}, not {eval_set}: "
-                "evaluate it on this one before comparing"
-            )
-        else:
-            scopes = {"overall": (metrics["overall"], champion["overall"])}
-            scopes |= {
-                t: (metrics["per_doc_type"][t], champion["per_doc_type"][t])
-                for t in metrics["per_doc_type"]
-                if t in champion.get("per_doc_type", {})
-            }
-            for scope, (mine, theirs) in scopes.items():
-                for metric in NO_REGRESSION:
-                    limit = theirs[metric] - config.regression_tolerance
-                    checks.append(
-                        Check(
-                            rule="no_regression",
-                            scope=scope,
-                            metric=metric,
-                            value=mine[metric],
-                            limit=limit,
-                            passed=mine[metric] >= limit,
-                        )
-                    )
+    elif champion is not None:
+        checks += _regression_checks(metrics, champion, config)
     checks += _fit_checks(config, fit, control, reasons)
     reasons += [check.failure for check in checks if not check.passed]
     if not metrics["per_doc_type"]:
@@ -136,6 +96,36 @@ def decide(
     )
 
 
+def _document_count_checks(counts: dict[str, int], config: EvaluationConfig) -> list[Check]:
+    """Enough eval documents of every requested type to gate on."""
+    least = config.min_eval_documents
+    return [Check.at_least("eval_documents", doc_type, "documents", n, least) for doc_type, n in counts.items()]
+
+
+def _threshold_checks(metrics: dict, config: EvaluationConfig) -> list[Check]:
+    """Each evaluated type's headline metrics against its thresholds."""
+    return [
+        Check.at_least("threshold", doc_type, metric, values[metric], getattr(config.thresholds_for(doc_type), metric))
+        for doc_type, values in metrics["per_doc_type"].items()
+        for metric in GATED
+    ]
+
+
+def _regression_checks(metrics: dict, champion: dict, config: EvaluationConfig) -> list[Check]:
+    """Overall and per type (where the champion has the type): no worse than the champion, less the tolerance."""
+    scopes = {"overall": (metrics["overall"], champion["overall"])}
+    scopes |= {
+        t: (metrics["per_doc_type"][t], champion["per_doc_type"][t])
+        for t in metrics["per_doc_type"]
+        if t in champion.get("per_doc_type", {})
+    }
+    return [
+        Check.at_least("no_regression", scope, metric, mine[metric], theirs[metric] - config.regression_tolerance)
+        for scope, (mine, theirs) in scopes.items()
+        for metric in NO_REGRESSION
+    ]
+
+
 def _fit_checks(config: EvaluationConfig, fit: dict | None, control: dict | None, reasons: list[str]) -> list[Check]:
     """The fit check's rules; a rule whose measurement is missing fails with a reason."""
     settings, scope, checks = config.fit_check, "train sample", []
@@ -143,18 +133,10 @@ def _fit_checks(config: EvaluationConfig, fit: dict | None, control: dict | None
         if fit is None:
             reasons.append("evaluation.fit_check.thresholds is set but no training document was answered")
         else:
-            for metric in GATED:
-                value, limit = fit["overall"][metric], getattr(settings.thresholds, metric)
-                checks.append(
-                    Check(
-                        rule="fit_threshold",
-                        scope=scope,
-                        metric=metric,
-                        value=value,
-                        limit=limit,
-                        passed=value >= limit,
-                    )
-                )
+            thresholds = settings.thresholds
+            checks += [
+                Check.at_least("fit_threshold", scope, m, fit["overall"][m], getattr(thresholds, m)) for m in GATED
+            ]
     if settings.max_control_ratio is not None:
         if fit is None or control is None:
             reasons.append(

@@ -26,13 +26,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from docpipe.config import PipelineConfig, TorchrunLayout
-from docpipe.contract import BadInputError, main, stage_parser
+from docpipe.contract import BadInputError, input_errors_are_bad_input, main, stage_parser
 from docpipe.data.dataset import DatasetCard
 from docpipe.data.examples import DataError, Example, Unfit, read_examples, split_fitting, write_examples
 from docpipe.manifest import StageOutput
 from docpipe.model.adapters import Adapter, AdapterError, load_adapter, resolve_model_dir
 from docpipe.redaction import redact
-from docpipe.storage import LocalStorage, Storage, StorageError, StorageUnavailable, open_storage
+from docpipe.storage import LocalStorage, Storage, open_storage
 from stages.finetune.train import RESULT, TrainSpec, die_with_parent, location_environment
 
 STAGE = "finetune"
@@ -144,70 +144,82 @@ def _fitting_examples(data: Storage, adapter: Adapter, config: PipelineConfig, o
     return train, evaluation, unfit_train, unfit_eval
 
 
-def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
+def train_spec(model_dir: Path, out: Path, checkpoints: Path, has_eval: bool, config: PipelineConfig) -> TrainSpec:
+    """What every training process reads: the model, the prepared data, the settings, where to write."""
     import mlflow
-    import torch
 
-    if not isinstance(output, LocalStorage):
-        raise BadInputError(f"--output {output.uri}: checkpoints need a local or mounted folder, not object storage")
-    out = Path(output.uri).resolve()
-    checkpoints = Path(args.checkpoints or output.uri).resolve()
-    data = open_storage(args.data, config.storage.s3)
     training = config.training
-    try:
-        model_dir = resolve_model_dir(args.base_model or config.model.base, out / "base-model", config.storage.s3)
-        adapter = load_adapter(model_dir, config.model, training)
-    except StorageUnavailable:
-        raise
-    except (AdapterError, StorageError, OSError) as exc:
-        raise BadInputError(f"base model {args.base_model or config.model.base}: {exc}") from exc
-    train, evaluation, unfit_train, unfit_eval = _fitting_examples(data, adapter, config, output)
-
-    version = _dataset_version(data)
-    if version:
-        mlflow.set_tag("dataset.version", version)
-        mlflow.log_param("dataset.version", version)
-    run_id = mlflow.active_run().info.run_id
-    spec = TrainSpec(
+    deepspeed = config.deepspeed_dir / f"{training.deepspeed}.json" if training.deepspeed else None
+    return TrainSpec(
         model_dir=str(model_dir.resolve()),
         model=config.model,
         training=training,
         evaluation=config.evaluation,
         doctypes_dir=str(config.doctypes_dir.resolve()),
         train_file=str(out / "data" / "train.json"),
-        eval_file=str(out / "data" / "eval.json") if evaluation else None,
+        eval_file=str(out / "data" / "eval.json") if has_eval else None,
         output_dir=str(checkpoints),
-        deepspeed_config=str((config.deepspeed_dir / f"{training.deepspeed}.json").resolve())
-        if training.deepspeed
-        else None,
+        deepspeed_config=str(deepspeed.resolve()) if deepspeed else None,
         s3=config.storage.s3,
         tracking_uri=config.tracking.tracking_uri,
-        mlflow_run_id=run_id,
+        mlflow_run_id=mlflow.active_run().info.run_id,
     )
-    output.write_bytes("train_spec.json", json.dumps(redact(spec.model_dump(mode="json")), indent=2).encode("utf-8"))
+
+
+def train(spec_file: Path, spec: TrainSpec, checkpoints: Path, config: PipelineConfig) -> TorchrunLayout:
+    """torchrun over the spec, in this node's layout; a failed training is a failure of the stage."""
+    import torch
+
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **location_environment(spec.tracking_uri, spec.s3)}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU (tests, the embedded demo)
-    launch = layout_from_environment(training.launch, os.environ)
-    done = subprocess.run(
-        torchrun_command(launch, out / "train_spec.json", checkpoints), env=env, check=False, preexec_fn=die_with_parent
-    )
+    layout = layout_from_environment(config.training.launch, os.environ)
+    command = torchrun_command(layout, spec_file, checkpoints)
+    done = subprocess.run(command, env=env, check=False, preexec_fn=die_with_parent)
     if done.returncode:
         raise RuntimeError(f"training exited with code {done.returncode}; its log is above")
-    if launch.node_rank != 0:  # node 0 reports the run
-        return StageOutput(outputs={"checkpoints": str(checkpoints)}, counts={"node_rank": launch.node_rank})
-    result = json.loads((checkpoints / RESULT).read_text())
+    return layout
+
+
+def report_selection(result: dict, out: Path, output: Storage) -> dict:
+    """The checkpoint chosen and why: ``selection.json``, and the same in the stage's MLflow run."""
+    import mlflow
+
     selection = result["selection"]
     output.write_bytes(SELECTION, json.dumps(selection, indent=2).encode("utf-8"))
     mlflow.log_artifact(str(out / "unfit.jsonl"), STAGE)
     mlflow.log_dict(selection, f"{STAGE}/{SELECTION}")
     mlflow.set_tags({"checkpoint.selected": selection["checkpoint"] or "", "checkpoint.selection": selection["reason"]})
+    return selection
+
+
+def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
+    import mlflow
+
+    if not isinstance(output, LocalStorage):
+        raise BadInputError(f"--output {output.uri}: checkpoints need a local or mounted folder, not object storage")
+    out = Path(output.uri).resolve()
+    checkpoints = Path(args.checkpoints or output.uri).resolve()
+    data = open_storage(args.data, config.storage.s3)
+    base = args.base_model or config.model.base
+    with input_errors_are_bad_input(AdapterError, OSError, prefix=f"base model {base}: "):
+        model_dir = resolve_model_dir(base, out / "base-model", config.storage.s3)
+        adapter = load_adapter(model_dir, config.model, config.training)
+    train_examples, evaluation, unfit_train, unfit_eval = _fitting_examples(data, adapter, config, output)
+    version = _dataset_version(data)
+    if version:
+        mlflow.set_tag("dataset.version", version)
+        mlflow.log_param("dataset.version", version)
+
+    spec = train_spec(model_dir, out, checkpoints, bool(evaluation), config)
+    output.write_bytes("train_spec.json", json.dumps(redact(spec.model_dump(mode="json")), indent=2).encode("utf-8"))
+    layout = train(out / "train_spec.json", spec, checkpoints, config)
+    if layout.node_rank != 0:  # node 0 reports the run
+        return StageOutput(outputs={"checkpoints": str(checkpoints)}, counts={"node_rank": layout.node_rank})
+    result = json.loads((checkpoints / RESULT).read_text())
+    selection = report_selection(result, out, output)
     return StageOutput(
-        inputs={
-            "data": data.uri,
-            "base_model": args.base_model or config.model.base,
-            **({"dataset_version": version} if version else {}),
-        },
+        inputs={"data": data.uri, "base_model": base, **({"dataset_version": version} if version else {})},
         outputs={
             "checkpoints": str(checkpoints),
             "tensorboard": str(checkpoints / "tensorboard"),
@@ -218,7 +230,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
             "unfit": output.uri_of("unfit.jsonl"),
         },
         counts={
-            "train": len(train),
+            "train": len(train_examples),
             "eval": len(evaluation),
             "unfit_train": len(unfit_train),
             "unfit_eval": len(unfit_eval),

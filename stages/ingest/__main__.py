@@ -334,15 +334,19 @@ def _card(
     )
 
 
-def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
+def import_mapping(args: argparse.Namespace) -> ImportMapping:
+    """How another tool's labels map onto a document type (``--mapping``, ``--doc-type``)."""
     mapping = load_model(ImportMapping, [args.mapping]) if args.mapping else ImportMapping()
     if args.doc_type:
         mapping = mapping.model_copy(update={"doc_type": args.doc_type})
     if args.format != "landing" and not (mapping.doc_type or mapping.doc_type_choices):
         raise BadInputError(f"--format {args.format}: give --doc-type or a --mapping with doc_type")
+    return mapping
 
-    parent = latest_version(output)
-    existing = read_manifest(output, parent) if parent else []
+
+def read_batches(args: argparse.Namespace, config: PipelineConfig, output: Storage, mapping: ImportMapping) -> Ingest:
+    """Every record of every batch checked by a pool of workers, their images stored as they pass.
+    Bad input, or a store that stops answering, leaves none of this run's images behind."""
     workers = config.dataset.workers or os.cpu_count() or 1
     context = multiprocessing.get_context()
     settings = (output.uri, config.storage.s3, config.dataset, config.doctypes_dir, context.Event())
@@ -362,8 +366,14 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         if isinstance(output, LocalStorage):  # a store that did not answer is not asked again
             ingest.discard_created(keep=set())
         raise
+    return ingest
+
+
+def kept_records(ingest: Ingest, existing: list[DatasetRecord], eval_only: bool) -> tuple[list[DatasetRecord], int]:
+    """The version's records (the previous ones and this run's) and how many were added, with the
+    quarantine written; too many bad records fails the run with nothing written."""
     records, added = ingest.merge(existing)
-    if args.eval_only:  # documents this run added; known ones keep their split
+    if eval_only:  # documents this run added; known ones keep their split
         known = {r.id for r in existing}
         records = [r if r.id in known else r.model_copy(update={"split": "eval"}) for r in records]
     ingest.write_quarantine()
@@ -371,6 +381,15 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         ingest.discard_created(keep=set())
         raise BadInputError("too many bad records, no version written: " + "; ".join(failed))
     ingest.discard_created(keep={r.image for r in records})
+    return records, added
+
+
+def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
+    mapping = import_mapping(args)
+    parent = latest_version(output)
+    existing = read_manifest(output, parent) if parent else []
+    ingest = read_batches(args, config, output, mapping)
+    records, added = kept_records(ingest, existing, args.eval_only)
 
     manifest = manifest_bytes(records)
     version = version_id(manifest)
@@ -381,15 +400,9 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         write_version(output, manifest, card)
         for warning in card.warnings:
             log.warning(warning)
-    log.info(
-        "dataset version %s (%s): %d documents, %d added",
-        version,
-        "new" if changed else "unchanged",
-        len(records),
-        added,
-    )
+    state = "new" if changed else "unchanged"
+    log.info("dataset version %s (%s): %d documents, %d added", version, state, len(records), added)
     tracking.log_dataset(output.uri, version, context="ingest")
-    quarantined = sum(len(bad) for bad in ingest.quarantine.values())
     splits = Counter(r.split for r in records)
     return StageOutput(
         inputs={f"batch.{i}": uri for i, uri in enumerate(args.batch)},
@@ -401,7 +414,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         counts={
             "seen": sum(ingest.seen.values()),
             "accepted": len(ingest.accepted),
-            "quarantined": quarantined,
+            "quarantined": sum(len(bad) for bad in ingest.quarantine.values()),
             "added": added,
             "documents": len(records),
             "train": splits["train"],
