@@ -1,5 +1,6 @@
 """The finetune example format (``train.json``/``eval.json`` of ``stages.export``): its writer
-(``example_for``) and reader (``read_examples``), the examples' images, and the check that every example fits ``model_max_length`` before any training starts."""
+(``example_for``) and reader (``read_examples``), the examples' images, and the check that every
+example fits ``model_max_length`` before any training starts."""
 
 from __future__ import annotations
 
@@ -87,8 +88,10 @@ def read_examples(data: bytes, path: str) -> list[Example]:
     for index, example in enumerate(examples):
         roles = [turn.role for turn in example.conversations]
         if roles != ["user", "assistant"] or example.prompt.count(IMAGE_PLACEHOLDER) != 1:
-            raise DataError(f"{path}: [{index}] {example.id}: need a user turn with one {IMAGE_PLACEHOLDER} "
-                            f"and an assistant answer, got roles {roles}")
+            raise DataError(
+                f"{path}: [{index}] {example.id}: need a user turn with one {IMAGE_PLACEHOLDER} "
+                f"and an assistant answer, got roles {roles}"
+            )
     return examples
 
 
@@ -147,8 +150,9 @@ class Unfit(BaseModel):
     reason: str
 
 
-def split_fitting(examples: list[Example], length: Callable[[Sample], int], max_length: int, s3: S3Config,
-                  label: str) -> tuple[list[Example], list[Unfit]]:
+def split_fitting(
+    examples: list[Example], length: Callable[[Sample], int], max_length: int, s3: S3Config, label: str
+) -> tuple[list[Example], list[Unfit]]:
     """Examples that fit ``max_length`` tokens, and the ones that do not (or cannot be encoded),
     each with its reason. Nothing is cut: a cut answer or image placeholder would train garbage."""
     fitting, unfit = [], []
@@ -159,8 +163,9 @@ def split_fitting(examples: list[Example], length: Callable[[Sample], int], max_
             unfit.append(Unfit(id=example.id, image=example.image, reason=f"cannot encode: {exc}"))
             continue
         if tokens > max_length:
-            unfit.append(Unfit(id=example.id, image=example.image,
-                               reason=f"{tokens} tokens > model_max_length {max_length}"))
+            unfit.append(
+                Unfit(id=example.id, image=example.image, reason=f"{tokens} tokens > model_max_length {max_length}")
+            )
         else:
             fitting.append(example)
     for bad in unfit:

@@ -44,8 +44,12 @@ class BatchMarker(BaseModel):
 def marker_for(labels: bytes, producer: str) -> BatchMarker:
     """The marker that vouches for this labels file: its record count and hash."""
     records = sum(1 for line in labels.split(b"\n") if line.strip())
-    return BatchMarker(records=records, labels_sha256=hashlib.sha256(labels).hexdigest(),
-                       created_at=datetime.now(UTC), producer=producer)
+    return BatchMarker(
+        records=records,
+        labels_sha256=hashlib.sha256(labels).hexdigest(),
+        created_at=datetime.now(UTC),
+        producer=producer,
+    )
 
 
 def write_batch(store: Storage, documents: Iterable[tuple[LabelRecord, bytes]], producer: str) -> BatchMarker:
@@ -75,7 +79,9 @@ def marker_mismatch(marker: BatchMarker, labels: bytes) -> str | None:
     found = marker_for(labels, marker.producer)
     if (found.records, found.labels_sha256) != (marker.records, marker.labels_sha256):
         records, digest = found.records, found.labels_sha256
-        return (f"{LABELS_FILE} holds {records} records with sha256 {digest[:12]}, but {COMPLETE_MARKER} was written "
-                f"for {marker.records} records with sha256 {marker.labels_sha256[:12]}: the batch changed after it was "
-                "completed")
+        return (
+            f"{LABELS_FILE} holds {records} records with sha256 {digest[:12]}, but {COMPLETE_MARKER} was written "
+            f"for {marker.records} records with sha256 {marker.labels_sha256[:12]}: the batch changed after it was "
+            "completed"
+        )
     return None
