@@ -46,19 +46,19 @@ $(LABEL_STUDIO_VENV)/.installed: docker/label-studio/constraints.txt
 label-studio: $(LABEL_STUDIO_VENV)/.installed ## Label Studio's server, in its own venv (.venv-label-studio)
 
 demo: setup ## run the pipeline end to end on the embedded default (CPU, local MLflow store)
-	$(PY) -m tools.demo
+	$(PY) -m toolkit.demo
 
 airflow: setup ## the demo's Airflow running on 127.0.0.1:8080 (UI, REST API, scheduler); Ctrl-C stops it
-	$(PY) -m tools.local_airflow
+	$(PY) -m toolkit.local_airflow
 
 # A base model you supply, before a GPU is booked: environment, its code's imports, then one training
-# step on two documents, patch and one answer (tools/preflight.py). CONFIG adds overlays.
+# step on two documents, patch and one answer (toolkit/preflight.py). CONFIG adds overlays.
 BASE ?=
 CONFIG ?= configs/pipeline.yaml
 PREFLIGHT_OUT ?= data/preflight/$(shell date -u +%Y%m%dT%H%M%SZ)
 preflight: setup ## BASE=<folder or s3:// URI> [CONFIG="a.yaml b.yaml"]: check a base model end to end in minutes
 	@test -n "$(BASE)" || (echo "usage: make preflight BASE=<folder or s3:// URI> [CONFIG=...]" >&2; exit 2)
-	$(PY) -m tools.preflight $(foreach c,$(CONFIG),--config $(c)) --base $(BASE) --output $(PREFLIGHT_OUT)
+	$(PY) -m toolkit.preflight $(foreach c,$(CONFIG),--config $(c)) --base $(BASE) --output $(PREFLIGHT_OUT)
 
 test: setup containers label-studio ## every test: unit, integration and container tests (the 25 slowest listed)
 	$(PY) -m pytest --durations=25

@@ -27,8 +27,8 @@ from docpipe.answering.scoring import evaluate_all, score
 from docpipe.config import SyntheticConfig, load_pipeline_config
 from docpipe.data.examples import Example
 from docpipe.doctypes import load_registry
-from tools.synthetic import generate
-from tools.tiny_model import build
+from toolkit.synthetic import generate
+from toolkit.tiny_model import build
 
 ROOT = Path(__file__).resolve().parents[1]
 

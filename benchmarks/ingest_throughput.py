@@ -30,7 +30,7 @@ from docpipe.data.landing import write_batch
 from docpipe.doctypes import load_registry
 from docpipe.storage import LocalStorage, open_storage
 from stages.ingest.__main__ import STAGE, build_parser, run
-from tools.synthetic import generate
+from toolkit.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 

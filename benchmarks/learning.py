@@ -1,6 +1,6 @@
 """Learning benchmark: does a model initialised from scratch learn to read held-out documents?
 
-Builds a tiny MiniCPM-V 4.6 from scratch (``tools/tiny_model.py``), lands synthetic documents of
+Builds a tiny MiniCPM-V 4.6 from scratch (``toolkit/tiny_model.py``), lands synthetic documents of
 a few types, and runs the stages as the DAG does (ingest, export, finetune, patch, evaluate) with a
 profile of ``configs/benchmarks/learning.yaml``. The finetune stage scores every checkpoint on all
 held-out documents (its checkpoint selection), which gives the learning curve. Beside the model,
@@ -29,7 +29,7 @@ from docpipe.answering.scoring import evaluate_all, score
 from docpipe.contract import config_flags
 from docpipe.doctypes import load_registry
 from docpipe.loader import read_yaml
-from tools.tiny_model import SIZES, build
+from toolkit.tiny_model import SIZES, build
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "configs" / "benchmarks" / "learning.yaml"
@@ -41,7 +41,7 @@ class Profile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    size: str = Field(description="a size of tools/tiny_model.py")
+    size: str = Field(description="a size of toolkit/tiny_model.py")
     documents: int = Field(ge=20)
     doc_types: list[str] = Field(min_length=1)
     pipeline: dict = Field(description="overlay over pipeline.yaml + embedded.yaml")

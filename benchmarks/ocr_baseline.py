@@ -25,7 +25,7 @@ from docpipe.answering.ocr_baseline import OcrBaseline
 from docpipe.answering.scoring import evaluate_all, score
 from docpipe.config import SyntheticConfig
 from docpipe.doctypes import DocType, load_registry
-from tools.synthetic import generate
+from toolkit.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared")) / "data" / "sroie-sample"

@@ -19,12 +19,12 @@ WORKDIR /app
 # Dependencies first (cached while only code changes), pinned by the same lock CI tests.
 COPY pyproject.toml constraints.txt README.md ./
 RUN python3 -m venv /opt/venv \
-    && mkdir stages docpipe tools && touch stages/__init__.py docpipe/__init__.py tools/__init__.py \
+    && mkdir stages docpipe toolkit && touch stages/__init__.py docpipe/__init__.py toolkit/__init__.py \
     && pip install -c constraints.txt ".[stages]" \
-    && rm -rf stages docpipe tools
+    && rm -rf stages docpipe toolkit
 COPY docpipe ./docpipe
 COPY stages ./stages
-COPY tools ./tools
+COPY toolkit ./toolkit
 COPY configs ./configs
 RUN pip install --no-deps -c constraints.txt .
 
@@ -36,4 +36,4 @@ LABEL org.opencontainers.image.revision=${GIT_COMMIT}
 # different build-arg values, but not a RUN's (seen with podman 4.3).
 RUN useradd --uid 1000 --create-home stage
 USER 1000:1000
-CMD ["python", "-m", "tools.synthetic", "--help"]
+CMD ["python", "-m", "toolkit.synthetic", "--help"]

@@ -29,16 +29,16 @@ COPY pyproject.toml constraints.txt README.md ./
 RUN python3 -m venv /opt/venv \
     && pip install --find-links /tmp/wheels torch==2.13.0 \
     && grep -v '^torch==' constraints.txt > /tmp/constraints.txt \
-    && mkdir stages docpipe tools && touch stages/__init__.py docpipe/__init__.py tools/__init__.py \
+    && mkdir stages docpipe toolkit && touch stages/__init__.py docpipe/__init__.py toolkit/__init__.py \
     && pip install -c /tmp/constraints.txt ".[stages,train]" \
-    && rm -rf stages docpipe tools /tmp/wheels
+    && rm -rf stages docpipe toolkit /tmp/wheels
 # flash-attn is optional (FLASH_ATTN=1): it compiles against the CUDA toolkit for a long while,
 # and the models train without it (the default attention is PyTorch's SDPA).
 ARG FLASH_ATTN=0
 RUN if [ "$FLASH_ATTN" = 1 ]; then pip install --no-build-isolation flash-attn==2.8.3.post2; fi
 COPY docpipe ./docpipe
 COPY stages ./stages
-COPY tools ./tools
+COPY toolkit ./toolkit
 COPY configs ./configs
 RUN pip install --no-deps -c /tmp/constraints.txt .
 

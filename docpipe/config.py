@@ -333,7 +333,7 @@ class ServingConfig(_Strict):
     limit_mm_per_prompt: dict[str, int] = Field({"image": 1}, description="one document image per request")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     port: int = Field(8000, ge=1, le=65535)
-    # Request limits of the CPU stand-in (tools.openai_standin); vLLM bounds tokens by max_model_len.
+    # Request limits of the CPU stand-in (toolkit.openai_standin); vLLM bounds tokens by max_model_len.
     max_image_bytes: int = Field(20 * 2**20, ge=1, description="a request's decoded image, in bytes")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, checked before decoding")
     max_tokens: int = Field(1024, ge=1, description="the largest max_tokens a request may ask for")

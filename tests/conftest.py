@@ -290,8 +290,8 @@ def train_image(docker_client) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """The tiny random MiniCPM-V 4.6 the demo uses, built offline (tools/tiny_model.py)."""
-    from tools.tiny_model import build
+    """The tiny random MiniCPM-V 4.6 the demo uses, built offline (toolkit/tiny_model.py)."""
+    from toolkit.tiny_model import build
 
     return build(tmp_path_factory.mktemp("models") / "tiny-minicpmv4_6", ROOT / "configs" / "doctypes")
 
@@ -306,7 +306,7 @@ def build_remote_code_model(output: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModel
 
-    from tools.tiny_model import build_tokenizer
+    from toolkit.tiny_model import build_tokenizer
 
     output.mkdir(parents=True)
     for code in REMOTE_CODE.glob("*.py"):
@@ -401,7 +401,7 @@ def land_synthetic(
     from docpipe.data.landing import write_batch
     from docpipe.doctypes import load_registry
     from docpipe.storage import open_storage
-    from tools.synthetic import generate
+    from toolkit.synthetic import generate
 
     registry = load_registry(ROOT / "configs" / "doctypes")
     chosen = [registry[name] for name in doc_types] if doc_types else list(registry.values())

@@ -65,7 +65,7 @@ def test_stage_runs_in_its_container_and_continues_the_pipeline_run(docker_clien
 
     logs = docker_client.containers.run(
         stage_image,
-        ["python", "-m", "tools.synthetic", *CONFIG_FLAGS, "--output", "/work/landing/b1", "--count", "4"],
+        ["python", "-m", "toolkit.synthetic", *CONFIG_FLAGS, "--output", "/work/landing/b1", "--count", "4"],
         environment={tracking.PARENT_RUN_ENV: parent},
         volumes={str(workdir): {"bind": "/work", "mode": "rw"}},
         network_mode="none",
@@ -87,7 +87,7 @@ def test_bad_input_in_a_container_exits_2_with_the_reason(docker_client, stage_i
     with pytest.raises(docker.errors.ContainerError) as caught:
         docker_client.containers.run(
             stage_image,
-            ["python", "-m", "tools.synthetic", *CONFIG_FLAGS, "--output", "/work/out", "--doc-types", "nope"],
+            ["python", "-m", "toolkit.synthetic", *CONFIG_FLAGS, "--output", "/work/out", "--doc-types", "nope"],
             volumes={str(workdir): {"bind": "/work", "mode": "rw"}},
             network_mode="none",
             remove=True,
@@ -188,7 +188,7 @@ def test_preflight_runs_in_the_training_image_on_a_remote_code_checkpoint(
     """The README's preflight command in the image it is meant for: the checkpoint's own code is
     loaded by an unprivileged user (transformers copies it into its module cache) and the stages
     run one training step, patch and answer."""
-    from tools.preflight import PIPELINE_STAGES
+    from toolkit.preflight import PIPELINE_STAGES
 
     shutil.copytree(remote_code_model, workdir / "model")
     for path in workdir.rglob("*"):
@@ -197,7 +197,7 @@ def test_preflight_runs_in_the_training_image_on_a_remote_code_checkpoint(
     command = [
         "python",
         "-m",
-        "tools.preflight",
+        "toolkit.preflight",
         "--config",
         "configs/pipeline.yaml",
         "--config",

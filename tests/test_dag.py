@@ -29,7 +29,7 @@ from docpipe.model import memory_plan
 from docpipe.orchestration import plan as planning
 from docpipe.orchestration.launchers import stage_operator
 from tests.conftest import EMBEDDED, PIPELINE, ROOT, SMOKE, free_port, land_synthetic, run_stage, write_overlay
-from tools.local_airflow import airflow_environment
+from toolkit.local_airflow import airflow_environment
 
 HEAVY = ("torch", "transformers", "deepspeed", "mlflow", "boto3", "kubernetes", "docker", "PIL")
 

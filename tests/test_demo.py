@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 def test_demo_generates_a_batch_and_leaves_mlflow_runs(embedded, tmp_path):
     """The embedded default as shipped: the model learns its documents, and the gate says so."""
-    done = run_module("tools.demo", *config_flags(embedded), "--count", "12", "--airflow-home", str(tmp_path / "af"))
+    done = run_module("toolkit.demo", *config_flags(embedded), "--count", "12", "--airflow-home", str(tmp_path / "af"))
     assert done.returncode == 0, done.stderr
 
     batch_uri = re.search(r"Labelled batch:\s+(\S+)", done.stdout).group(1)
@@ -72,7 +72,7 @@ def test_demo_fails_when_a_stage_fails(overlay, tmp_path):
     short = tmp_path / "short.yaml"
     short.write_text("training: {model_max_length: 64}\nevaluation: {ocr_baseline: false}\n")
     done = run_module(
-        "tools.demo", *config_flags([*overlay, short]), "--count", "4", "--airflow-home", str(tmp_path / "af")
+        "toolkit.demo", *config_flags([*overlay, short]), "--count", "4", "--airflow-home", str(tmp_path / "af")
     )
     assert done.returncode == 1
     assert "demo: the pipeline DAG failed with exit code 1" in done.stderr
@@ -88,5 +88,5 @@ def test_demo_fails_when_a_stage_fails(overlay, tmp_path):
 def test_demo_bad_config_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("doc_types: []\n")
-    done = run_module("tools.demo", "--config", str(bad))
+    done = run_module("toolkit.demo", "--config", str(bad))
     assert done.returncode == 2 and f"{bad}: doc_types:" in done.stderr

@@ -44,7 +44,7 @@ def test_canonical_answer_has_fixed_order_and_keeps_non_ascii():
 def test_canonical_fields_are_a_fixed_point(doc_type):
     """Stored labels are canonical; canonicalising them again (as export does) changes nothing."""
     from docpipe.config import SyntheticConfig
-    from tools.synthetic import generate
+    from toolkit.synthetic import generate
 
     for record, _, _ in generate([doc_type], SyntheticConfig(count=10, seed=4)):
         canonical = doc_type.canonical_fields(record.fields)

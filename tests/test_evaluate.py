@@ -3,7 +3,7 @@
 The tiny model is random: these tests check the machinery (backends, parsing, scoring, gate,
 report, MLflow), not accuracy. vLLM cannot be installed here (its wheel needs torch 2.14 and
 transformers <5.21): its backend's requests are checked as built, without importing vllm.
-The OpenAI-compatible server on loopback is ``tools.openai_standin`` running the tiny model on CPU,
+The OpenAI-compatible server on loopback is ``toolkit.openai_standin`` running the tiny model on CPU,
 standing in for the vLLM server.
 """
 
@@ -192,13 +192,13 @@ def test_a_golden_set_compares_every_model_on_the_same_documents_without_trainin
 
 @pytest.fixture
 def served(overlay, tiny_model, tmp_path):
-    """tools.openai_standin on loopback: an OpenAI-compatible server running the tiny model on CPU."""
+    """toolkit.openai_standin on loopback: an OpenAI-compatible server running the tiny model on CPU."""
     port = free_port()
     server = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "tools.openai_standin",
+            "toolkit.openai_standin",
             "--model",
             str(tiny_model),
             "--port",

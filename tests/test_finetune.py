@@ -64,7 +64,7 @@ def test_labels_cover_only_the_answer(tiny_model, exported):
 def test_each_native_family_trains_on_a_batch(family, exported, tmp_path):
     """A tiny model of each native family: forward and backward through the adapter's batch, and
     tune_vision=false keeps the vision encoder's weights out of training."""
-    from tools.tiny_model import build
+    from toolkit.tiny_model import build
 
     model_dir = build(tmp_path / family, ROOT / "configs" / "doctypes", family=family)
     adapter = adapter_for(model_dir, tune_vision=False)

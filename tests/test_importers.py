@@ -15,7 +15,7 @@ from docpipe.doctypes import load_registry
 from docpipe.storage import open_storage
 from stages.ingest.importers import ImportMapping, read_source
 from tests.conftest import ROOT, jpeg, run_stage, write_overlay
-from tools.synthetic import generate
+from toolkit.synthetic import generate
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MAPPINGS = ROOT / "configs" / "importers"

@@ -1,7 +1,7 @@
 """Behavioural test of training: through the stages themselves, a model learns its documents and
 answers them from their pixels.
 
-The demo-sized tiny MiniCPM-V 4.6 (tools/tiny_model.py) is initialised here and trained with the
+The demo-sized tiny MiniCPM-V 4.6 (toolkit/tiny_model.py) is initialised here and trained with the
 embedded default as shipped: export gives every document of a type the same prompt, so nothing but
 the image tells two documents apart. The patched model must reproduce its training documents (the
 evaluate stage's fit check), and the same documents asked about with each other's images must score
@@ -17,7 +17,7 @@ import mlflow
 import pytest
 
 from tests.conftest import ROOT, land_synthetic, run_stage, write_overlay
-from tools.tiny_model import build
+from toolkit.tiny_model import build
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""``make airflow`` (``python -m tools.local_airflow``): the demo's Airflow as a running service.
+"""``make airflow`` (``python -m toolkit.local_airflow``): the demo's Airflow as a running service.
 
 Started as a new user would, from a shell without the venv on PATH: it comes up on loopback
 only, prints where the admin password is, has the pipeline DAGs unpaused, starts a pipeline
@@ -68,7 +68,7 @@ def test_local_airflow_serves_on_loopback_and_runs_a_landed_batch_within_a_minut
         [
             sys.executable,
             "-m",
-            "tools.local_airflow",
+            "toolkit.local_airflow",
             "--config",
             str(PIPELINE),
             "--config",

@@ -1,4 +1,4 @@
-"""``python -m tools.preflight``, what a user runs first on a base model, on a checkpoint whose code
+"""``python -m toolkit.preflight``, what a user runs first on a base model, on a checkpoint whose code
 was written for transformers 4.x, as the published MiniCPM-V 2.6's was. Its passing run, on a
 tiny checkpoint whose code ships beside its weights (ours, to 2.6's interface), is the training
 image's test in ``test_containers.py``: the command the README gives, where it is meant to run."""
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EMBEDDED, PIPELINE, ROOT, config_flags, write_overlay
-from tools.preflight import PIPELINE_STAGES, transformers_imports
+from toolkit.preflight import PIPELINE_STAGES, transformers_imports
 
 REMOTE = "model: {adapter: remote_code, llm_type: qwen2}\n"
 
@@ -23,7 +23,7 @@ def preflight(configs: list[Path], base: Path, out: Path, *extra: str) -> subpro
     command = [
         sys.executable,
         "-m",
-        "tools.preflight",
+        "toolkit.preflight",
         *config_flags(configs),
         "--base",
         str(base),
@@ -47,7 +47,7 @@ def test_a_hub_cache_snapshot_is_read_through_its_links(tmp_path):
     """A hub cache's snapshot folder links every file to a blob outside it; transformers follows them."""
     from docpipe.config import ModelConfig, S3Config
     from docpipe.model.compatibility import check_base_model
-    from tools.preflight import check_imports
+    from toolkit.preflight import check_imports
 
     blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
     blobs.mkdir(), snapshot.mkdir(parents=True)

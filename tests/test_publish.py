@@ -3,7 +3,7 @@ and smoke-tested through the OpenAI API.
 
 What stands in for what here (no GPU, nothing can be pulled):
 - the official vLLM OpenAI-server image: ``tests/fixtures/vllm-standin``, the project's training
-  image plus a ``vllm serve`` that runs ``tools.openai_standin`` (the same API) on CPU;
+  image plus a ``vllm serve`` that runs ``toolkit.openai_standin`` (the same API) on CPU;
 - the container registry: Debian's ``docker-registry`` on loopback, plain HTTP;
 - the GPU: none (``publish.smoke_gpus: 0``); the serving image's own build is the real one.
 """

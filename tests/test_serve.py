@@ -1,4 +1,4 @@
-"""The CPU serving stand-in (``tools.openai_standin``) speaks the OpenAI API honestly, tested with the
+"""The CPU serving stand-in (``toolkit.openai_standin``) speaks the OpenAI API honestly, tested with the
 official ``openai`` client against a real server process on loopback running the tiny model:
 usage and finish_reason, streaming, response_format and logprobs, and a 400 saying why for every
 bad request it is sent, after which it still answers."""
@@ -34,7 +34,7 @@ def peak_memory_kib(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    """tools.openai_standin with small request limits; yields the process and an OpenAI client for it."""
+    """toolkit.openai_standin with small request limits; yields the process and an OpenAI client for it."""
     limits = tmp_path_factory.mktemp("serve") / "limits.yaml"
     limits.write_text(yaml.safe_dump({"publish": {"serving": LIMITS}}))
     port = free_port()
@@ -42,7 +42,7 @@ def server(tiny_model, tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "tools.openai_standin",
+            "toolkit.openai_standin",
             "--model",
             str(tiny_model),
             "--port",

@@ -22,7 +22,7 @@ def runs(tmp_path):
 
 
 def test_help_lists_the_contract_flags():
-    done = run_module("tools.synthetic", "--help")
+    done = run_module("toolkit.synthetic", "--help")
     assert done.returncode == 0
     for flag in ("--config", "--output", "--count", "--seed", "--doc-types"):
         assert flag in done.stdout
@@ -30,7 +30,7 @@ def test_help_lists_the_contract_flags():
 
 def test_success_writes_batch_manifest_and_mlflow_run(overlay, tmp_path):
     out = tmp_path / "landing" / "batch-1"
-    done = run_module("tools.synthetic", *config_flags(overlay), "--output", str(out), "--count", "6", "--seed", "1")
+    done = run_module("toolkit.synthetic", *config_flags(overlay), "--output", str(out), "--count", "6", "--seed", "1")
     assert done.returncode == 0, done.stderr
     result = json.loads((out / RESULT_FILE).read_text())
     assert result["status"] == "succeeded" and result["exit_code"] == 0
@@ -53,7 +53,7 @@ def test_writes_to_s3(overlay, bucket, s3_endpoint, tmp_path):
     s3_overlay = tmp_path / "s3.yaml"
     s3_overlay.write_text(f"storage:\n  s3:\n    endpoint_url: {s3_endpoint}\n")
     uri = f"s3://{bucket}/landing/batch-7"
-    done = run_module("tools.synthetic", *config_flags([*overlay, s3_overlay]), "--output", uri, "--count", "3")
+    done = run_module("toolkit.synthetic", *config_flags([*overlay, s3_overlay]), "--output", uri, "--count", "3")
     assert done.returncode == 0, done.stderr
     from docpipe.config import S3Config
 
@@ -65,7 +65,7 @@ def test_writes_to_s3(overlay, bucket, s3_endpoint, tmp_path):
 def test_bad_config_exits_2_with_one_line_naming_file_and_key(overlay, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("synthetic:\n  count: 0\n")
-    done = run_module("tools.synthetic", *config_flags([*overlay, bad]), "--output", str(tmp_path / "out"))
+    done = run_module("toolkit.synthetic", *config_flags([*overlay, bad]), "--output", str(tmp_path / "out"))
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("synthetic: error: ") and f"{bad}: synthetic.count: " in line
@@ -74,7 +74,7 @@ def test_bad_config_exits_2_with_one_line_naming_file_and_key(overlay, tmp_path)
 
 def test_bad_input_exits_2_and_records_the_failure(overlay, tmp_path):
     out = tmp_path / "out"
-    done = run_module("tools.synthetic", *config_flags(overlay), "--output", str(out), "--doc-types", "bus_ticket")
+    done = run_module("toolkit.synthetic", *config_flags(overlay), "--output", str(out), "--doc-types", "bus_ticket")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("synthetic: error: --doc-types: unknown document type(s)")
     result = json.loads((out / RESULT_FILE).read_text())
@@ -86,7 +86,7 @@ def test_bad_input_exits_2_and_records_the_failure(overlay, tmp_path):
 def test_failure_exits_1_with_reason(overlay, tmp_path):
     out = tmp_path / "out"
     done = run_module(
-        "tools.synthetic",
+        "toolkit.synthetic",
         *config_flags(overlay),
         "--output",
         str(out),
@@ -102,14 +102,14 @@ def test_failure_exits_1_with_reason(overlay, tmp_path):
 
 
 def test_usage_error_exits_2():
-    done = run_module("tools.synthetic", "--count", "3")
+    done = run_module("toolkit.synthetic", "--count", "3")
     assert done.returncode == 2 and "--output" in done.stderr
 
 
 def test_unreachable_tracking_store_exits_1_with_one_line(overlay, tmp_path):
     broken = tmp_path / "broken-tracking.yaml"
     broken.write_text("tracking:\n  tracking_uri: sqlite:////proc/no-such-dir/mlflow.db\n")
-    done = run_module("tools.synthetic", *config_flags([*overlay, broken]), "--output", str(tmp_path / "out"))
+    done = run_module("toolkit.synthetic", *config_flags([*overlay, broken]), "--output", str(tmp_path / "out"))
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("synthetic: error: ") and "/proc/no-such-dir" in last

@@ -14,8 +14,8 @@ from PIL import Image
 from docpipe.config import DegradationConfig, SyntheticConfig
 from docpipe.doctypes import load_registry
 from tests.conftest import ROOT
-from tools.synthetic import generate
-from tools.synthetic.render import FontMissingError, font_path, render
+from toolkit.synthetic import generate
+from toolkit.synthetic.render import FontMissingError, font_path, render
 
 REGISTRY = load_registry(ROOT / "configs" / "doctypes")
 DOC_TYPES = list(REGISTRY.values())

@@ -145,7 +145,7 @@ def test_stage_process_continues_the_pipeline_run(overlay, tmp_path):
     config = load_pipeline_config(overlay)
     parent = tracking.start_pipeline_run(config.tracking, "pipeline", {})
     done = run_module(
-        "tools.synthetic",
+        "toolkit.synthetic",
         *config_flags(overlay),
         "--output",
         str(tmp_path / "b"),

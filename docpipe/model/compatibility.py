@@ -1,5 +1,5 @@
 """Whether a base model can run in this pipeline's environment, decided from its ``config.json``
-before anything is launched (the plan task, ``tools.preflight``).
+before anything is launched (the plan task, ``toolkit.preflight``).
 
 Training, evaluation and serving share one transformers (``TRANSFORMERS_VERSION``). Native
 families are the MiniCPM-V model types it implements. A remote-code checkpoint brings its own

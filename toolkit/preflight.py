@@ -1,4 +1,4 @@
-"""``python -m tools.preflight``: what to run first on a base model you supply, before a GPU is
+"""``python -m toolkit.preflight``: what to run first on a base model you supply, before a GPU is
 booked for days (``make preflight BASE=...``; in the training image on one GPU for real weights).
 
 Each check is reported with its outcome and time, on the console and in ``preflight.json``:
@@ -147,7 +147,7 @@ def stage_commands(config_paths: list[str], overrides: dict, out: Path) -> dict[
     synthetic = [
         sys.executable,
         "-m",
-        "tools.synthetic",
+        "toolkit.synthetic",
         *config_flags(config_paths),
         "--overrides",
         json.dumps(overrides),

@@ -1,4 +1,4 @@
-"""``python -m tools.tiny_model``: a tiny, randomly initialised MiniCPM-V 4.x built offline.
+"""``python -m toolkit.tiny_model``: a tiny, randomly initialised MiniCPM-V 4.x built offline.
 
 The embedded demo and the tests finetune it on CPU in seconds; nothing is downloaded. The
 folder has what a real MiniCPM-V 4.6 checkpoint has for our purposes: ``config.json``,
@@ -195,7 +195,7 @@ def build(output: Path, doctypes_dir: Path, seed: int = 0, family: str = "minicp
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.tiny_model", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m toolkit.tiny_model", description=__doc__)
     parser.add_argument("--output", type=Path, required=True, help="folder to write the model into")
     parser.add_argument("--doctypes", type=Path, default=Path("configs/doctypes"), help="document-type folder")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""``python -m tools.local_airflow`` (``make airflow``): the Airflow the demo used, running.
+"""``python -m toolkit.local_airflow`` (``make airflow``): the Airflow the demo used, running.
 
 Starts Airflow 3's components (api-server, scheduler, dag-processor, triggerer) from this
 project's virtual environment on the demo's state (``data/airflow``, sqlite), reading this
@@ -198,7 +198,7 @@ def load_or_report(configs: list[Path], prog: str) -> PipelineConfig | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = embedded_parser("python -m tools.local_airflow", __doc__)
+    parser = embedded_parser("python -m toolkit.local_airflow", __doc__)
     parser.add_argument("--port", type=int, default=8080, help="the API server's port, on 127.0.0.1")
     args = parser.parse_args(argv)
     configs = args.config or EMBEDDED

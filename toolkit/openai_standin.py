@@ -1,4 +1,4 @@
-"""``python -m tools.openai_standin``: an OpenAI-compatible chat server for a model folder, on CPU.
+"""``python -m toolkit.openai_standin``: an OpenAI-compatible chat server for a model folder, on CPU.
 
 It stands in for the vLLM server where no GPU is (tests, the embedded demo): the same
 ``/v1/chat/completions`` request (an image as a data URL, then the question), ``/v1/models``
@@ -252,7 +252,7 @@ def create_app(model_dir: Path, served_model: str, config_paths: list[Path] | No
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m tools.openai_standin", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m toolkit.openai_standin", description=__doc__)
     parser.add_argument("--model", type=Path, required=True, help="a patched model folder")
     parser.add_argument("--config", type=Path, action="append", help="pipeline YAML (+ overlays): model.adapter")
     parser.add_argument("--served-model-name", default="doc-extraction")

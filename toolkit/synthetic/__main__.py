@@ -1,4 +1,4 @@
-"""``python -m tools.synthetic``: write a batch of synthetic labelled documents in the landing format."""
+"""``python -m toolkit.synthetic``: write a batch of synthetic labelled documents in the landing format."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from docpipe.data.landing import write_batch
 from docpipe.doctypes import load_registry
 from docpipe.manifest import StageOutput
 from docpipe.storage import Storage
-from tools.synthetic import generate
+from toolkit.synthetic import generate
 
 STAGE = "synthetic"
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
             effects.update(effect.rstrip("+-.0123456789") for effect in applied)
             yield record, image_bytes
 
-    marker = write_batch(output, documents(), producer=f"tools.synthetic seed={settings.seed}")
+    marker = write_batch(output, documents(), producer=f"toolkit.synthetic seed={settings.seed}")
     return StageOutput(
         outputs={"batch": output.uri},
         counts={

@@ -1,4 +1,4 @@
-"""``python -m tools.demo``: the pipeline's Airflow DAG end to end on the embedded default.
+"""``python -m toolkit.demo``: the pipeline's Airflow DAG end to end on the embedded default.
 
 A synthetic labelled batch lands (as a labelling team's export would), the landing watcher
 DAG announces it, and the pipeline DAG (``dags/doc_extraction.py``) runs every stage with the
@@ -21,12 +21,12 @@ from pathlib import Path
 from docpipe import tracking
 from docpipe.contract import EXIT_BAD_INPUT, EXIT_FAILED, config_flags
 from docpipe.storage import open_storage
-from tools.local_airflow import EMBEDDED, PASSWORDS_FILE, airflow_environment, embedded_parser, load_or_report
-from tools.tiny_model import build as build_tiny_model
+from toolkit.local_airflow import EMBEDDED, PASSWORDS_FILE, airflow_environment, embedded_parser, load_or_report
+from toolkit.tiny_model import build as build_tiny_model
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = embedded_parser("python -m tools.demo", __doc__)
+    parser = embedded_parser("python -m toolkit.demo", __doc__)
     parser.add_argument("--count", type=int, default=24, help="synthetic documents to generate")
     args = parser.parse_args(argv)
     paths = args.config or EMBEDDED
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         "a synthetic batch lands": [
             sys.executable,
             "-m",
-            "tools.synthetic",
+            "toolkit.synthetic",
             *config_flags(paths),
             "--output",
             batch.uri,
@@ -72,13 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = parent.data.tags.get("run.folder", config.storage.runs_uri)
     uri, experiment = config.tracking.tracking_uri, parent.info.experiment_id
     default = paths == EMBEDDED and args.airflow_home == Path("data/airflow")
-    ui = (
-        "make airflow"
-        if default
-        else " ".join(
-            [".venv/bin/python -m tools.local_airflow", *config_flags(paths), "--airflow-home", str(args.airflow_home)]
-        )
-    )
+    local_airflow = [".venv/bin/python -m toolkit.local_airflow", *config_flags(paths)]
+    ui = "make airflow" if default else " ".join([*local_airflow, "--airflow-home", str(args.airflow_home)])
     print(
         f"\nLabelled batch:   {batch.uri} (labels.jsonl, images/, result.json)"
         f"\nDataset versions: {config.storage.datasets_uri} (LATEST, versions/<id>/manifest.jsonl, card.json)"

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from docpipe.config import SyntheticConfig
 from docpipe.data.landing import LabelRecord
 from docpipe.doctypes import DocType
-from tools.synthetic.degrade import degrade
-from tools.synthetic.render import LAYOUTS, render
-from tools.synthetic.values import random_fields
+from toolkit.synthetic.degrade import degrade
+from toolkit.synthetic.render import LAYOUTS, render
+from toolkit.synthetic.values import random_fields
 
 
 def generate(doc_types: list[DocType], config: SyntheticConfig) -> Iterator[tuple[LabelRecord, bytes, list[str]]]:
