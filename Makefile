@@ -9,7 +9,7 @@ EXTRAS := stages,train,airflow,dev
 CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup containers train-wheels label-studio demo airflow preflight test test-compose test-fast lint format lock clean
+.PHONY: setup containers train-wheels label-studio demo airflow preflight test test-compose test-fast lint format docs lock clean
 
 setup: $(INSTALLED) $(CJK_FONT) ## venv with the whole stack (torch CPU first) and the CJK font
 
@@ -76,6 +76,9 @@ lint: setup ## ruff (lint and format), the import layers (pyproject's importlint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+
+docs: setup ## docs/configuration-reference.md, generated from the configuration's pydantic models
+	$(PY) -m toolkit.config_reference
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

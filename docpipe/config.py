@@ -36,7 +36,7 @@ class S3Config(_Strict):
     """How to reach the S3 API; credentials come from the environment, never from here."""
 
     endpoint_url: str | None = Field(None, description="MinIO, moto or another S3-compatible endpoint")
-    region: str = "us-east-1"
+    region: str = Field("us-east-1", description="the S3 region (AWS; any value for MinIO or moto)")
     max_attempts: int = Field(3, ge=1, le=20, description="attempts per S3 call, the first included")
     connect_timeout_s: float = Field(5, gt=0, description="seconds to open a connection to the S3 endpoint")
     read_timeout_s: float = Field(15, gt=0, description="seconds an S3 endpoint may stay silent within a call")
@@ -50,15 +50,17 @@ class S3Config(_Strict):
 class StorageConfig(_Strict):
     """Where batches land, datasets and run outputs live: local paths or s3:// URIs."""
 
-    landing_uri: str
-    datasets_uri: str
-    runs_uri: str
-    s3: S3Config = S3Config()
+    landing_uri: str = Field(
+        description="where labelled batches arrive (folder or s3://bucket/prefix); the watcher lists it"
+    )
+    datasets_uri: str = Field(description="where ingest keeps the immutable dataset versions and their images")
+    runs_uri: str = Field(description="where each run's stage outputs go: exports, checkpoints, the model, reports")
+    s3: S3Config = Field(S3Config(), description="how to reach the S3 API, when any location is an s3:// URI")
 
 
 class TrackingConfig(_Strict):
     tracking_uri: str = Field(description="MLflow tracking URI: sqlite:///..., http(s)://...")
-    experiment: str = "doc-extraction"
+    experiment: str = Field("doc-extraction", description="the MLflow experiment every run of this pipeline goes to")
     artifact_location: str | None = Field(
         None, description="artifact root for a new experiment (local path or s3:// URI)"
     )
@@ -69,7 +71,7 @@ class TrackingConfig(_Strict):
 class ModelConfig(_Strict):
     """The base model to finetune: a local folder, a mounted volume or an s3:// URI."""
 
-    base: str
+    base: str = Field(description="the base model: a folder or s3:// URI you supply; nothing is fetched from a hub")
     adapter: Literal["native", "remote_code"] = Field(
         "native", description="native: transformers 5.x classes; remote_code: trust_remote_code"
     )
@@ -115,32 +117,48 @@ class TorchrunLayout(_Strict):
 class TrainingConfig(_Strict):
     """Full-finetune hyperparameters; defaults mirror the practitioner recipe."""
 
-    learning_rate: float = Field(1e-6, gt=0)
-    lr_scheduler_type: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    warmup_ratio: Probability = 0.01
-    weight_decay: float = Field(0.1, ge=0)
-    adam_beta2: float = Field(0.95, gt=0, lt=1)
-    bf16: bool = True
-    gradient_checkpointing: bool = True
+    learning_rate: float = Field(1e-6, gt=0, description="peak learning rate (the recipe's 1e-6 for a full finetune)")
+    lr_scheduler_type: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="the learning-rate schedule after warm-up"
+    )
+    warmup_ratio: Probability = Field(0.01, description="share of max_steps spent warming the learning rate up")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW's weight decay")
+    adam_beta2: float = Field(0.95, gt=0, lt=1, description="AdamW's beta2 (the recipe's 0.95)")
+    bf16: bool = Field(True, description="train in bfloat16 where the GPU supports it (ignored on CPU)")
+    gradient_checkpointing: bool = Field(
+        True, description="recompute activations in the backward pass: less memory, about a third more compute"
+    )
     max_slice_nums: int = Field(9, ge=1, le=9, description="above 9 crashes MiniCPM-V 2.6 code")
-    model_max_length: int = Field(2048, ge=64)
-    per_device_train_batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_steps: int = Field(10000, ge=1)
-    eval_steps: int = Field(1000, ge=1)
-    save_steps: int = Field(2000, ge=1)
-    save_total_limit: int = Field(5, ge=1)
-    tune_vision: bool = True
-    tune_llm: bool = True
+    model_max_length: int = Field(
+        2048,
+        ge=64,
+        description="tokens per document (prompt, image slices, answer); longer ones go to unfit.jsonl, never cut",
+    )
+    per_device_train_batch_size: int = Field(4, ge=1, description="documents per GPU per step")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="steps whose gradients are summed before one optimizer step"
+    )
+    max_steps: int = Field(10000, ge=1, description="optimizer steps in the run")
+    eval_steps: int = Field(1000, ge=1, description="evaluate (eval loss, checkpoint scoring) every this many steps")
+    save_steps: int = Field(
+        2000, ge=1, description="save a checkpoint every this many steps (a multiple of eval_steps)"
+    )
+    save_total_limit: int = Field(
+        5, ge=1, description="checkpoints kept on disk, the newest (the Trainer also keeps the best)"
+    )
+    tune_vision: bool = Field(True, description="train the vision encoder and resampler (false: frozen)")
+    tune_llm: bool = Field(True, description="train the language model (false: frozen)")
     deepspeed: Literal["zero2", "zero2_offload", "zero3"] | None = Field(
         "zero2_offload", description="a config in configs/deepspeed/, or null for none"
     )
     max_unfit_fraction: Probability = Field(
         0.01, description="share of train documents that may not fit model_max_length before the run fails"
     )
-    seed: int = 42
-    dataloader_num_workers: int = Field(2, ge=0)
-    launch: TorchrunLayout = TorchrunLayout()
+    seed: int = Field(42, description="seeds data order, initialisation of new layers and dropout")
+    dataloader_num_workers: int = Field(2, ge=0, description="processes preparing batches beside each training process")
+    launch: TorchrunLayout = Field(
+        TorchrunLayout(), description="torchrun's layout: processes per node, nodes, rendezvous, memory limits"
+    )
     selection: Literal["field_accuracy", "document_accuracy", "eval_loss"] = Field(
         "field_accuracy", description="what makes a checkpoint the best one: accuracy of its generated answers, or loss"
     )
@@ -169,14 +187,26 @@ class TrainingConfig(_Strict):
 class GpuContainerConfig(_Strict):
     """How GPU stage containers run; pipeline.yaml says what each setting is for."""
 
-    image: str = "doc-extraction/train:latest"
-    shm_size: str = Field("32g", pattern=r"^\d+[kmg]?$")
-    ipc_mode: str | None = None
+    image: str = Field("doc-extraction/train:latest", description="the training image GPU stages run in")
+    shm_size: str = Field(
+        "32g",
+        pattern=r"^\d+[kmg]?$",
+        description="/dev/shm of GPU containers: NCCL and DataLoader workers share tensors there (Docker gives 64m)",
+    )
+    ipc_mode: str | None = Field(
+        None,
+        description='"host" shares the host\'s IPC namespace instead of a private /dev/shm; then shm_size is ignored',
+    )
     ulimits: dict[str, int] | None = Field(
         {"memlock": -1, "stack": 67108864}, description="null: the engine's defaults (where limits can't be raised)"
     )
-    environment: dict[str, str] = {}
-    cuda_visible_devices: str | None = None
+    environment: dict[str, str] = Field(
+        {},
+        description="environment of GPU containers: NCCL_DEBUG, NCCL_P2P_DISABLE, NCCL_IB_DISABLE...",
+    )
+    cuda_visible_devices: str | None = Field(
+        None, description='which GPUs the container\'s processes see, e.g. "0,1" (null: all it is given)'
+    )
     gpus: int | None = Field(
         None,
         ge=0,
@@ -186,9 +216,11 @@ class GpuContainerConfig(_Strict):
 
 
 class Thresholds(_Strict):
-    field_accuracy: Probability
-    document_accuracy: Probability
-    json_validity: Probability
+    field_accuracy: Probability = Field(description="the least share of fields answered right")
+    document_accuracy: Probability = Field(description="the least share of documents with every field right")
+    json_validity: Probability = Field(
+        description="the least share of answers that are valid JSON of the type's schema"
+    )
 
 
 class FitCheckConfig(_Strict):
@@ -239,15 +271,22 @@ class EvaluationConfig(_Strict):
     ocr_baseline: bool = Field(True, description="also run the OCR pipeline on the eval set and report it beside")
     gallery_size: int = Field(24, ge=0, description="failed documents shown in the report")
 
-    thresholds: Thresholds = Thresholds(field_accuracy=0.98, document_accuracy=0.92, json_validity=0.99)
-    per_doc_type: dict[str, Thresholds] = {}
+    thresholds: Thresholds = Field(
+        Thresholds(field_accuracy=0.98, document_accuracy=0.92, json_validity=0.99),
+        description="the gate's thresholds for every document type without its own",
+    )
+    per_doc_type: dict[str, Thresholds] = Field(
+        {}, description="thresholds of one document type, by its id, instead of the defaults"
+    )
     regression_tolerance: Probability = Field(
         0.005, description="how far below the champion a challenger may fall and still pass"
     )
     min_eval_documents: int = Field(
         1, ge=1, description="the gate fails a requested document type with fewer eval documents than this"
     )
-    fit_check: FitCheckConfig = FitCheckConfig()
+    fit_check: FitCheckConfig = Field(
+        FitCheckConfig(), description="training documents answered beside the eval set, and the image control"
+    )
     eval_sets: dict[str, EvalSetConfig] = Field({}, description="golden evaluation sets by name")
     eval_set: str | None = Field(
         None, description="the golden set evaluate answers instead of the run's export (a name in eval_sets)"
@@ -268,14 +307,14 @@ class EvaluationConfig(_Strict):
 class DegradationConfig(_Strict):
     """How synthetic documents are photographed badly: each effect's chance and strength."""
 
-    rotate: Probability = 0.5
-    max_rotation_deg: float = Field(6.0, ge=0, le=45)
-    perspective: Probability = 0.3
+    rotate: Probability = Field(0.5, description="chance a document is photographed rotated")
+    max_rotation_deg: float = Field(6.0, ge=0, le=45, description="the largest rotation, either way, in degrees")
+    perspective: Probability = Field(0.3, description="chance of a perspective distortion")
     perspective_strength: float = Field(0.06, ge=0, le=0.2, description="corner shift / side")
-    blur: Probability = 0.3
-    max_blur_radius: float = Field(1.2, ge=0, le=5)
-    noise: Probability = 0.3
-    noise_sigma: float = Field(8.0, ge=0, le=64)
+    blur: Probability = Field(0.3, description="chance of a Gaussian blur")
+    max_blur_radius: float = Field(1.2, ge=0, le=5, description="the largest blur radius, in pixels")
+    noise: Probability = Field(0.3, description="chance of sensor noise")
+    noise_sigma: float = Field(8.0, ge=0, le=64, description="the noise's standard deviation, in grey levels")
     jpeg_quality: tuple[int, int] = Field((35, 92), description="JPEG quality drawn from this range")
 
     @field_validator("jpeg_quality")
@@ -289,10 +328,14 @@ class DegradationConfig(_Strict):
 class SyntheticConfig(_Strict):
     """The synthetic document generator used by the demo and the tests."""
 
-    count: int = Field(24, ge=1, le=100_000)
-    seed: int = 0
+    count: int = Field(
+        24, ge=1, le=100_000, description="documents per batch (python -m toolkit.synthetic --count overrides it)"
+    )
+    seed: int = Field(0, description="document i of seed s is always the same bytes")
     dense: Probability = Field(0.3, description="share of documents in a dense layout")
-    degradation: DegradationConfig = DegradationConfig()
+    degradation: DegradationConfig = Field(
+        DegradationConfig(), description="how the rendered documents are photographed badly"
+    )
 
 
 class DatasetConfig(_Strict):
@@ -302,8 +345,8 @@ class DatasetConfig(_Strict):
     split_salt: str = Field("v1", min_length=1, description="changing it reshuffles every split: don't")
     max_bad_fraction: Probability = Field(0.2, description="a batch with more bad records fails the stage")
     max_image_pixels: int = Field(60_000_000, ge=1, description="decompression-bomb guard")
-    max_image_bytes: int = Field(50 * 2**20, ge=1)
-    min_image_side: int = Field(32, ge=1)
+    max_image_bytes: int = Field(50 * 2**20, ge=1, description="a larger image file is quarantined")
+    min_image_side: int = Field(32, ge=1, description="an image with a shorter side, in pixels, is quarantined")
     workers: int = Field(0, ge=0, description="image-checking processes; 0 means one per CPU")
 
 
@@ -328,11 +371,15 @@ class PatchConfig(_Strict):
 class ServingConfig(_Strict):
     """vLLM server flags for MiniCPM-V, in one place (written into the image's serve.yaml)."""
 
-    served_model_name: str = "doc-extraction"
+    served_model_name: str = Field(
+        "doc-extraction", description="the model name clients ask the server for (vLLM's --served-model-name)"
+    )
     max_model_len: int = Field(4096, ge=256, description="prompt (image slices included) plus answer")
     limit_mm_per_prompt: dict[str, int] = Field({"image": 1}, description="one document image per request")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    port: int = Field(8000, ge=1, le=65535)
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of GPU memory vLLM may take (weights and KV cache)"
+    )
+    port: int = Field(8000, ge=1, le=65535, description="the port the server listens on")
     # Request limits of the CPU stand-in (toolkit.openai_standin); vLLM bounds tokens by max_model_len.
     max_image_bytes: int = Field(20 * 2**20, ge=1, description="a request's decoded image, in bytes")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height, checked before decoding")
@@ -348,7 +395,9 @@ class PublishConfig(_Strict):
     model_source: Literal["baked", "artifact_store"] = Field(
         "baked", description="baked: the weights inside the image; artifact_store: vLLM streams them at start"
     )
-    serving: ServingConfig = ServingConfig()
+    serving: ServingConfig = Field(
+        ServingConfig(), description="the vLLM server's flags, written into the image's serve.yaml"
+    )
     smoke_gpus: int = Field(1, ge=0, description="GPUs the smoke-test container gets (0 where there is none)")
     smoke_timeout_s: int = Field(900, ge=10, description="how long the server may take to become healthy")
     engine_timeout_s: int = Field(
@@ -362,11 +411,13 @@ class PublishConfig(_Strict):
 class KubernetesConfig(_Strict):
     """Where the kubernetes launcher runs stage pods."""
 
-    namespace: str = "default"
-    service_account: str | None = None
+    namespace: str = Field("default", description="the namespace stage pods and TrainJobs run in")
+    service_account: str | None = Field(
+        None, description="the service account of stage pods (null: the namespace's default)"
+    )
     data_claim: str | None = Field(None, description="a PersistentVolumeClaim mounted at data_mount_path")
-    data_mount_path: str = "/data"
-    node_selector: dict[str, str] = {}
+    data_mount_path: str = Field("/data", description="where the data claim is mounted in every pod")
+    node_selector: dict[str, str] = Field({}, description="node labels stage pods must match, e.g. a GPU pool's")
     conn_id: str = Field("kubernetes_default", description="Airflow connection to the cluster (its kubeconfig)")
     training_runtime: str = Field(
         "torch-distributed", description="the Kubeflow Trainer ClusterTrainingRuntime finetune's TrainJob runs on"
@@ -402,7 +453,7 @@ class OrchestrationConfig(_Strict):
     pass_environment: list[str] = Field(
         [], description="names of the worker's environment variables passed privately to stage containers (keys)"
     )
-    kubernetes: KubernetesConfig = KubernetesConfig()
+    kubernetes: KubernetesConfig = Field(KubernetesConfig(), description="the kubernetes launcher's cluster settings")
     landing_poll_seconds: int = Field(
         30,
         ge=5,
@@ -415,7 +466,7 @@ class OrchestrationConfig(_Strict):
     aws_conn_id: str = Field("aws_default", description="Airflow connection for S3 and SQS (credentials live there)")
     publish: bool = Field(True, description="publish after a passed gate (the form's default; false: no registry here)")
     retries: int = Field(2, ge=0, description="retries of a failed stage task (finetune resumes from its checkpoint)")
-    retry_delay_minutes: int = Field(2, ge=0)
+    retry_delay_minutes: int = Field(2, ge=0, description="minutes between a failed stage task and its retry")
     timeout_minutes: dict[str, int] = Field(
         {"ingest": 120, "export": 60, "finetune": 4320, "patch": 120, "evaluate": 600, "publish": 180},
         description="per-stage execution timeout",
@@ -434,22 +485,39 @@ class LabellingConfig(_Strict):
 
 
 class PipelineConfig(_Strict):
-    doctypes_dir: Path = Path("configs/doctypes")
-    deepspeed_dir: Path = Path("configs/deepspeed")
+    doctypes_dir: Path = Field(
+        Path("configs/doctypes"), description="the folder of document-type files (one YAML per type)"
+    )
+    deepspeed_dir: Path = Field(
+        Path("configs/deepspeed"), description="the folder of DeepSpeed configs that training.deepspeed names"
+    )
     doc_types: list[str] = Field(min_length=1, description="document types this pipeline trains on")
-    storage: StorageConfig
-    tracking: TrackingConfig
-    model: ModelConfig
-    training: TrainingConfig = TrainingConfig()
-    gpu_container: GpuContainerConfig = GpuContainerConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
-    synthetic: SyntheticConfig = SyntheticConfig()
-    dataset: DatasetConfig = DatasetConfig()
-    export: ExportConfig = ExportConfig()
-    patch: PatchConfig = PatchConfig()
-    publish: PublishConfig = PublishConfig(image_repository="localhost:5000/doc-extraction/serving")
-    orchestration: OrchestrationConfig = OrchestrationConfig()
-    labelling: LabellingConfig = LabellingConfig()
+    storage: StorageConfig = Field(description="where batches land, datasets and run outputs live")
+    tracking: TrackingConfig = Field(description="the MLflow tracking server or store")
+    model: ModelConfig = Field(description="the base model to finetune")
+    training: TrainingConfig = Field(
+        TrainingConfig(), description="full-finetune hyperparameters and torchrun's layout"
+    )
+    gpu_container: GpuContainerConfig = Field(
+        GpuContainerConfig(), description="how GPU stage containers run: image, shared memory, ulimits, NCCL"
+    )
+    evaluation: EvaluationConfig = Field(
+        EvaluationConfig(), description="how the eval set is answered, and the accuracy gate"
+    )
+    synthetic: SyntheticConfig = Field(
+        SyntheticConfig(), description="the synthetic document generator (the demo and the tests)"
+    )
+    dataset: DatasetConfig = Field(
+        DatasetConfig(), description="ingest's checks, its failure threshold and how splits are drawn"
+    )
+    export: ExportConfig = Field(ExportConfig(), description="export to the MiniCPM-V conversation format")
+    patch: PatchConfig = Field(PatchConfig(), description="which checkpoint becomes the model")
+    publish: PublishConfig = Field(
+        PublishConfig(image_repository="localhost:5000/doc-extraction/serving"),
+        description="the Model Registry entry and the vLLM serving image",
+    )
+    orchestration: OrchestrationConfig = Field(OrchestrationConfig(), description="how the Airflow DAG runs the stages")
+    labelling: LabellingConfig = Field(LabellingConfig(), description="the Label Studio server of the labelling loop")
 
     @field_validator("doc_types")
     @classmethod

@@ -64,7 +64,9 @@ class FieldSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, description="the key in the JSON answer")
-    type: FieldType
+    type: FieldType = Field(
+        description="how the value is read, normalised and compared: text, date, time, money, integer, id or enum"
+    )
     label: str = Field("", description="the caption printed beside the value on documents")
     keywords: list[str] = Field(
         [], description="captions the OCR baseline looks for, the first found wins; default: the label's words"
@@ -74,8 +76,8 @@ class FieldSpec(BaseModel):
         [], description="OCR baseline: captions tried last where the value may be restated (a subtotal, cash paid)"
     )
     hints: list[str] = Field([], description="OCR baseline, captionless text: words that mark a line of this field")
-    required: bool = True
-    description: str = ""
+    required: bool = Field(True, description="a label without this field is quarantined at ingest")
+    description: str = Field("", description="what the field holds, for people labelling and reading the schema")
     pattern: str | None = Field(None, description="id: regex the normalised value must match")
     values: list[str] | None = Field(None, description="enum: the allowed values")
     date_formats: list[str] | None = Field(
@@ -155,14 +157,14 @@ class DocType(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    display_name: str
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="the type's id: labels, configs and file names use it")
+    display_name: str = Field(description="the type's name as people read it, e.g. 高鐵票")
     title: str = Field("", description="heading the synthetic generator prints")
-    prompt: str
+    prompt: str = Field(description="the question asked of every document of the type, with one <image>")
     prompt_variants: list[str] = Field([], description="alternative prompts for training documents")
     variants: dict[str, str] = Field({}, description="character variants folded for comparison, e.g. 臺: 台")
     headings: list[str] = Field([], description="OCR baseline: printed headings that end or are never captionless text")
-    fields: list[FieldSpec] = Field(min_length=1)
+    fields: list[FieldSpec] = Field(min_length=1, description="the answer's fields, in answer order")
 
     @field_validator("prompt")
     @classmethod
