@@ -185,7 +185,7 @@ class TrainingConfig(_Strict):
 
 
 class GpuContainerConfig(_Strict):
-    """How GPU stage containers run; pipeline.yaml says what each setting is for."""
+    """How GPU stage containers run: image, shared memory, IPC, ulimits, NCCL and the GPUs they see."""
 
     image: str = Field("doc-extraction/train:latest", description="the training image GPU stages run in")
     shm_size: str = Field(
@@ -202,7 +202,8 @@ class GpuContainerConfig(_Strict):
     )
     environment: dict[str, str] = Field(
         {},
-        description="environment of GPU containers: NCCL_DEBUG, NCCL_P2P_DISABLE, NCCL_IB_DISABLE...",
+        description="environment of GPU containers: NCCL_DEBUG (INFO shows the topology), NCCL_P2P_DISABLE and "
+        'NCCL_IB_DISABLE ("1" where peer-to-peer hangs or there is no InfiniBand), NCCL_SOCKET_IFNAME (the NIC)',
     )
     cuda_visible_devices: str | None = Field(
         None, description='which GPUs the container\'s processes see, e.g. "0,1" (null: all it is given)'
