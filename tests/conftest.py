@@ -1,4 +1,5 @@
-"""Shared fixtures: repository paths, a real S3 API server on loopback, per-test config overlays."""
+"""Shared fixtures: a real S3 API server on loopback, MLflow and registry servers, the images, tiny
+models, per-test config overlays. Helpers a test imports are in ``helpers.py``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -19,21 +19,21 @@ import yaml
 
 import docker
 from docpipe.config import S3Config
-from docpipe.contract import config_flags
-
-ROOT = Path(__file__).resolve().parents[1]
-PIPELINE = ROOT / "configs" / "pipeline.yaml"
-EMBEDDED = ROOT / "configs" / "overlays" / "embedded.yaml"
-SMOKE = ROOT / "tests" / "fixtures" / "smoke.yaml"  # machinery tests: a few steps, no fit gate
-SHARED = Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared"))  # CI clones with shared/ beside the repo
-SROIE = SHARED / "data" / "sroie-sample"
-LOCAL_BASE = "localhost/debian-base:bookworm"  # docker/local-base.sh; stands in for python:3.11-slim-bookworm
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import (
+    EMBEDDED,
+    LOCAL_BASE,
+    PIPELINE,
+    ROOT,
+    SMOKE,
+    STAGE_IMAGE,
+    TRAIN_IMAGE,
+    build_remote_code_model,
+    free_port,
+    land_synthetic,
+    run_stage,
+    wait_for_http,
+    write_overlay,
+)
 
 
 @pytest.fixture(scope="session")
@@ -116,47 +116,12 @@ def overlay(embedded) -> list[Path]:
     return [*embedded, SMOKE]
 
 
-def _environ_without_mlflow() -> dict[str, str]:
-    """This process's environment minus MLFLOW_*: mlflow.set_tracking_uri() exports
-    MLFLOW_TRACKING_URI, which would leak one test's store into another's subprocess."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-
-
-def run_module(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m module args`` from the repository root, as a launcher would run it."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env={**_environ_without_mlflow(), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.fixture
 def doctypes_copy(tmp_path) -> Path:
     """A writable copy of the shipped document types, for tests that break one."""
     target = tmp_path / "doctypes"
     shutil.copytree(ROOT / "configs" / "doctypes", target)
     return target
-
-
-def wait_for_http(url: str, alive: Callable[[], bool], timeout: float = 120) -> None:
-    """Poll ``url`` until it answers 200; fail early once ``alive()`` says the server died."""
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if not alive() or time.monotonic() > deadline:
-            pytest.fail(f"{url} did not come up")
-        time.sleep(0.25)
 
 
 @pytest.fixture(scope="session")
@@ -245,9 +210,6 @@ def docker_client(tmp_path_factory, local_registry):
     service.wait(timeout=10)
 
 
-STAGE_IMAGE = "localhost/doc-extraction/stages:test"
-
-
 @pytest.fixture(scope="session")
 def stage_image(docker_client) -> str:
     """docker/stages.Dockerfile built from the working tree."""
@@ -266,9 +228,6 @@ def stage_image(docker_client) -> str:
     )
     assert image.labels["org.opencontainers.image.revision"] == git_commit()
     return STAGE_IMAGE
-
-
-TRAIN_IMAGE = "localhost/doc-extraction/train:test"
 
 
 @pytest.fixture(scope="session")
@@ -296,128 +255,9 @@ def tiny_model(tmp_path_factory) -> Path:
     return build(tmp_path_factory.mktemp("models") / "tiny-minicpmv4_6", ROOT / "configs" / "doctypes")
 
 
-REMOTE_CODE = ROOT / "tests" / "fixtures" / "remote_code"  # model code we wrote to MiniCPM-V 2.6's interface
-
-
-def build_remote_code_model(output: Path) -> Path:
-    """A tiny checkpoint whose modeling and processing code ships in its folder (``auto_map``), as
-    MiniCPM-V 2.6's does: the code of ``tests/fixtures/remote_code``, random weights, the tiny
-    model's tokenizer with the ``<unk>`` the processor fills image slices with."""
-    import torch
-    from transformers import AutoConfig, AutoModel
-
-    from toolkit.tiny_model import build_tokenizer
-
-    output.mkdir(parents=True)
-    for code in REMOTE_CODE.glob("*.py"):
-        shutil.copy(code, output / code.name)
-    tokenizer = build_tokenizer(ROOT / "configs" / "doctypes")
-    tokenizer.add_special_tokens({"unk_token": "<unk>"})
-    tokenizer.save_pretrained(output)
-    config = {
-        "model_type": "tiny_minicpmv",
-        "architectures": ["TinyMiniCPMV"],
-        "version": 2.6,
-        "auto_map": {
-            "AutoConfig": "configuration_tiny_minicpmv.TinyMiniCPMVConfig",
-            "AutoModel": "modeling_tiny_minicpmv.TinyMiniCPMV",
-        },
-        "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "tie_word_embeddings": False,
-        "query_num": 4,
-        "patch_size": 14,
-        "slice_size": 28,
-        "vision_hidden": 32,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    (output / "config.json").write_text(json.dumps(config))
-    processor = {"AutoProcessor": "processing_tiny_minicpmv.TinyMiniCPMVProcessor"}
-    (output / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "TinyMiniCPMVImageProcessor",
-                "slice_size": 28,
-                "patch_size": 14,
-                "query_num": 4,
-                "max_slice_nums": 9,
-                "auto_map": {
-                    "AutoImageProcessor": "image_processing_tiny_minicpmv.TinyMiniCPMVImageProcessor",
-                    **processor,
-                },
-            }
-        )
-    )
-    (output / "processor_config.json").write_text(
-        json.dumps({"processor_class": "TinyMiniCPMVProcessor", "auto_map": processor})
-    )
-    torch.manual_seed(0)
-    AutoModel.from_config(
-        AutoConfig.from_pretrained(output, trust_remote_code=True), trust_remote_code=True
-    ).save_pretrained(output)
-    return output
-
-
 @pytest.fixture(scope="session")
 def remote_code_model(tmp_path_factory) -> Path:
     return build_remote_code_model(tmp_path_factory.mktemp("models") / "tiny-remote-code")
-
-
-def run_stage(stage: str, config_paths: list[Path], *args: str) -> int:
-    """A stage's CLI in this process (flags, tracking, result.json), as ``python -m`` would run it."""
-    import importlib
-
-    from docpipe.contract import main
-
-    module = importlib.import_module(f"stages.{stage}")
-    if hasattr(module, "__path__"):  # a package: the stage lives in its __main__
-        module = importlib.import_module(f"stages.{stage}.__main__")
-    return main(module.STAGE, module.build_parser(), module.run, [*config_flags(config_paths), *args])
-
-
-def jpeg(seed: int = 0, size=(96, 64), **save_args) -> bytes:
-    """A small, valid JPEG of seeded noise: another seed, another document."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", **save_args)
-    return buffer.getvalue()
-
-
-def land_synthetic(
-    location: Path | str, count: int, seed: int = 0, doc_types: list[str] | None = None, s3: S3Config | None = None
-) -> str:
-    """A completed landing batch of ``count`` synthetic documents (every type unless named); its URI."""
-    from docpipe.config import SyntheticConfig
-    from docpipe.data.landing import write_batch
-    from docpipe.doctypes import load_registry
-    from docpipe.storage import open_storage
-    from toolkit.synthetic import generate
-
-    registry = load_registry(ROOT / "configs" / "doctypes")
-    chosen = [registry[name] for name in doc_types] if doc_types else list(registry.values())
-    store = open_storage(location, s3)
-    write_batch(
-        store,
-        [(r, image) for r, image, _ in generate(chosen, SyntheticConfig(count=count, seed=seed))],
-        producer="test",
-    )
-    return store.uri
-
-
-def write_overlay(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -445,25 +285,3 @@ def exported(tmp_path_factory) -> Path:
 @pytest.fixture
 def finetune_config(overlay, tiny_model, tmp_path) -> list[Path]:
     return [*overlay, write_overlay(tmp_path, "model.yaml", f"model: {{base: {tiny_model}}}\n")]
-
-
-def finetune(config: list[Path], exported: Path, out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
-    """The stage as the DAG's local launcher runs it: its own process."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stages.finetune",
-            *config_flags(config),
-            "--data",
-            str(exported),
-            "--output",
-            str(out),
-            *extra,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **env},
-    )

@@ -2,7 +2,7 @@
 
 Model states follow DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs``,
 ``estimate_zero3_model_states_mem_needs``: the same formulas, here so the plan task needs no
-torch; ``tests/test_memory_plan.py`` holds them to DeepSpeed's). Activations are added for
+torch; ``tests/docpipe/test_memory_plan.py`` holds them to DeepSpeed's). Activations are added for
 training with gradient checkpointing: each language-model layer keeps its bf16 input
 (layers x batch x tokens x hidden x 2 bytes), one layer is recomputed at a time (34 bytes per
 token and hidden unit, Korthikanti et al. 2022, attention scores not materialised by SDPA), the
