@@ -48,11 +48,11 @@ class Profile(BaseModel):
 
 
 def stage(name: str, configs: list[Path], *args: str) -> float:
-    """``python -m stages.<name>`` as the local launcher runs it; returns its seconds."""
+    """A stage (or the synthetic tool) as the local launcher runs it, through ``docpipe <name>``; its seconds."""
     started = time.perf_counter()
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     done = subprocess.run(
-        [sys.executable, "-m", f"stages.{name}", *config_flags(configs), *args],
+        [sys.executable, "-m", "toolkit.commands", name, *config_flags(configs), *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -113,104 +113,86 @@ def plot(selection: dict, prior: float, out: Path, title: str) -> None:
     figure.savefig(out, dpi=110)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="cpu", help="a profile of configs/benchmarks/learning.yaml")
-    parser.add_argument("--output", type=Path, default=ROOT / "data" / "benchmarks" / "learning")
-    args = parser.parse_args()
+def chosen_profile(name: str) -> Profile:
+    """The named profile of configs/benchmarks/learning.yaml, checked."""
     profiles = read_yaml(PROFILES)
-    if args.profile not in profiles:
-        sys.exit(f"{PROFILES}: no profile {args.profile!r}; it has {sorted(profiles)}")
-    profile = Profile.model_validate(profiles[args.profile])
+    if name not in profiles:
+        sys.exit(f"{PROFILES}: no profile {name!r}; it has {sorted(profiles)}")
+    profile = Profile.model_validate(profiles[name])
     if profile.size not in SIZES:
-        sys.exit(f"{PROFILES}: {args.profile}.size: {profile.size!r} is not one of {sorted(SIZES)}")
-    out = args.output.resolve()
-    if out.exists() and any(out.iterdir()):
-        sys.exit(f"{out}: not empty; give another --output")
-    started = time.perf_counter()
-    registry = load_registry(ROOT / "configs" / "doctypes")
-    model = build(out / "base-model", ROOT / "configs" / "doctypes", size=profile.size)
+        sys.exit(f"{PROFILES}: {name}.size: {profile.size!r} is not one of {sorted(SIZES)}")
+    return profile
+
+
+def benchmark_overlay(out: Path, profile: Profile, model: Path) -> Path:
+    """The run's overlay: the profile's pipeline settings, its folders, no gate, no OCR baseline."""
     overlay = out / "benchmark.yaml"
-    overlay.write_text(
-        json.dumps(
-            {
-                **profile.pipeline,
-                "doc_types": profile.doc_types,
-                "model": {"base": str(model)},
-                "storage": {
-                    "landing_uri": str(out / "landing"),
-                    "datasets_uri": str(out / "datasets"),
-                    "runs_uri": str(out / "runs"),
-                },
-                "tracking": {"tracking_uri": f"sqlite:///{out}/mlflow.db", "artifact_location": str(out / "artifacts")},
-                "evaluation": {
-                    **profile.pipeline.get("evaluation", {}),
-                    "ocr_baseline": False,
-                    "thresholds": {"field_accuracy": 0, "document_accuracy": 0, "json_validity": 0},
-                },
-            }
-        )
-    )
-    configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", overlay]
-
-    batch = str(out / "landing" / "batch-1")
-    types = ",".join(profile.doc_types)
-    seconds = {
-        "synthetic": stage(
-            "synthetic", configs, "--output", batch, "--count", str(profile.documents), "--doc-types", types
-        )
+    settings = {
+        **profile.pipeline,
+        "doc_types": profile.doc_types,
+        "model": {"base": str(model)},
+        "storage": {
+            "landing_uri": str(out / "landing"),
+            "datasets_uri": str(out / "datasets"),
+            "runs_uri": str(out / "runs"),
+        },
+        "tracking": {"tracking_uri": f"sqlite:///{out}/mlflow.db", "artifact_location": str(out / "artifacts")},
+        "evaluation": {
+            **profile.pipeline.get("evaluation", {}),
+            "ocr_baseline": False,
+            "thresholds": {"field_accuracy": 0, "document_accuracy": 0, "json_validity": 0},
+        },
     }
-    seconds["ingest"] = stage("ingest", configs, "--output", str(out / "datasets"), "--batch", batch)
-    seconds["export"] = stage("export", configs, "--output", str(out / "export"))
-    seconds["finetune"] = stage("finetune", configs, "--data", str(out / "export"), "--output", str(out / "finetune"))
-    seconds["patch"] = stage("patch", configs, "--finetune", str(out / "finetune"), "--output", str(out / "model"))
-    seconds["evaluate"] = stage(
-        "evaluate",
-        configs,
-        "--data",
-        str(out / "export"),
-        "--model",
-        str(out / "model"),
-        "--output",
-        str(out / "evaluate"),
-    )
-    total = time.perf_counter() - started
+    overlay.write_text(json.dumps(settings))
+    return overlay
 
-    train = json.loads((out / "export" / "train.json").read_text())
-    held_out = json.loads((out / "export" / "eval.json").read_text())
+
+def run_stages(out: Path, configs: list[Path], profile: Profile) -> dict[str, float]:
+    """synthetic, ingest, export, finetune, patch and evaluate, as the DAG chains them; seconds of each."""
+    batch = str(out / "landing" / "batch-1")
+    documents, types = str(profile.documents), ",".join(profile.doc_types)
+    export, model = str(out / "export"), str(out / "model")
+    return {
+        "synthetic": stage("synthetic", configs, "--output", batch, "--count", documents, "--doc-types", types),
+        "ingest": stage("ingest", configs, "--output", str(out / "datasets"), "--batch", batch),
+        "export": stage("export", configs, "--output", export),
+        "finetune": stage("finetune", configs, "--data", export, "--output", str(out / "finetune")),
+        "patch": stage("patch", configs, "--finetune", str(out / "finetune"), "--output", model),
+        "evaluate": stage("evaluate", configs, "--data", export, "--model", model, "--output", str(out / "evaluate")),
+    }
+
+
+def prior_baseline(train: list[dict], held_out: list[dict], registry: dict) -> dict:
+    """Every held-out document answered with each field's most frequent training value, scored."""
     guesses = prior_answers(train)
-    prior = evaluate_all(
-        [
-            score(
-                registry[e["doc_type"]],
-                e["id"],
-                json.loads(e["conversations"][1]["content"]),
-                guesses.get(e["doc_type"], {}),
-                "",
-                0.0,
-            )
-            for e in held_out
-        ],
-        registry,
-        1.0,
-    )
-    saved = json.loads((out / "evaluate" / "metrics.json").read_text())
-    selection = json.loads((out / "finetune" / "selection.json").read_text())
-    finetune = json.loads((out / "finetune" / "result.json").read_text())
-    rows = per_field_table(saved, prior, registry)
+    scored = [
+        score(
+            registry[e["doc_type"]],
+            e["id"],
+            json.loads(e["conversations"][1]["content"]),
+            guesses.get(e["doc_type"], {}),
+            "",
+            0.0,
+        )
+        for e in held_out
+    ]
+    return evaluate_all(scored, registry, 1.0)
 
+
+def print_report(name: str, profile: Profile, figures: dict, train: list, held_out: list) -> None:
+    """Timings, the learning curve, the per-field table against the prior, and the overall figures."""
     import torch
 
+    finetune, selection, rows = figures["finetune"], figures["selection"], figures["rows"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     print(
-        f"\nprofile {args.profile}: size {profile.size}, {len(train)} train / {len(held_out)} held-out documents, "
+        f"\nprofile {name}: size {profile.size}, {len(train)} train / {len(held_out)} held-out documents, "
         f"{finetune['counts']['global_step']} steps, {os.cpu_count()} CPUs, {device}"
     )
-    print(f"time: {total:.0f} s in all ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})")
-    print(
-        f"training: {finetune['metrics']['train_runtime_s']:.0f} s, "
-        f"{finetune['counts']['input_tokens_seen'] / finetune['metrics']['train_runtime_s']:.0f} tokens/s"
-    )
+    seconds = figures["seconds"]
+    print(f"time: {figures['total_s']:.0f} s in all ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})")
+    runtime = finetune["metrics"]["train_runtime_s"]
+    print(f"training: {runtime:.0f} s, {finetune['counts']['input_tokens_seen'] / runtime:.0f} tokens/s")
     print("\nlearning curve (held-out, every checkpoint):")
     for point in selection["curve"]:
         if point["field_accuracy"] is not None:
@@ -227,36 +209,57 @@ def main() -> None:
             f"{row['doc_type']:12} {row['field']:8} {row['type']:6} {row['options'] or '-':>7} {row['model']:6.3f} "
             f"{row['prior']:6.3f}  {learned}{' (short list)' if row['short_list'] else ''}"
         )
-    overall, fit = saved["metrics"]["overall"], saved["fit"]["overall"]
+    overall, fit, prior = figures["held_out"], figures["fit"], figures["prior"]
     print(
         f"\nheld-out: field {overall['field_accuracy']:.3f}, JSON {overall['json_validity']:.3f}; prior "
-        f"{prior['overall']['field_accuracy']:.3f}; training sample (fit) {fit['field_accuracy']:.3f}"
+        f"{prior['field_accuracy']:.3f}; training sample (fit) {fit['field_accuracy']:.3f}"
     )
     short = [r for r in rows if r["short_list"]]
-    above = sum(r["model"] > r["prior"] for r in short)
-    print(f"short-list fields above the prior: {above} of {len(short)}")
-    plot(
-        selection,
-        prior["overall"]["field_accuracy"],
-        out / "learning.png",
-        f"{args.profile}: {profile.size}, {len(train)} train docs, held-out {len(held_out)}",
+    print(f"short-list fields above the prior: {sum(r['model'] > r['prior'] for r in short)} of {len(short)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="cpu", help="a profile of configs/benchmarks/learning.yaml")
+    parser.add_argument("--output", type=Path, default=ROOT / "data" / "benchmarks" / "learning")
+    args = parser.parse_args()
+    profile = chosen_profile(args.profile)
+    out = args.output.resolve()
+    if out.exists() and any(out.iterdir()):
+        sys.exit(f"{out}: not empty; give another --output")
+    started = time.perf_counter()
+    registry = load_registry(ROOT / "configs" / "doctypes")
+    model = build(out / "base-model", ROOT / "configs" / "doctypes", size=profile.size)
+    overlay = benchmark_overlay(out, profile, model)
+    configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", overlay]
+    seconds = run_stages(out, configs, profile)
+    total = time.perf_counter() - started
+
+    train = json.loads((out / "export" / "train.json").read_text())
+    held_out = json.loads((out / "export" / "eval.json").read_text())
+    prior = prior_baseline(train, held_out, registry)
+    saved = json.loads((out / "evaluate" / "metrics.json").read_text())
+    selection = json.loads((out / "finetune" / "selection.json").read_text())
+    figures = {
+        "profile": args.profile,
+        "seconds": seconds,
+        "total_s": total,
+        "rows": per_field_table(saved, prior, registry),
+        "prior": prior["overall"],
+        "held_out": saved["metrics"]["overall"],
+        "fit": saved["fit"]["overall"],
+        "selection": selection,
+    }
+    print_report(
+        args.profile,
+        profile,
+        {**figures, "finetune": json.loads((out / "finetune" / "result.json").read_text())},
+        train,
+        held_out,
     )
-    (out / "learning.json").write_text(
-        json.dumps(
-            {
-                "profile": args.profile,
-                "seconds": seconds,
-                "total_s": total,
-                "rows": rows,
-                "prior": prior["overall"],
-                "held_out": overall,
-                "fit": fit,
-                "selection": selection,
-            },
-            indent=2,
-            ensure_ascii=False,
-        )
-    )
+    title = f"{args.profile}: {profile.size}, {len(train)} train docs, held-out {len(held_out)}"
+    plot(selection, prior["overall"]["field_accuracy"], out / "learning.png", title)
+    (out / "learning.json").write_text(json.dumps(figures, indent=2, ensure_ascii=False))
     print(f"saved {out / 'learning.png'} and {out / 'learning.json'}")
 
 

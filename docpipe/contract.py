@@ -54,9 +54,9 @@ def input_errors_are_bad_input(*errors: type[Exception], prefix: str = "") -> It
 Runner = Callable[[argparse.Namespace, PipelineConfig, Storage], StageOutput]
 
 
-def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
-    """An argument parser with the flags every stage takes."""
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=description)
+def stage_parser(stage: str, description: str, module: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser with the flags every stage takes; ``module`` runs it (default ``stages.<stage>``)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module or f'stages.{stage}'}", description=description)
     parser.add_argument(
         "--config",
         type=Path,

@@ -19,10 +19,55 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from docpipe import tracking
+from docpipe.config import PipelineConfig
 from docpipe.contract import EXIT_BAD_INPUT, EXIT_FAILED, config_flags
 from docpipe.storage import open_storage
 from toolkit.local_airflow import EMBEDDED, PASSWORDS_FILE, airflow_environment, embedded_parser, load_or_report
 from toolkit.tiny_model import build as build_tiny_model
+
+
+def demo_steps(config: PipelineConfig, paths: list[Path], batch_uri: str, count: int) -> dict[str, list[str]]:
+    """What the demo runs, in order: a synthetic batch lands, then Airflow runs both DAGs."""
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    synthetic = [sys.executable, "-m", "toolkit.synthetic", *config_flags(paths), "--output", batch_uri]
+    return {
+        "a synthetic batch lands": [*synthetic, "--count", str(count)],
+        "Airflow's database": [airflow, "db", "migrate"],
+        "the landing watcher": [airflow, "dags", "test", "doc_extraction_landing_watcher"],
+        "the pipeline DAG": [airflow, "dags", "test", "doc_extraction"],
+    }
+
+
+def run_steps(steps: dict[str, list[str]], env: dict[str, str]) -> int:
+    """Each step in turn; the first that fails stops the demo. Its exit code (0 when all pass)."""
+    for name, step in steps.items():
+        print(f"== {name}", flush=True)
+        quiet = name == "Airflow's database"
+        done = subprocess.run(step, env=env, stdout=subprocess.DEVNULL if quiet else None)
+        if done.returncode:
+            print(f"demo: {name} failed with exit code {done.returncode}", file=sys.stderr)
+            return done.returncode
+    return 0
+
+
+def where_things_are(config: PipelineConfig, paths: list[Path], airflow_home: Path, batch_uri: str, parent) -> str:
+    """Where the batch, the dataset, the run's outputs, MLflow and the Airflow UI are."""
+    run_dir = parent.data.tags.get("run.folder", config.storage.runs_uri)
+    uri, experiment = config.tracking.tracking_uri, parent.info.experiment_id
+    default = paths == EMBEDDED and airflow_home == Path("data/airflow")
+    local_airflow = [".venv/bin/python -m toolkit.local_airflow", *config_flags(paths)]
+    ui = "make airflow" if default else " ".join([*local_airflow, "--airflow-home", str(airflow_home)])
+    return (
+        f"\nLabelled batch:   {batch_uri} (labels.jsonl, images/, result.json)"
+        f"\nDataset versions: {config.storage.datasets_uri} (LATEST, versions/<id>/manifest.jsonl, card.json)"
+        f"\nRun outputs:      {run_dir} (export/, finetune/checkpoint-*, model/, evaluate/)"
+        f"\nReport:           {run_dir}/evaluate/report.html"
+        f"\nMLflow run:       {parent.info.run_id} ({parent.info.status}) in experiment {config.tracking.experiment!r}"
+        f"\nList runs:        MLFLOW_TRACKING_URI={uri} .venv/bin/mlflow runs list --experiment-id {experiment}"
+        f"\nBrowse runs:      .venv/bin/mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+        f"\nAirflow UI:       {ui}  (then http://127.0.0.1:8080, user admin, password in "
+        f"{airflow_home / PASSWORDS_FILE})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,54 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         build_tiny_model(base, config.doctypes_dir, size="demo")
 
     started = datetime.now(UTC)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    batch = open_storage(config.storage.landing_uri, config.storage.s3).child(f"batch-{stamp}")
-    airflow = str(Path(sys.executable).with_name("airflow"))
-    env = airflow_environment(args.airflow_home, paths)
-    steps = {
-        "a synthetic batch lands": [
-            sys.executable,
-            "-m",
-            "toolkit.synthetic",
-            *config_flags(paths),
-            "--output",
-            batch.uri,
-            "--count",
-            str(args.count),
-        ],
-        "Airflow's database": [airflow, "db", "migrate"],
-        "the landing watcher": [airflow, "dags", "test", "doc_extraction_landing_watcher"],
-        "the pipeline DAG": [airflow, "dags", "test", "doc_extraction"],
-    }
-    for name, step in steps.items():
-        print(f"== {name}", flush=True)
-        quiet = name == "Airflow's database"
-        done = subprocess.run(step, env=env, stdout=subprocess.DEVNULL if quiet else None)
-        if done.returncode:
-            print(f"demo: {name} failed with exit code {done.returncode}", file=sys.stderr)
-            break
+    batch = open_storage(config.storage.landing_uri, config.storage.s3).child(f"batch-{started:%Y%m%dT%H%M%SZ}")
+    code = run_steps(demo_steps(config, paths, batch.uri, args.count), airflow_environment(args.airflow_home, paths))
     parent = tracking.latest_pipeline_run(config.tracking, since=started)
     if parent is None:
         print("demo: the pipeline DAG started no MLflow run", file=sys.stderr)
         return EXIT_FAILED
-    run_dir = parent.data.tags.get("run.folder", config.storage.runs_uri)
-    uri, experiment = config.tracking.tracking_uri, parent.info.experiment_id
-    default = paths == EMBEDDED and args.airflow_home == Path("data/airflow")
-    local_airflow = [".venv/bin/python -m toolkit.local_airflow", *config_flags(paths)]
-    ui = "make airflow" if default else " ".join([*local_airflow, "--airflow-home", str(args.airflow_home)])
-    print(
-        f"\nLabelled batch:   {batch.uri} (labels.jsonl, images/, result.json)"
-        f"\nDataset versions: {config.storage.datasets_uri} (LATEST, versions/<id>/manifest.jsonl, card.json)"
-        f"\nRun outputs:      {run_dir} (export/, finetune/checkpoint-*, model/, evaluate/)"
-        f"\nReport:           {run_dir}/evaluate/report.html"
-        f"\nMLflow run:       {parent.info.run_id} ({parent.info.status}) in experiment {config.tracking.experiment!r}"
-        f"\nList runs:        MLFLOW_TRACKING_URI={uri} .venv/bin/mlflow runs list --experiment-id {experiment}"
-        f"\nBrowse runs:      .venv/bin/mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
-        f"\nAirflow UI:       {ui}  (then http://127.0.0.1:8080, user admin, password in "
-        f"{args.airflow_home / PASSWORDS_FILE})"
-    )
-    print(accuracy_summary(Path(run_dir) / "evaluate"))
-    return done.returncode and EXIT_FAILED
+    print(where_things_are(config, paths, args.airflow_home, batch.uri, parent))
+    print(accuracy_summary(Path(parent.data.tags.get("run.folder", config.storage.runs_uri)) / "evaluate"))
+    return code and EXIT_FAILED
 
 
 def accuracy_summary(evaluation: Path) -> str:

@@ -160,6 +160,47 @@ def sse(chunks: list[dict]) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
+def chat_completion(completion, prompt_tokens: int, served_model: str, request: ChatRequest) -> dict:
+    """The OpenAI ``chat.completion`` object for one generated answer: usage and finish reason
+    from the generated ids, the chosen tokens' log-probabilities when asked for."""
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion.tokens,
+        "total_tokens": prompt_tokens + completion.tokens,
+    }
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": completion.text},
+        "finish_reason": "length" if completion.cut else "stop",
+        "logprobs": {"content": logprobs_content(completion)} if request.logprobs else None,
+    }
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": served_model,
+        "system_fingerprint": "cpu-stand-in",
+        "object": "chat.completion",
+        "usage": usage,
+        "choices": [choice],
+    }
+
+
+def completion_chunks(reply: dict, request: ChatRequest) -> list[dict]:
+    """The same answer as server-sent ``chat.completion.chunk`` events: the content, the finish
+    reason, and the usage where ``stream_options.include_usage`` asks for it."""
+    chunk = {key: reply[key] for key in ("id", "created", "model", "system_fingerprint")}
+    chunk["object"] = "chat.completion.chunk"
+    (choice,) = reply["choices"]
+    content = {"index": 0, "delta": choice["message"], "finish_reason": None, "logprobs": choice["logprobs"]}
+    chunks = [
+        {**chunk, "choices": [content]},
+        {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]},
+    ]
+    if request.stream_options and request.stream_options.include_usage:
+        chunks.append({**chunk, "choices": [], "usage": reply["usage"]})
+    return chunks
+
+
 def create_app(model_dir: Path, served_model: str, config_paths: list[Path] | None = None):
     import threading
 
@@ -209,42 +250,10 @@ def create_app(model_dir: Path, served_model: str, config_paths: list[Path] | No
                 (completion,) = adapter.complete(model, [sample], budget, [schema] if schema else None)
         except GrammarError as exc:
             raise BadRequest(f"response_format: {exc}") from None
-        prompt_tokens = adapter.length(sample)
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion.tokens,
-            "total_tokens": prompt_tokens + completion.tokens,
-        }
-        finish = "length" if completion.cut else "stop"
-        common = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "created": int(time.time()),
-            "model": served_model,
-            "system_fingerprint": "cpu-stand-in",
-        }
-        logprobs = {"content": logprobs_content(completion)} if request.logprobs else None
+        reply = chat_completion(completion, adapter.length(sample), served_model, request)
         if not request.stream:
-            message = {"role": "assistant", "content": completion.text}
-            choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}
-            return {**common, "object": "chat.completion", "usage": usage, "choices": [choice]}
-        chunk = {**common, "object": "chat.completion.chunk"}
-        chunks = [
-            {
-                **chunk,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": {"role": "assistant", "content": completion.text},
-                        "finish_reason": None,
-                        "logprobs": logprobs,
-                    }
-                ],
-            },
-            {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]},
-        ]
-        if request.stream_options and request.stream_options.include_usage:
-            chunks.append({**chunk, "choices": [], "usage": usage})
-        return StreamingResponse(sse(chunks), media_type="text/event-stream")
+            return reply
+        return StreamingResponse(sse(completion_chunks(reply, request)), media_type="text/event-stream")
 
     return app
 

@@ -128,14 +128,11 @@ def _family_ids(family: str, tokenizer) -> dict[str, int]:
     return {**ids, "newline_id": tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\n"))[0]}
 
 
-def build(output: Path, doctypes_dir: Path, seed: int = 0, family: str = "minicpmv4_6", size: str = "smoke") -> Path:
-    """Write the tiny model folder; returns it."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
-    from transformers.models.minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+def model_config(family: str, dims: TinySize, tokenizer):
+    """The model's configuration at ``dims``: a hybrid-attention text model, a small vision tower,
+    the merger after the first vision layer, and the tokenizer's image placeholders."""
+    from transformers import AutoConfig
 
-    dims = SIZES[size]
-    tokenizer = build_tokenizer(doctypes_dir)
     text = {
         "model_type": "qwen3_5_text",
         "vocab_size": len(tokenizer),
@@ -168,7 +165,7 @@ def build(output: Path, doctypes_dir: Path, seed: int = 0, family: str = "minicp
         "patch_size": 14,
         "image_size": 56,
     }
-    config = AutoConfig.for_model(
+    return AutoConfig.for_model(
         family,
         text_config=text,
         vision_config=vision,
@@ -178,6 +175,17 @@ def build(output: Path, doctypes_dir: Path, seed: int = 0, family: str = "minicp
         video_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["video_token"]),
         **_family_ids(family, tokenizer),
     )
+
+
+def build(output: Path, doctypes_dir: Path, seed: int = 0, family: str = "minicpmv4_6", size: str = "smoke") -> Path:
+    """Write the tiny model folder; returns it."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+
+    dims = SIZES[size]
+    tokenizer = build_tokenizer(doctypes_dir)
+    config = model_config(family, dims, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -48,7 +48,6 @@ def stage_operator(stage: str, config: PipelineConfig, home: Path, config_paths:
     read ``orchestration.container_configs``.
     """
     settings = config.orchestration
-    gpu = config if stage in settings.gpu_stages else None
     common: dict[str, Any] = {
         "task_id": stage,
         "retries": settings.retries,
@@ -59,28 +58,37 @@ def stage_operator(stage: str, config: PipelineConfig, home: Path, config_paths:
     config_paths = stage_config_paths(config, config_paths)
     if settings.launcher == "local":
         return LocalStageOperator(stage=stage, home=home, config_paths=config_paths, **common)
-    image = config.gpu_container.image if gpu else settings.stage_image
-    environment = dict(settings.container_environment)
     if settings.launcher == "docker":
-        from docker.types import Mount
+        return _in_a_container(stage, config, config_paths, common)
+    return _in_a_pod(stage, config, config_paths, common)
 
-        mounts = [
-            Mount(target=target, source=host_path(source), type="bind") for source, target in settings.mounts.items()
-        ]
-        return docker_stage_operator(
-            stage=stage,
-            config_paths=config_paths,
-            gpu=gpu,
-            image=image,
-            docker_url=settings.docker_url,
-            network_mode=settings.network_mode,
-            mounts=mounts,
-            environment=environment,
-            auto_remove="success",
-            pass_environment=settings.pass_environment,
-            mount_tmp_dir=False,
-            **common,
-        )
+
+def _in_a_container(stage: str, config: PipelineConfig, config_paths: list[str], common: dict[str, Any]):
+    """The docker launcher's operator: the stage's image, the configured mounts and network."""
+    from docker.types import Mount
+
+    settings = config.orchestration
+    gpu = config if stage in settings.gpu_stages else None
+    mounts = [Mount(target=target, source=host_path(source), type="bind") for source, target in settings.mounts.items()]
+    return docker_stage_operator(
+        stage=stage,
+        config_paths=config_paths,
+        gpu=gpu,
+        image=config.gpu_container.image if gpu else settings.stage_image,
+        docker_url=settings.docker_url,
+        network_mode=settings.network_mode,
+        mounts=mounts,
+        environment=dict(settings.container_environment),
+        auto_remove="success",
+        pass_environment=settings.pass_environment,
+        mount_tmp_dir=False,
+        **common,
+    )
+
+
+def _in_a_pod(stage: str, config: PipelineConfig, config_paths: list[str], common: dict[str, Any]):
+    """The kubernetes launcher's operator: a pod with the data claim mounted; finetune a TrainJob."""
+    settings = config.orchestration
     kube = settings.kubernetes
     if stage == "finetune":
         from docpipe.orchestration.trainjob import TrainJobOperator
@@ -90,6 +98,7 @@ def stage_operator(stage: str, config: PipelineConfig, home: Path, config_paths:
         )
     from kubernetes.client import models as k8s
 
+    gpu = config if stage in settings.gpu_stages else None
     volumes, volume_mounts = [], []
     if kube.data_claim:
         claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=kube.data_claim)
@@ -99,11 +108,11 @@ def stage_operator(stage: str, config: PipelineConfig, home: Path, config_paths:
         stage=stage,
         config_paths=config_paths,
         gpu=gpu,
-        image=image,
+        image=config.gpu_container.image if gpu else settings.stage_image,
         namespace=kube.namespace,
         service_account_name=kube.service_account,
         node_selector=kube.node_selector,
-        env_vars=environment,
+        env_vars=dict(settings.container_environment),
         volumes=volumes,
         volume_mounts=volume_mounts,
         name=f"doc-extraction-{stage}",

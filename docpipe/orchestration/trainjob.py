@@ -36,31 +36,39 @@ def job_name(run_name: str, attempt: int) -> str:
     return f"ft-{slug[:50].strip('-')}-{attempt}"
 
 
-def train_job(name: str, config: PipelineConfig, plan: Plan, command: list[str], environment: dict[str, str]):
-    """The TrainJob for finetune: ``plan.nodes`` nodes of ``plan.gpus`` GPUs, the stage image, a
-    memory-backed /dev/shm, the data claim, NCCL and MLflow environment, credentials by reference."""
+def node_environment(config: PipelineConfig, environment: dict[str, str]) -> list:
+    """The nodes' environment: the values given, and credentials as references to the Secret (the
+    manifest names them only; their values stay in the Secret)."""
     from kubeflow_trainer_api import models as m
 
-    kube, settings = config.orchestration.kubernetes, config.gpu_container
+    kube = config.orchestration.kubernetes
     env = [m.IoK8sApiCoreV1EnvVar(name=key, value=value) for key, value in environment.items()]
-    if kube.credentials_secret:  # values stay in the Secret: the manifest names them only
+    if kube.credentials_secret:
+        secret = kube.credentials_secret
         env += [
             m.IoK8sApiCoreV1EnvVar(
                 name=key,
                 value_from=m.IoK8sApiCoreV1EnvVarSource(
-                    secret_key_ref=m.IoK8sApiCoreV1SecretKeySelector(
-                        name=kube.credentials_secret, key=key, optional=True
-                    )
+                    secret_key_ref=m.IoK8sApiCoreV1SecretKeySelector(name=secret, key=key, optional=True)
                 ),
             )
             for key in config.orchestration.pass_environment
         ]
+    return env
+
+
+def node_pod_patch(config: PipelineConfig):
+    """What the runtime's node pods get added: a memory-backed /dev/shm and the data claim (every node
+    reads the export and writes checkpoints there: ReadWriteMany), under the runtime patch's manager."""
+    from kubeflow_trainer_api import models as m
+
+    kube = config.orchestration.kubernetes
     shm = m.IoK8sApiCoreV1EmptyDirVolumeSource(
-        medium="Memory", size_limit=m.IoK8sApimachineryPkgApiResourceQuantity(shm_quantity(settings))
+        medium="Memory", size_limit=m.IoK8sApimachineryPkgApiResourceQuantity(shm_quantity(config.gpu_container))
     )
     volumes = [m.IoK8sApiCoreV1Volume(name="dshm", empty_dir=shm)]
     mounts = [m.IoK8sApiCoreV1VolumeMount(name="dshm", mount_path="/dev/shm")]
-    if kube.data_claim:  # every node reads the export and writes checkpoints here: ReadWriteMany
+    if kube.data_claim:
         claim = m.IoK8sApiCoreV1PersistentVolumeClaimVolumeSource(claim_name=kube.data_claim)
         volumes.append(m.IoK8sApiCoreV1Volume(name="data", persistent_volume_claim=claim))
         mounts.append(m.IoK8sApiCoreV1VolumeMount(name="data", mount_path=kube.data_mount_path))
@@ -70,29 +78,34 @@ def train_job(name: str, config: PipelineConfig, plan: Plan, command: list[str],
         node_selector=kube.node_selector or None,
         service_account_name=kube.service_account,
     )
-    patch = m.TrainerV1alpha1RuntimePatch(
+    node_job = m.TrainerV1alpha1ReplicatedJobPatch(
+        name=NODE,
+        template=m.TrainerV1alpha1JobTemplatePatch(
+            spec=m.TrainerV1alpha1JobSpecPatch(template=m.TrainerV1alpha1PodTemplatePatch(spec=pod))
+        ),
+    )
+    return m.TrainerV1alpha1RuntimePatch(
         manager=MANAGER,
         training_runtime_spec=m.TrainerV1alpha1TrainingRuntimeSpecPatch(
             template=m.TrainerV1alpha1JobSetTemplatePatch(
-                spec=m.TrainerV1alpha1JobSetSpecPatch(
-                    replicated_jobs=[
-                        m.TrainerV1alpha1ReplicatedJobPatch(
-                            name=NODE,
-                            template=m.TrainerV1alpha1JobTemplatePatch(
-                                spec=m.TrainerV1alpha1JobSpecPatch(template=m.TrainerV1alpha1PodTemplatePatch(spec=pod))
-                            ),
-                        )
-                    ]
-                )
+                spec=m.TrainerV1alpha1JobSetSpecPatch(replicated_jobs=[node_job])
             )
         ),
     )
+
+
+def train_job(name: str, config: PipelineConfig, plan: Plan, command: list[str], environment: dict[str, str]):
+    """The TrainJob for finetune: ``plan.nodes`` nodes of ``plan.gpus`` GPUs, the stage image, a
+    memory-backed /dev/shm, the data claim, NCCL and MLflow environment, credentials by reference."""
+    from kubeflow_trainer_api import models as m
+
+    kube = config.orchestration.kubernetes
     limits = {"nvidia.com/gpu": m.IoK8sApimachineryPkgApiResourceQuantity(str(plan.gpus))} if plan.gpus else None
     trainer = m.TrainerV1alpha1Trainer(
-        image=settings.image,
+        image=config.gpu_container.image,
         command=command[:1],
         args=command[1:],
-        env=env,
+        env=node_environment(config, environment),
         num_nodes=plan.nodes,
         num_proc_per_node=max(plan.gpus, 1),
         resources_per_node=m.IoK8sApiCoreV1ResourceRequirements(limits=limits),
@@ -106,7 +119,7 @@ def train_job(name: str, config: PipelineConfig, plan: Plan, command: list[str],
         spec=m.TrainerV1alpha1TrainJobSpec(
             runtime_ref=m.TrainerV1alpha1RuntimeRef(name=kube.training_runtime),
             trainer=trainer,
-            runtime_patches=[patch],
+            runtime_patches=[node_pod_patch(config)],
         ),
     )
 

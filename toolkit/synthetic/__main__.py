@@ -20,7 +20,7 @@ STAGE = "synthetic"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = stage_parser(STAGE, __doc__)
+    parser = stage_parser(STAGE, __doc__, module="toolkit.synthetic")
     parser.add_argument("--count", type=int, help="documents to generate (default: synthetic.count)")
     parser.add_argument("--seed", type=int, help="random seed (default: synthetic.seed)")
     parser.add_argument("--doc-types", help="comma-separated document types (default: the config's doc_types)")
