@@ -1,8 +1,11 @@
 """The document-extraction pipeline as Airflow DAGs: wiring only.
 
-- ``doc_extraction``: plan -> ingest -> export -> finetune -> patch -> evaluate -> gate ->
-  publish (or not) -> summary. Runs when a landing watcher reports new completed batches, or
-  by hand from the UI's form (validated by the plan task before any stage runs). Every stage
+- ``doc_extraction``: plan -> ingest -> new_data -> export -> finetune -> patch -> evaluate ->
+  gate -> publish (or not) -> summary. Runs when a landing watcher reports new completed batches,
+  or by hand from the UI's form (validated by the plan task before any stage runs). A run the
+  watcher started whose batches add no document ends after ingest (``new_data``) without training,
+  the reason in the summary and the MLflow parent run; a manual run retrains on the latest
+  dataset version unless its form says not to. Every stage
   is ``python -m stages.<name>`` through the configured launcher (local, docker, kubernetes),
   continuing the run's MLflow parent run; XComs carry only small JSON.
 - ``doc_extraction_landing_watcher``: polls the landing location for completed batches not
@@ -107,6 +110,13 @@ with DAG(
             )
         return decided.model_dump()
 
+    @task.short_circuit(task_id="new_data", trigger_rule="none_failed", ignore_downstream_trigger_rules=False)
+    def new_data(plan: dict) -> bool:
+        """Train only on something new: a data-triggered run whose batches added no document stops here."""
+        reason = planning.in_home(HOME, planning.nothing_to_train_on, planning.Plan.model_validate(plan), CONFIG)
+        print(f"not training: {reason}" if reason else "training: the run has new documents or retrains on purpose")
+        return reason is None
+
     @task.branch(task_id="gate")
     def gate(plan: dict) -> str:
         """Publish only a model whose evaluation passed its gate, unless the form skips publishing."""
@@ -143,24 +153,25 @@ with DAG(
             outcome["succeeded"],
             outcome["stages"],
             config.doc_types,
+            outcome.get("reason"),
         )
         experiment = planning.in_home(HOME, tracking.experiment_id, config.tracking)
         outcome["mlflow_run"] = planning.mlflow_run_link(
             config.tracking.tracking_uri, experiment, decided.mlflow_run_id
         )
         print(f"MLflow run: {outcome['mlflow_run']}")
+        if not outcome["trained"]:
+            print(f"not trained: {outcome['reason']}")
         if not outcome["succeeded"]:
             raise AirflowFailException(f"stages failed: {outcome['failed_stages']}; see {outcome['mlflow_run']}")
         return outcome
 
     planned = plan()
-    rules = {"export": "none_failed"}  # ingest skips itself when no batch is new
-    stages = {
-        name: stage_operator(name, CONFIG, HOME, CONFIG_PATHS, trigger_rule=rules.get(name, "all_success"))
-        for name in planning.STAGES
-    }
+    stages = {name: stage_operator(name, CONFIG, HOME, CONFIG_PATHS) for name in planning.STAGES}
+    checked = new_data(planned)  # runs after ingest, which skips itself when no batch is new
     decision = gate(planned)
     skipped = not_published()
-    planned >> stages["ingest"] >> stages["export"] >> stages["finetune"] >> stages["patch"] >> stages["evaluate"]
+    planned >> stages["ingest"] >> checked >> stages["export"] >> stages["finetune"] >> stages["patch"]
+    stages["patch"] >> stages["evaluate"]
     stages["evaluate"] >> decision >> [stages["publish"], skipped]
     [stages["publish"], skipped] >> summary(planned)

@@ -142,10 +142,12 @@ def end_pipeline_run(
     succeeded: bool,
     stages: Mapping[str, Mapping] | None = None,
     doc_types: list[str] | None = None,
+    note: str | None = None,
 ) -> None:
     """End the parent run; with the stages' results (``plan.summarize``), first put what a reviewer
     looks for on it: the evaluation's headline metrics, the dataset version, the eval set, the
-    document types and the gate as tags, and the evaluation's dataset as an input."""
+    document types and the gate as tags, and the evaluation's dataset as an input. ``note`` (why a
+    run ended without training) becomes the run's description and its ``run.outcome`` tag."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -160,6 +162,8 @@ def end_pipeline_run(
         "dataset.version": (export.get("inputs") or {}).get("version"),
         "eval_set": (evaluate.get("inputs") or {}).get("eval_set"),
         "gate.passed": str(bool(metrics["gate_passed"])).lower() if "gate_passed" in metrics else None,
+        "run.outcome": f"not trained: {note}" if note else None,
+        "mlflow.note.content": note,
     }
     for key, value in tags.items():
         if value:

@@ -20,14 +20,13 @@ import yaml
 import docker
 from docpipe.config import S3Config
 from tests.helpers import (
-    EMBEDDED,
     LOCAL_BASE,
-    PIPELINE,
     ROOT,
     SMOKE,
     STAGE_IMAGE,
     TRAIN_IMAGE,
     build_remote_code_model,
+    embedded_configs,
     free_port,
     land_synthetic,
     run_stage,
@@ -89,25 +88,7 @@ def bucket(s3_config) -> str:
 @pytest.fixture
 def embedded(tmp_path) -> list[Path]:
     """Config files for the embedded default as shipped, redirected into this test's temporary folder."""
-    path = tmp_path / "test-overlay.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "doctypes_dir": str(ROOT / "configs" / "doctypes"),
-                "storage": {
-                    "landing_uri": str(tmp_path / "landing"),
-                    "datasets_uri": str(tmp_path / "datasets"),
-                    "runs_uri": str(tmp_path / "runs"),
-                },
-                "tracking": {
-                    "tracking_uri": f"sqlite:///{tmp_path}/mlflow/mlflow.db",
-                    "artifact_location": str(tmp_path / "mlflow" / "artifacts"),
-                },
-                "model": {"base": str(tmp_path / "models" / "tiny-minicpmv4_6")},  # the demo builds it there
-            }
-        )
-    )
-    return [PIPELINE, EMBEDDED, path]
+    return embedded_configs(tmp_path)
 
 
 @pytest.fixture

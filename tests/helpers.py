@@ -14,8 +14,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from docpipe.config import S3Config
 from docpipe.contract import config_flags
@@ -227,3 +229,46 @@ def finetune(config: list[Path], exported: Path, out: Path, *extra: str, **env: 
         timeout=600,
         env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **env},
     )
+
+
+def embedded_configs(folder: Path) -> list[Path]:
+    """Config files for the embedded default as shipped, with every location inside ``folder``."""
+    path = folder / "test-overlay.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "doctypes_dir": str(ROOT / "configs" / "doctypes"),
+                "storage": {
+                    "landing_uri": str(folder / "landing"),
+                    "datasets_uri": str(folder / "datasets"),
+                    "runs_uri": str(folder / "runs"),
+                },
+                "tracking": {
+                    "tracking_uri": f"sqlite:///{folder}/mlflow/mlflow.db",
+                    "artifact_location": str(folder / "mlflow" / "artifacts"),
+                },
+                "model": {"base": str(folder / "models" / "tiny-minicpmv4_6")},  # the demo builds it there
+            }
+        )
+    )
+    return [PIPELINE, EMBEDDED, path]
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, every: float = 1.0) -> Any:
+    """Poll ``condition`` until it returns something truthy, and return it; fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout_s} s")
+
+
+def airflow_api(url: str, path: str, token: str | None = None, body: dict | None = None) -> dict:
+    """One call to an Airflow API server (a POST when ``body`` is given), its JSON answer."""
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    data = json.dumps(body).encode() if body is not None else None
+    with urllib.request.urlopen(urllib.request.Request(f"{url}{path}", data=data, headers=headers), timeout=10) as r:
+        return json.loads(r.read())

@@ -8,10 +8,14 @@ gate, which asks the fit check to pass; the embedded default publishes nothing (
 engine or registry). It ends by printing the fit, the image control, the eval set's accuracy
 and the gate's decision. Airflow keeps its state in ``data/airflow``
 (sqlite); ``airflow dags test`` runs the DAGs in this process's environment, no scheduler.
+The watcher's event queues a pipeline run for the next scheduler to start; the demo consumes it
+(its own pipeline run is the one that ingests the batch), so ``make airflow`` afterwards starts
+no second run of the same data.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -25,6 +29,8 @@ from docpipe.storage import open_storage
 from toolkit.local_airflow import EMBEDDED, PASSWORDS_FILE, airflow_environment, embedded_parser, load_or_report
 from toolkit.tiny_model import build as build_tiny_model
 
+PIPELINE_DAG = "doc_extraction"
+
 
 def demo_steps(config: PipelineConfig, paths: list[Path], batch_uri: str, count: int) -> dict[str, list[str]]:
     """What the demo runs, in order: a synthetic batch lands, then Airflow runs both DAGs."""
@@ -34,8 +40,29 @@ def demo_steps(config: PipelineConfig, paths: list[Path], batch_uri: str, count:
         "a synthetic batch lands": [*synthetic, "--count", str(count)],
         "Airflow's database": [airflow, "db", "migrate"],
         "the landing watcher": [airflow, "dags", "test", "doc_extraction_landing_watcher"],
-        "the pipeline DAG": [airflow, "dags", "test", "doc_extraction"],
+        "its event consumed (the demo runs the pipeline itself)": [
+            sys.executable,
+            "-m",
+            "toolkit.demo",
+            "--consume-queued-runs",
+            PIPELINE_DAG,
+        ],
+        "the pipeline DAG": [airflow, "dags", "test", PIPELINE_DAG],
     }
+
+
+def consume_queued_runs(dag_id: str) -> int:
+    """Delete the asset-triggered runs queued for ``dag_id``, as Airflow's REST API does for
+    ``DELETE /dags/{dag_id}/assets/queuedEvents``; the events themselves stay on record. ``airflow
+    dags test`` of the watcher queues a pipeline run that only a scheduler starts: the demo runs
+    the pipeline itself, so without this the first scheduler to start would run it again. Run in
+    Airflow's environment; returns how many were queued."""
+    from airflow.models.asset import AssetDagRunQueue
+    from airflow.utils.session import create_session
+    from sqlalchemy import delete
+
+    with create_session() as session:
+        return session.execute(delete(AssetDagRunQueue).where(AssetDagRunQueue.target_dag_id == dag_id)).rowcount
 
 
 def run_steps(steps: dict[str, list[str]], env: dict[str, str]) -> int:
@@ -73,7 +100,11 @@ def where_things_are(config: PipelineConfig, paths: list[Path], airflow_home: Pa
 def main(argv: list[str] | None = None) -> int:
     parser = embedded_parser("python -m toolkit.demo", __doc__)
     parser.add_argument("--count", type=int, default=24, help="synthetic documents to generate")
+    parser.add_argument("--consume-queued-runs", metavar="DAG_ID", help=argparse.SUPPRESS)  # a step of the demo
     args = parser.parse_args(argv)
+    if args.consume_queued_runs:
+        print(f"{consume_queued_runs(args.consume_queued_runs)} queued run(s) of {args.consume_queued_runs} consumed")
+        return 0
     paths = args.config or EMBEDDED
     if (config := load_or_report(paths, "demo")) is None:
         return EXIT_BAD_INPUT

@@ -9,7 +9,8 @@ pipeline DAGs are created unpaused (and unpaused here if an older run left them 
 batch landing in ``storage.landing_uri`` starts a run within ``orchestration.landing_poll_seconds``
 plus a few seconds. It prints the URL, the user and the file holding the generated password;
 when one component dies it stops the others and exits 1 naming it, instead of running on with
-nothing listening. Ctrl-C (or SIGTERM) stops everything.
+nothing listening. Ctrl-C (or SIGTERM) stops everything; a pipeline run still going is marked
+failed first, with the reason as its note, so no task waits to retry when Airflow next starts.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -175,6 +177,22 @@ class LocalAirflow:
             self._request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False}, token=token)
         return paused
 
+    def fail_unfinished_runs(self, token: str, why: str) -> list[str]:
+        """Mark the pipeline DAGs' queued and running runs failed, ``why`` as their note (Airflow
+        fails their running tasks with them): a task stopped with the scheduler would otherwise wait
+        to retry, and the next start would run it again. Returns the runs it failed."""
+        failed = []
+        for dag_id in PIPELINE_DAGS:
+            listed = self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns?state=running&state=queued", token=token)
+            for run in listed["dag_runs"]:
+                path = f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run['dag_run_id'], safe='')}"
+                self._request("PATCH", path, {"state": "failed", "note": why}, token=token)
+                failed.append(f"{dag_id} {run['dag_run_id']}")
+        return failed
+
+
+INTERRUPTED = "stopped: make airflow was interrupted (Ctrl-C or SIGTERM) while this run was going; trigger it again"
+
 
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
@@ -206,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     airflow = LocalAirflow(args.airflow_home.resolve(), configs, args.port)
     signal.signal(signal.SIGTERM, _interrupt)
+    token = None
     try:
         airflow.start()
         airflow.wait_until(f"the API server on {airflow.url}", lambda: airflow._request("GET", "/api/v2/version"), 300)
@@ -228,9 +247,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"local_airflow: {exc}; stopping", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
+        if token:
+            fail_unfinished(airflow, token)
         return 0
     finally:
         airflow.stop()
+
+
+def fail_unfinished(airflow: LocalAirflow, token: str) -> None:
+    """On the way down: unfinished pipeline runs failed with the reason; a server that does not
+    answer any more is reported, not waited for (each call is bounded)."""
+    try:
+        for run in airflow.fail_unfinished_runs(token, INTERRUPTED):
+            print(f"local_airflow: {run} marked failed: {INTERRUPTED}", file=sys.stderr)
+    except (urllib.error.URLError, OSError, KeyError, ValueError) as exc:
+        print(f"local_airflow: could not mark unfinished runs failed: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import chdir
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import unquote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -66,6 +66,12 @@ class RunForm(BaseModel):
     batches: list[str] | None = Field(
         None, title="Batches", description="landed batches to ingest; empty: every new completed batch"
     )
+    retrain_on_latest: bool = Field(
+        True,
+        title="Retrain on the latest version",
+        description="when no batch adds a document, train on the latest dataset version anyway (a run "
+        "the landing watcher starts never does: it trains only on what its batches add)",
+    )
     skip_publish: bool = Field(False, title="Skip publish")
     dry_run: bool = Field(
         False,
@@ -102,6 +108,7 @@ def form_defaults(config: PipelineConfig) -> dict[str, Any]:
         learning_rate=config.training.learning_rate,
         gpus=config.training.launch.gpus_per_node if config.gpu_container.gpus is None else config.gpu_container.gpus,
         nodes=config.training.launch.nnodes,
+        retrain_on_latest=True,
         skip_publish=not config.orchestration.publish,
     ).model_dump()
 
@@ -153,6 +160,8 @@ class Plan(BaseModel):
     run_uri: str
     datasets_uri: str
     batches: list[str]
+    trigger: Literal["data", "manual"] = "manual"  # data: started by a landing watcher's asset event
+    retrain: bool = True  # train on the latest version when no batch adds a document (manual runs only)
     overrides: dict[str, Any]
     gpus: int
     nodes: int = 1
@@ -309,6 +318,8 @@ def make_plan(
         run_uri=run_uri,
         datasets_uri=config.storage.datasets_uri,
         batches=batches,
+        trigger="data" if event_batches else "manual",
+        retrain=form.retrain_on_latest and not event_batches,
         overrides=overrides,
         gpus=form.gpus,
         nodes=form.nodes,
@@ -321,6 +332,7 @@ def make_plan(
 
 
 OUTPUT_FOLDERS = {"patch": "model"}  # patch writes the complete model folder
+SUMMARY_KEYS = ("status", "error", "mlflow_run_id", "inputs", "metrics", "outputs")  # of each stage's result.json
 
 
 def stage_output(plan: Plan, stage: str) -> str:
@@ -379,9 +391,34 @@ def gate_passed(plan: Plan, config: PipelineConfig) -> tuple[bool, list[str]]:
     return bool(decision.get("passed")), list(decision.get("reasons", []))
 
 
+def nothing_to_train_on(plan: Plan, config: PipelineConfig) -> str | None:
+    """Why the run stops after ingest without training, or None when it trains. A run the data
+    trigger started trains only on documents its batches added; so does a manual run whose form
+    turns ``retrain_on_latest`` off. Asked once ingest has run (or skipped itself)."""
+    if plan.dry_run or plan.retrain:
+        return None
+    why = "a data-triggered run" if plan.trigger == "data" else "the form's retrain_on_latest is off"
+    if not plan.batches:
+        return f"no new batch to ingest ({why}): nothing new to train on"
+    ingested = _read_json(f"{stage_output(plan, 'ingest')}/{RESULT_FILE}", config)
+    if not ingested or ingested.get("status") != "succeeded":
+        return None  # ingest failed: its failure is the run's outcome, reported as such
+    counts = ingested.get("counts", {})
+    if counts.get("added", 0):
+        return None
+    return (
+        f"{len(plan.batches)} batch(es) ingested, {counts.get('seen', 0)} records seen, no document the dataset "
+        f"did not already have ({why}): nothing new to train on"
+    )
+
+
 def summarize(plan: Plan, config: PipelineConfig) -> dict[str, Any]:
     """Each stage's status from its ``result.json``: a stage the run needed whose manifest is
-    missing or failed makes the run failed."""
+    missing or failed makes the run failed. A run with nothing new to train on needed ingest only."""
+    if reason := nothing_to_train_on(plan, config):
+        result = _read_json(f"{stage_output(plan, 'ingest')}/{RESULT_FILE}", config) if plan.batches else None
+        stages = {"ingest": {key: result.get(key) for key in SUMMARY_KEYS}} if result else {}
+        return {"succeeded": True, "trained": False, "reason": reason, "failed_stages": [], "stages": stages}
     needed = list(STAGES[1:5]) + (["ingest"] if plan.batches else [])
     passed, reasons = gate_passed(plan, config)
     if passed and not plan.skip_publish:
@@ -390,12 +427,11 @@ def summarize(plan: Plan, config: PipelineConfig) -> dict[str, Any]:
     for stage in (s for s in STAGES if s in needed):
         uri = f"{stage_output(plan, stage)}/{RESULT_FILE}"
         result = _read_json(uri, config) or {"status": "missing", "error": f"{uri} was not written"}
-        stages[stage] = {
-            key: result.get(key) for key in ("status", "error", "mlflow_run_id", "inputs", "metrics", "outputs")
-        }
+        stages[stage] = {key: result.get(key) for key in SUMMARY_KEYS}
     failed = [stage for stage, result in stages.items() if result["status"] != "succeeded"]
     return {
         "succeeded": not failed,
+        "trained": True,
         "failed_stages": failed,
         "gate_passed": passed,
         "gate_reasons": reasons,

@@ -82,7 +82,7 @@ def test_dags_parse_without_errors_or_heavy_imports(dag_configs, tmp_path):
     assert parsed["errors"] == {}
     assert parsed["dags"] == ["doc_extraction", "doc_extraction_landing_watcher"]
     assert parsed["heavy"] == []
-    chain = ["plan", "ingest", "export", "finetune", "patch", "evaluate", "gate"]
+    chain = ["plan", "ingest", "new_data", "export", "finetune", "patch", "evaluate", "gate"]
     assert set(map(tuple, parsed["edges"])) == {
         *zip(chain, chain[1:], strict=False),
         ("gate", "publish"),
@@ -90,9 +90,12 @@ def test_dags_parse_without_errors_or_heavy_imports(dag_configs, tmp_path):
         ("publish", "summary"),
         ("not_published", "summary"),
         ("plan", "gate"),
+        ("plan", "new_data"),
         ("plan", "summary"),
     }
-    assert parsed["rules"]["export"] == "none_failed" and parsed["rules"]["summary"] == "all_done"
+    # new_data runs after ingest skipped itself (no new batch); export waits for its verdict
+    assert parsed["rules"]["new_data"] == "none_failed" and parsed["rules"]["export"] == "all_success"
+    assert parsed["rules"]["summary"] == "all_done"
     assert {parsed["retries"][s] for s in planning.STAGES} == {1}
     assert parsed["timeouts"]["finetune"] == 4320 * 60
     assert parsed["operators"]["finetune"] == "LocalStageOperator"
@@ -153,6 +156,7 @@ HOSTILE_FORMS = {
     "doc_types": [[], ["passport"], "receipt_en", None, ["einvoice", "einvoice"]],
     "batches": ["batch-1", [1]],
     "skip_publish": ["yes", None],
+    "retrain_on_latest": ["no", 0, None],
     "dry_run": [1],
 }
 GOOD_FORMS = {
@@ -233,6 +237,48 @@ def test_new_batches_leave_out_ingested_announced_and_incomplete_ones(dag_config
     assert planning.new_batches(ROOT, config, {third}) == [second]
     plan, _ = planning.make_plan(ROOT, [str(p) for p in dag_configs], planning.form_defaults(config), [first], "r1")
     assert plan.batches == []  # the event named a batch already ingested
+
+
+def test_a_data_triggered_run_trains_only_on_what_its_batches_add(dag_configs, tmp_path):
+    """A copy of an ingested batch, or an event naming one, gives the watcher's run nothing to train
+    on (the reason says so, and the summary ends the run succeeded, untrained); a manual run retrains
+    on the latest version unless its form says not to; a batch with new documents trains."""
+    paths = [str(p) for p in dag_configs]
+    config = planning.load_config(ROOT, paths)
+    form, landing, datasets = planning.form_defaults(config), tmp_path / "landing", str(tmp_path / "datasets")
+    first = land_synthetic(landing / "batch-1", 4, 1, ["receipt_en"])
+    assert run_stage("ingest", dag_configs, "--output", datasets, "--batch", first) == 0
+    copy = str(landing / "batch-copy")
+    shutil.copytree(first, copy)
+
+    plan, _ = planning.make_plan(ROOT, paths, form, [copy], "asset_triggered__1")
+    assert (plan.trigger, plan.retrain, plan.batches) == ("data", False, [copy])
+    assert run_stage("ingest", dag_configs, "--output", datasets, "--batch", copy) == 0
+    reason = planning.nothing_to_train_on(plan, config)
+    assert reason == (
+        "1 batch(es) ingested, 4 records seen, no document the dataset did not already have "
+        "(a data-triggered run): nothing new to train on"
+    )
+    outcome = planning.summarize(plan, config)
+    assert (outcome["succeeded"], outcome["trained"], outcome["reason"]) == (True, False, reason)
+    assert outcome["stages"]["ingest"]["status"] == "succeeded"
+
+    named, _ = planning.make_plan(ROOT, paths, form, [first], "asset_triggered__2")
+    assert (
+        planning.nothing_to_train_on(named, config)
+        == "no new batch to ingest (a data-triggered run): nothing new to train on"
+    )
+    manual, _ = planning.make_plan(ROOT, paths, form, [], "manual__1")
+    assert manual.trigger == "manual" and planning.nothing_to_train_on(manual, config) is None
+    held, _ = planning.make_plan(ROOT, paths, {**form, "retrain_on_latest": False}, [], "manual__2")
+    assert "the form's retrain_on_latest is off" in planning.nothing_to_train_on(held, config)
+
+    second = land_synthetic(landing / "batch-2", 4, 2, ["receipt_en"])
+    fresh, _ = planning.make_plan(ROOT, paths, form, [second], "asset_triggered__3")
+    assert run_stage("ingest", dag_configs, "--output", datasets, "--batch", second) == 0
+    assert planning.nothing_to_train_on(fresh, config) is None
+    (tmp_path / "datasets" / "result.json").write_text(json.dumps({"status": "failed", "counts": {}}))
+    assert planning.nothing_to_train_on(fresh, config) is None  # a failed ingest is the run's failure
 
 
 def test_a_run_spans_nodes_only_as_a_trainjob_and_its_plan_says_what_memory_it_needs(dag_configs, tmp_path):

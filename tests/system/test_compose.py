@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +16,7 @@ import yaml
 from docpipe.config import load_pipeline_config
 from docpipe.loader import ConfigError
 from tests.helpers import LOCAL_BASE, PIPELINE, ROOT, free_port, wait_for_http
+from toolkit import env_file
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
@@ -44,7 +48,7 @@ def test_no_secret_is_written_into_the_file():
 def test_make_env_writes_random_passwords(tmp_path):
     for name in ("Makefile", ".env.example"):
         (tmp_path / name).write_text((ROOT / name).read_text())
-    subprocess.run(["make", "-s", ".env"], cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(["make", "-s", ".env", f"PY={sys.executable}"], cwd=tmp_path, check=True, capture_output=True)
     env = dict(
         line.split("=", 1)
         for line in (tmp_path / ".env").read_text().splitlines()
@@ -54,6 +58,42 @@ def test_make_env_writes_random_passwords(tmp_path):
     assert env["POSTGRES_PASSWORD"] != env["MINIO_ROOT_PASSWORD"]
     assert len(env["LABEL_STUDIO_PASSWORD"]) == 32 and len(env["LABEL_STUDIO_API_KEY"]) == 40
     assert oct((tmp_path / ".env").stat().st_mode & 0o777) == "0o600"
+    assert list(env) == list(env_file.example_settings(ROOT / ".env.example"))  # every key, in order
+    again = subprocess.run(["make", "-s", ".env", f"PY={sys.executable}"], cwd=tmp_path, capture_output=True)
+    assert again.returncode == 0 and (tmp_path / ".env").read_text().count("POSTGRES_PASSWORD") == 1  # kept
+
+
+def test_an_existing_env_file_is_never_replaced(tmp_path, capsys):
+    (tmp_path / ".env").write_text("POSTGRES_PASSWORD=mine\n")
+    code = env_file.main(["--output", str(tmp_path / ".env"), "--example", str(ROOT / ".env.example")])
+    assert code == 2 and "exists" in capsys.readouterr().err
+    assert (tmp_path / ".env").read_text() == "POSTGRES_PASSWORD=mine\n"
+
+
+def compose(env: Path, *args: str) -> subprocess.CompletedProcess:
+    if shutil.which("docker-compose") is None:
+        pytest.fail("docker-compose is not installed: `make containers` installs Debian's")
+    command = ["docker-compose", "-p", "t", "--project-directory", str(ROOT), "--env-file", str(env)]
+    return subprocess.run([*command, "-f", str(ROOT / "docker-compose.yml"), *args], capture_output=True, text=True)
+
+
+def test_the_stack_needs_no_label_studio_secrets_unless_its_profile_is_asked_for(tmp_path):
+    """An .env from before the labelling loop (no Label Studio keys) is accepted; asked for with its
+    profile, the service refuses to start naming the key .env lacks."""
+    env = tmp_path / "old.env"
+    settings = {k: v for k, v in env_file.settings(example=ROOT / ".env.example").items() if "LABEL_STUDIO" not in k}
+    env_file.write(env, settings)
+    assert compose(env, "config", "--quiet").returncode == 0, compose(env, "config").stderr
+    rendered = compose(env, "--profile", "labelling", "config")
+    assert rendered.returncode == 0, rendered.stderr
+    service = yaml.safe_load(rendered.stdout)["services"]["label-studio"]
+    entrypoint = [part.replace("$$", "$") for part in service["entrypoint"]]  # `config` prints $ escaped
+    started = [*entrypoint, *service["command"]]
+    bare = {"PATH": "/usr/bin:/bin", **{k: v for k, v in service["environment"].items() if v}}
+    refused = subprocess.run(started, env=bare, capture_output=True, text=True)
+    assert refused.returncode == 1 and "set LABEL_STUDIO_PASSWORD in .env" in refused.stderr
+    half = subprocess.run(started, env={**bare, "LABEL_STUDIO_PASSWORD": "p"}, capture_output=True, text=True)
+    assert half.returncode == 1 and "set LABEL_STUDIO_API_KEY in .env" in half.stderr
 
 
 def allowed_hosts() -> list[str]:
@@ -140,6 +180,7 @@ def test_label_studio_image_starts_with_the_first_user_and_token_compose_gives_i
     container = docker_client.containers.run(
         image,
         [*service["command"], "--internal-host", "127.0.0.1", "--port", str(port)],
+        entrypoint=[part.replace("$$", "$") for part in service["entrypoint"]],  # as compose starts it
         environment=environment,
         network_mode="host",
         detach=True,

@@ -1,4 +1,5 @@
-"""The docker-compose deployment as a whole (``make test-compose``; not in ``make test``).
+"""The docker-compose deployment as a whole, in ``make test`` (and CI): it shares the session's images
+(the stage and training images, the Airflow and MLflow builds) with the container tests.
 
 docker-compose.yml is brought up as the README says (docker-compose with an ``.env`` of random
 secrets, ``configs/overlays/compose-cpu.yaml`` selected in it for a host without GPUs), a batch
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import threading
@@ -33,8 +33,9 @@ import pytest
 
 from docpipe.config import S3Config
 from tests.helpers import LOCAL_BASE, ROOT, land_synthetic
+from toolkit import env_file
 
-pytestmark = [pytest.mark.integration, pytest.mark.container, pytest.mark.compose]
+pytestmark = [pytest.mark.integration, pytest.mark.container]
 
 PROJECT = "doc-extraction"
 CPU_CONFIG = "configs/pipeline.yaml:configs/overlays/compose.yaml:configs/overlays/compose-cpu.yaml"
@@ -109,22 +110,16 @@ def stack(docker_client, stage_image, train_image, tiny_model, tmp_path_factory)
     (data / "runs").mkdir()
     for path in [data, *data.rglob("*")]:
         path.chmod(0o777 if path.is_dir() else 0o666)  # stage containers run as uid 1000, Airflow as 50000
-    keys = {
-        "POSTGRES_PASSWORD": secrets.token_hex(24),
-        "MINIO_ROOT_PASSWORD": secrets.token_hex(24),
-        "AIRFLOW_JWT_SECRET": secrets.token_hex(32),
-        "AIRFLOW_SECRET_KEY": secrets.token_hex(32),
+    keys = {  # what this machine differs in; the secrets are random, as make .env writes them
         "DOCKER_GID": "0",
         "DOC_EXTRACTION_DATA": str(data),
         "DOC_EXTRACTION_CONFIG": CPU_CONFIG,
         "DOCKER_SOCKET": docker_client.docker_host.removeprefix("unix://"),
     }
-    example = [line for line in (ROOT / ".env.example").read_text().splitlines() if line and not line.startswith("#")]
-    settings = {**dict(line.split("=", 1) for line in example), **keys}
-    socket = keys["DOCKER_SOCKET"]
-    Path(socket).chmod(0o660)  # as Docker's socket: the scheduler's user reaches it through the group (DOCKER_GID)
-    env_file = work / ".env"
-    env_file.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
+    settings = env_file.settings(keys, ROOT / ".env.example")
+    Path(keys["DOCKER_SOCKET"]).chmod(0o660)  # as Docker's: the scheduler's user reaches it through DOCKER_GID
+    env_file_path = work / ".env"
+    env_file.write(env_file_path, settings)
     compose = [
         "docker-compose",
         "-p",
@@ -132,7 +127,7 @@ def stack(docker_client, stage_image, train_image, tiny_model, tmp_path_factory)
         "--project-directory",
         str(ROOT),
         "--env-file",
-        str(env_file),
+        str(env_file_path),
         "-f",
         str(ROOT / "docker-compose.yml"),
         "-f",
