@@ -63,18 +63,26 @@ def stage_operator(stage: str, config: PipelineConfig, home: Path, config_paths:
     return _in_a_pod(stage, config, config_paths, common)
 
 
+def _image_of(stage: str, config: PipelineConfig) -> tuple[PipelineConfig | None, str]:
+    """A GPU stage's configuration (its container settings come from it; None for a CPU stage) and
+    the image the stage runs in."""
+    if stage in config.orchestration.gpu_stages:
+        return config, config.gpu_container.image
+    return None, config.orchestration.stage_image
+
+
 def _in_a_container(stage: str, config: PipelineConfig, config_paths: list[str], common: dict[str, Any]):
     """The docker launcher's operator: the stage's image, the configured mounts and network."""
     from docker.types import Mount
 
     settings = config.orchestration
-    gpu = config if stage in settings.gpu_stages else None
+    gpu, image = _image_of(stage, config)
     mounts = [Mount(target=target, source=host_path(source), type="bind") for source, target in settings.mounts.items()]
     return docker_stage_operator(
         stage=stage,
         config_paths=config_paths,
         gpu=gpu,
-        image=config.gpu_container.image if gpu else settings.stage_image,
+        image=image,
         docker_url=settings.docker_url,
         network_mode=settings.network_mode,
         mounts=mounts,
@@ -98,7 +106,7 @@ def _in_a_pod(stage: str, config: PipelineConfig, config_paths: list[str], commo
         )
     from kubernetes.client import models as k8s
 
-    gpu = config if stage in settings.gpu_stages else None
+    gpu, image = _image_of(stage, config)
     volumes, volume_mounts = [], []
     if kube.data_claim:
         claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=kube.data_claim)
@@ -108,7 +116,7 @@ def _in_a_pod(stage: str, config: PipelineConfig, config_paths: list[str], commo
         stage=stage,
         config_paths=config_paths,
         gpu=gpu,
-        image=config.gpu_container.image if gpu else settings.stage_image,
+        image=image,
         namespace=kube.namespace,
         service_account_name=kube.service_account,
         node_selector=kube.node_selector,
