@@ -395,12 +395,20 @@ def nothing_to_train_on(plan: Plan, config: PipelineConfig) -> str | None:
     """Why the run stops after ingest without training, or None when it trains. A run the data
     trigger started trains only on documents its batches added; so does a manual run whose form
     turns ``retrain_on_latest`` off. Asked once ingest has run (or skipped itself)."""
+    return _untrained_reason(plan, _ingest_result(plan, config))
+
+
+def _ingest_result(plan: Plan, config: PipelineConfig) -> dict | None:
+    """Ingest's ``result.json`` when the run had batches to ingest (None when ingest skipped)."""
+    return _read_json(f"{stage_output(plan, 'ingest')}/{RESULT_FILE}", config) if plan.batches else None
+
+
+def _untrained_reason(plan: Plan, ingested: dict | None) -> str | None:
     if plan.dry_run or plan.retrain:
         return None
     why = "a data-triggered run" if plan.trigger == "data" else "the form's retrain_on_latest is off"
     if not plan.batches:
         return f"no new batch to ingest ({why}): nothing new to train on"
-    ingested = _read_json(f"{stage_output(plan, 'ingest')}/{RESULT_FILE}", config)
     if not ingested or ingested.get("status") != "succeeded":
         return None  # ingest failed: its failure is the run's outcome, reported as such
     counts = ingested.get("counts", {})
@@ -415,9 +423,9 @@ def nothing_to_train_on(plan: Plan, config: PipelineConfig) -> str | None:
 def summarize(plan: Plan, config: PipelineConfig) -> dict[str, Any]:
     """Each stage's status from its ``result.json``: a stage the run needed whose manifest is
     missing or failed makes the run failed. A run with nothing new to train on needed ingest only."""
-    if reason := nothing_to_train_on(plan, config):
-        result = _read_json(f"{stage_output(plan, 'ingest')}/{RESULT_FILE}", config) if plan.batches else None
-        stages = {"ingest": {key: result.get(key) for key in SUMMARY_KEYS}} if result else {}
+    ingested = _ingest_result(plan, config)
+    if reason := _untrained_reason(plan, ingested):
+        stages = {"ingest": {key: ingested.get(key) for key in SUMMARY_KEYS}} if ingested else {}
         return {"succeeded": True, "trained": False, "reason": reason, "failed_stages": [], "stages": stages}
     needed = list(STAGES[1:5]) + (["ingest"] if plan.batches else [])
     passed, reasons = gate_passed(plan, config)
