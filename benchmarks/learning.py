@@ -9,7 +9,7 @@ value. Prints the per-field table (held-out accuracy of the patched model agains
 whether the field's values come from a short list) and the curve, and saves ``learning.png`` and
 ``learning.json`` in the output folder.
 
-    .venv/bin/python benchmarks/learning.py [--profile cpu|gpu] [--output data/benchmarks/learning]
+    .venv/bin/python benchmarks/learning.py [--profile cpu|gpu|...] [--output data/benchmarks/learning] [--seed 0]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class Profile(BaseModel):
     size: str = Field(description="a size of toolkit/tiny_model.py")
     documents: int = Field(ge=20)
     doc_types: list[str] = Field(min_length=1)
+    other_pages: bool = Field(False, description="pages of none of the types among the documents (routed runs)")
     pipeline: dict = Field(description="overlay over pipeline.yaml + embedded.yaml")
 
 
@@ -147,13 +148,19 @@ def benchmark_overlay(out: Path, profile: Profile, model: Path) -> Path:
     return overlay
 
 
-def run_stages(out: Path, configs: list[Path], profile: Profile) -> dict[str, float]:
-    """synthetic, ingest, export, finetune, patch and evaluate, as the DAG chains them; seconds of each."""
+def run_stages(out: Path, configs: list[Path], profile: Profile, seed: int) -> dict[str, float]:
+    """synthetic (documents of ``seed``), ingest, export, finetune, patch and evaluate, as the DAG chains
+    them; seconds of each."""
     batch = str(out / "landing" / "batch-1")
-    documents, types = str(profile.documents), ",".join(profile.doc_types)
+    documents, types = (
+        str(profile.documents),
+        ",".join([*profile.doc_types, *(["other"] if profile.other_pages else [])]),
+    )
     export, model = str(out / "export"), str(out / "model")
     return {
-        "synthetic": stage("synthetic", configs, "--output", batch, "--count", documents, "--doc-types", types),
+        "synthetic": stage(
+            "synthetic", configs, "--output", batch, "--count", documents, "--doc-types", types, "--seed", str(seed)
+        ),
         "ingest": stage("ingest", configs, "--output", str(out / "datasets"), "--batch", batch),
         "export": stage("export", configs, "--output", export),
         "finetune": stage("finetune", configs, "--data", export, "--output", str(out / "finetune")),
@@ -163,7 +170,8 @@ def run_stages(out: Path, configs: list[Path], profile: Profile) -> dict[str, fl
 
 
 def prior_baseline(train: list[dict], held_out: list[dict], registry: dict) -> dict:
-    """Every held-out document answered with each field's most frequent training value, scored."""
+    """Every held-out document of a type answered with each field's most frequent training value (its
+    type given), scored."""
     guesses = prior_answers(train)
     scored = [
         score(
@@ -175,6 +183,7 @@ def prior_baseline(train: list[dict], held_out: list[dict], registry: dict) -> d
             0.0,
         )
         for e in held_out
+        if e["doc_type"] in registry
     ]
     return evaluate_all(scored, registry, 1.0)
 
@@ -216,12 +225,20 @@ def print_report(name: str, profile: Profile, figures: dict, train: list, held_o
     )
     short = [r for r in rows if r["short_list"]]
     print(f"short-list fields above the prior: {sum(r['model'] > r['prior'] for r in short)} of {len(short)}")
+    control = figures["control"]
+    if "type_accuracy" in fit:
+        print(
+            f"routed: type accuracy fit {fit['type_accuracy']:.3f}, image control "
+            f"{control['type_accuracy'] if control else float('nan'):.3f}, held-out {overall['type_accuracy']:.3f}; "
+            f"field accuracy image control {control['field_accuracy'] if control else float('nan'):.3f}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="cpu", help="a profile of configs/benchmarks/learning.yaml")
     parser.add_argument("--output", type=Path, default=ROOT / "data" / "benchmarks" / "learning")
+    parser.add_argument("--seed", type=int, default=0, help="the synthetic documents' seed")
     args = parser.parse_args()
     profile = chosen_profile(args.profile)
     out = args.output.resolve()
@@ -232,7 +249,7 @@ def main() -> None:
     model = build(out / "base-model", ROOT / "configs" / "doctypes", size=profile.size)
     overlay = benchmark_overlay(out, profile, model)
     configs = [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml", overlay]
-    seconds = run_stages(out, configs, profile)
+    seconds = run_stages(out, configs, profile, args.seed)
     total = time.perf_counter() - started
 
     train = json.loads((out / "export" / "train.json").read_text())
@@ -248,6 +265,7 @@ def main() -> None:
         "prior": prior["overall"],
         "held_out": saved["metrics"]["overall"],
         "fit": saved["fit"]["overall"],
+        "control": (saved.get("image_control") or {}).get("overall"),
         "selection": selection,
     }
     print_report(

@@ -21,6 +21,7 @@ from pydantic import (
 
 from docpipe.doctypes import load_registry
 from docpipe.loader import load_model
+from docpipe.routing import ROUTING_PLACEHOLDERS, RoutingError, routing_prompt
 
 DEFAULT_CONFIG = Path("configs/pipeline.yaml")
 
@@ -279,6 +280,11 @@ class EvaluationConfig(_Strict):
     per_doc_type: dict[str, Thresholds] = Field(
         {}, description="thresholds of one document type, by its id, instead of the defaults"
     )
+    type_accuracy: Probability = Field(
+        0.97,
+        description="routed runs: the least share of eval documents whose type the model names right (pages "
+        "of none of the types included, as other)",
+    )
     regression_tolerance: Probability = Field(
         0.005, description="how far below the champion a challenger may fall and still pass"
     )
@@ -351,13 +357,46 @@ class DatasetConfig(_Strict):
     workers: int = Field(0, ge=0, description="image-checking processes; 0 means one per CPU")
 
 
+DEFAULT_ROUTING_PROMPT = (
+    "<image>\n這是哪一種文件?{types}。回傳 JSON:doc_type 為文件類型,再附該類型的欄位;"
+    '都不是則只回傳 {{"doc_type": "other"}}'
+)
+
+
 class ExportConfig(_Strict):
     """Annotation export to the MiniCPM-V conversation format."""
 
     image_root: str | None = Field(
         None, description="where the training container sees the dataset root; null: the dataset's own location"
     )
-    prompt_variants: bool = Field(True, description="train documents draw from each type's prompt_variants")
+    prompt_variants: bool = Field(
+        True, description="train documents draw from each type's prompt_variants (type given only)"
+    )
+    routing: bool = Field(
+        True,
+        description="ask every document without its type (one routing prompt for all types): the answer names "
+        'the type, then its fields, or {"doc_type": "other"} for a page of none of the run\'s types; on by '
+        "default because documents arrive unsorted, as in the recipe's 如果這是… prompts (false: each "
+        "document asked with its own type's prompt, and pages labelled other are left out)",
+    )
+    routing_prompt: str = Field(
+        DEFAULT_ROUTING_PROMPT,
+        description="the routing prompt, with one <image>; {types} is filled with each type's display name and "
+        "id, {prompts} with each type's own prompt, one per line (write a literal brace as {{ or }})",
+    )
+
+    @field_validator("routing_prompt")
+    @classmethod
+    def _routing_prompt_fills(cls, template: str) -> str:
+        if template.count("<image>") != 1:
+            raise ValueError("routing_prompt must contain the <image> placeholder exactly once")
+        if not any("{" + name + "}" in template for name in ROUTING_PLACEHOLDERS):
+            raise ValueError("routing_prompt names no type: use {types} or {prompts}")
+        try:
+            routing_prompt(template, [])
+        except RoutingError as exc:
+            raise ValueError(str(exc)) from None
+        return template
 
 
 class PatchConfig(_Strict):

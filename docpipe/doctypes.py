@@ -24,6 +24,8 @@ from docpipe.dates import DateOrder, DateReading, parse_date
 from docpipe.loader import ConfigError, load_model
 
 FieldType = Literal["text", "date", "time", "money", "integer", "id", "enum"]
+OTHER = "other"  # the label of a page of none of the registered types: no type may take this id
+TYPE_KEY = "doc_type"  # a routed answer's discriminator (docpipe.routing): no field may take this name
 
 _DEFAULT_FORMATS = {"date": ["%Y-%m-%d"], "time": ["%H:%M", "%H:%M:%S"]}
 _DEFAULT_OUTPUT = {"date": "%Y-%m-%d", "time": "%H:%M"}
@@ -166,6 +168,13 @@ class DocType(BaseModel):
     headings: list[str] = Field([], description="OCR baseline: printed headings that end or are never captionless text")
     fields: list[FieldSpec] = Field(min_length=1, description="the answer's fields, in answer order")
 
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value == OTHER:
+            raise ValueError(f"id {OTHER!r} is reserved for pages of none of the registered types")
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _prompt_has_one_image(cls, prompt: str) -> str:
@@ -184,6 +193,8 @@ class DocType(BaseModel):
     @classmethod
     def _unique_names(cls, fields: list[FieldSpec]) -> list[FieldSpec]:
         names = [f.name for f in fields]
+        if TYPE_KEY in names:
+            raise ValueError(f"field name {TYPE_KEY!r} is reserved: a routed answer names its type with it")
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"duplicate field names {duplicates}")

@@ -1,8 +1,11 @@
 """``python -m stages.export``: a dataset version as MiniCPM-V finetune data.
 
-Writes ``train.json`` and ``eval.json`` (lists of ``{"id", "doc_type", "image", "conversations": [user
-prompt with <image>, assistant canonical JSON answer]}``), ``schemas/<doc type>.json`` with
-each type's answer schema, and ``card.json`` of the dataset version. Image paths point to
+Writes ``train.json`` and ``eval.json`` (lists of ``{"id", "doc_type", "routed", "image", "conversations":
+[user prompt with <image>, assistant canonical JSON answer]}``), ``schemas/<doc type>.json`` with
+each type's answer schema, and ``card.json`` of the dataset version. With ``export.routing`` every
+document is asked the routing prompt and its answer names its type first (``schemas/routed.json``
+is that answer's schema), and pages labelled ``other`` answer ``{"doc_type": "other"}``; without
+it each document is asked its own type's prompt and ``other`` pages are left out. Image paths point to
 where the training container sees the dataset (``export.image_root``). A version with eval
 documents only (a golden set) exports with an empty ``train.json``: it can be evaluated, not trained on.
 """
@@ -19,8 +22,9 @@ from docpipe.config import PipelineConfig
 from docpipe.contract import BadInputError, input_errors_are_bad_input, main, stage_parser
 from docpipe.data.dataset import latest_version, read_manifest
 from docpipe.data.examples import example_for
-from docpipe.doctypes import load_registry
+from docpipe.doctypes import OTHER, load_registry
 from docpipe.manifest import StageOutput
+from docpipe.routing import Routing
 from docpipe.storage import Storage, absolute_location, open_storage
 
 STAGE = "export"
@@ -46,16 +50,19 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         records = read_manifest(dataset, version)
 
     registry = load_registry(config.doctypes_dir)
+    routing = Routing.of(registry, config.doc_types, config.export.routing_prompt) if config.export.routing else None
     image_root = config.export.image_root or absolute_location(dataset.uri)
     splits: dict[str, list[dict]] = {"train": [], "eval": []}
     counts: Counter[str] = Counter()
     for record in records:
-        if record.doc_type not in config.doc_types:
+        if record.doc_type == OTHER and routing is None:
+            counts["skipped_other"] += 1
+            continue
+        if record.doc_type not in [*config.doc_types, OTHER]:
             counts["skipped_doc_type"] += 1
             continue
-        splits[record.split].append(
-            example_for(record, registry[record.doc_type], image_root, config.export.prompt_variants)
-        )
+        doc_type = registry.get(record.doc_type)
+        splits[record.split].append(example_for(record, doc_type, image_root, config.export.prompt_variants, routing))
         counts[f"{record.split}.{record.doc_type}"] += 1
     if not splits["train"] and not splits["eval"]:
         raise BadInputError(f"dataset version {version} has no document of types {config.doc_types}")
@@ -64,12 +71,15 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
         output.write_bytes(f"{split}.json", _dumps(examples))
     for name in sorted({r.doc_type for r in records} & set(config.doc_types)):
         output.write_bytes(f"schemas/{name}.json", _dumps(registry[name].answer_schema()))
+    if routing is not None:
+        output.write_bytes("schemas/routed.json", _dumps(routing.answer_schema()))
     output.write_bytes("card.json", dataset.read_bytes(f"versions/{version}/card.json"))
     tracking.log_dataset(dataset.uri, version, context="export")
     return StageOutput(
         inputs={"dataset": dataset.uri, "version": version},
         outputs={"train": output.uri_of("train.json"), "eval": output.uri_of("eval.json"), "image_root": image_root},
         counts={"train": len(splits["train"]), "eval": len(splits["eval"]), **counts},
+        metrics={"routed": float(routing is not None)},
     )
 
 

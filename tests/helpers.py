@@ -185,7 +185,8 @@ def jpeg(seed: int = 0, size=(96, 64), **save_args) -> bytes:
 def land_synthetic(
     location: Path | str, count: int, seed: int = 0, doc_types: list[str] | None = None, s3: S3Config | None = None
 ) -> str:
-    """A completed landing batch of ``count`` synthetic documents (every type unless named); its URI."""
+    """A completed landing batch of ``count`` synthetic documents (every type unless named; "other" names
+    pages of none of them); its URI."""
     from docpipe.config import SyntheticConfig
     from docpipe.data.landing import write_batch
     from docpipe.doctypes import load_registry
@@ -193,7 +194,7 @@ def land_synthetic(
     from toolkit.synthetic import generate
 
     registry = load_registry(ROOT / "configs" / "doctypes")
-    chosen = [registry[name] for name in doc_types] if doc_types else list(registry.values())
+    chosen = [registry.get(name) for name in doc_types] if doc_types else list(registry.values())  # other: None
     store = open_storage(location, s3)
     write_batch(
         store,

@@ -7,8 +7,9 @@
 - ``vllm``: vLLM's offline engine, batched; vLLM lives only in the GPU images, so this module
   imports it only when that backend runs.
 
-Decoding is greedy everywhere. With ``evaluation.structured_output`` the answer is constrained
-to the document type's JSON schema (``decoding_schema``): transformers with llguidance
+Decoding is greedy everywhere. A request asks either its own document type or, routed, the run's
+types as one question (``docpipe.routing``). With ``evaluation.structured_output`` the answer is
+constrained to what it asks (``decoding_schema``): transformers with llguidance
 (``finetune/adapters/constrained.py``), the OpenAI API with ``response_format`` (``json_schema``),
 vLLM offline with ``StructuredOutputsParams(json=...)``. Every backend asks for the generated
 tokens' log-probabilities, from which each field's confidence is computed (``confidence.py``).
@@ -17,6 +18,7 @@ tokens' log-probabilities, from which each field's confidence is computed (``con
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import os
@@ -27,8 +29,9 @@ from pathlib import Path
 from typing import Protocol
 
 from docpipe.config import EvaluationConfig, PipelineConfig, S3Config
-from docpipe.data.examples import IMAGE_PLACEHOLDER, Example, Sample, load_image
-from docpipe.doctypes import DocType
+from docpipe.data.examples import IMAGE_PLACEHOLDER, DataError, Example, Sample, load_image
+from docpipe.doctypes import OTHER, TYPE_KEY, DocType
+from docpipe.routing import Routing
 
 _BUDGET = {"date": 12, "time": 10, "money": 16, "integer": 16, "id": 32, "text": 96}  # characters per value
 
@@ -39,15 +42,42 @@ class NoModelFolder(ValueError):
 
 @dataclass(frozen=True)
 class Request:
-    """One eval document to answer."""
+    """One document to answer: its labelled type (None: a page of none of the types), and the routed
+    question where it is asked without its type."""
 
     example: Example
-    doc_type: DocType
+    doc_type: DocType | None
+    routing: Routing | None = None
+
+    @property
+    def asked(self) -> DocType | Routing:
+        """What the answer must be: the document type's JSON, or a routed answer."""
+        return self.routing or self.doc_type
 
     @property
     def question(self) -> str:
         """The prompt without its image placeholder, as chat APIs take the image separately."""
         return self.example.prompt.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+def requests_for(examples: list[Example], registry: dict[str, DocType], routing: Routing, where: str) -> list[Request]:
+    """Each example of the file at ``where`` as a request: its labelled type, and ``routing`` where it
+    was exported routed (which must be the same question: the same prompt). ``DataError`` names the
+    file and what is wrong."""
+    if any(e.doc_type is None for e in examples):
+        raise DataError(f"{where}: documents without a doc_type; export them again")
+    unknown = sorted({e.doc_type for e in examples if e.doc_type not in registry and e.doc_type != OTHER})
+    if unknown:
+        raise DataError(f"{where}: document types {unknown} are not in the registry")
+    if any(e.doc_type == OTHER and not e.routed for e in examples):
+        raise DataError(f"{where}: pages labelled {OTHER} asked with a type's prompt; export them routed")
+    stale = [e.id for e in examples if e.routed and e.prompt != routing.prompt]
+    if stale:
+        raise DataError(
+            f"{where}: {len(stale)} routed document(s) (first {stale[0]}) were asked another routing prompt "
+            "than this run's (export.routing_prompt, doc_types): export them again"
+        )
+    return [Request(e, registry.get(e.doc_type), routing if e.routed else None) for e in examples]
 
 
 @dataclass(frozen=True)
@@ -71,27 +101,47 @@ def byte_ends(pieces: list[tuple[bytes, float]]) -> tuple[tuple[int, float], ...
 class Backend(Protocol):
     def predict(self, requests: list[Request]) -> list[Response]: ...
 
+    def with_settings(self, settings: EvaluationConfig) -> Backend:
+        """The same model (in memory, or behind the same server) answering with other decoding settings."""
+        ...
+
 
 def value_budget(spec) -> int:
     """The most characters a value of this field may take in an answer."""
     return max([len(v) for v in spec.values or []] + [_BUDGET.get(spec.type, 32)])
 
 
-def max_new_tokens(doc_type: DocType, cap: int) -> int:
-    """A token budget from the answer's schema: every key and a generous value in UTF-8 bytes
-    (no tokenizer makes more tokens than bytes), at most ``cap``."""
+def _longest_answer_bytes(doc_type: DocType, routed: bool) -> int:
     longest = {spec.name: "x" * value_budget(spec) * 3 for spec in doc_type.fields}
-    return min(cap, len(json.dumps(longest, ensure_ascii=False).encode("utf-8")) + 8)
+    if routed:
+        longest = {TYPE_KEY: doc_type.id, **longest}
+    return len(json.dumps(longest, ensure_ascii=False).encode("utf-8"))
 
 
-def decoding_schema(doc_type: DocType) -> dict:
-    """The answer schema a constrained decoder follows: the type's, each string value bounded to its
-    budget, so that an answer closes within ``max_new_tokens`` whatever the model would ramble."""
+def max_new_tokens(asked: DocType | Routing, cap: int) -> int:
+    """A token budget from the answer's schema: every key and a generous value in UTF-8 bytes
+    (no tokenizer makes more tokens than bytes), for the longest type a routed answer may name;
+    at most ``cap``."""
+    if isinstance(asked, Routing):
+        longest = max(_longest_answer_bytes(t, routed=True) for t in asked.doc_types)
+    else:
+        longest = _longest_answer_bytes(asked, routed=False)
+    return min(cap, longest + 8)
+
+
+def _bounded_schema(doc_type: DocType) -> dict:
     schema = doc_type.answer_schema()
     for spec in doc_type.fields:
         if spec.type != "enum":
             schema["properties"][spec.name]["maxLength"] = value_budget(spec)
     return schema
+
+
+def decoding_schema(asked: DocType | Routing) -> dict:
+    """The answer schema a constrained decoder follows: the type's (or each routed type's), each string
+    value bounded to its budget, so that an answer closes within ``max_new_tokens`` whatever the model
+    would ramble."""
+    return asked.answer_schema(branch=_bounded_schema) if isinstance(asked, Routing) else _bounded_schema(asked)
 
 
 def batches(requests: list[Request], size: int) -> Iterator[list[Request]]:
@@ -105,24 +155,41 @@ def data_url(image_uri: str, config: PipelineConfig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def chat_messages(request: Request, config: PipelineConfig) -> list[dict]:
-    """The document as an OpenAI chat request: the image, then the question."""
+def chat_messages(request: Request, config: PipelineConfig, image_url: str | None = None) -> list[dict]:
+    """The document as an OpenAI chat request: the image (its data URL unless ``image_url`` is given),
+    then the question."""
     return [
         {
             "role": "user",
             "content": [
-                {"type": "image_url", "image_url": {"url": data_url(request.example.image, config)}},
+                {"type": "image_url", "image_url": {"url": image_url or data_url(request.example.image, config)}},
                 {"type": "text", "text": request.question},
             ],
         }
     ]
 
 
-def response_format(doc_type: DocType) -> dict:
-    return {
-        "type": "json_schema",
-        "json_schema": {"name": doc_type.id, "schema": decoding_schema(doc_type), "strict": True},
+def chat_request(
+    request: Request, model: str, config: PipelineConfig, constrained: bool, image_url: str | None = None
+) -> dict:
+    """One ``/v1/chat/completions`` body: the image and the question, greedy, the token budget of what
+    is asked and, ``constrained``, its answer's schema as ``response_format``. What a client of the
+    published server sends (``request.json`` in the serving image is one, its image a placeholder)."""
+    body = {
+        "model": model,
+        "messages": chat_messages(request, config, image_url),
+        "temperature": 0,
+        "max_tokens": max_new_tokens(request.asked, config.evaluation.max_new_tokens),
     }
+    if constrained:
+        body["response_format"] = response_format(request.asked)
+    return body
+
+
+def response_format(asked: DocType | Routing) -> dict:
+    """The OpenAI API's ``response_format`` for a request's answer (a client can copy it)."""
+    name = asked.name if isinstance(asked, Routing) else asked.id
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": decoding_schema(asked), "strict": True}}
 
 
 class TransformersBackend:
@@ -143,6 +210,9 @@ class TransformersBackend:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         return cls(adapter, adapter.from_pretrained(dtype).to(device).eval(), config.evaluation, config.storage.s3)
 
+    def with_settings(self, settings: EvaluationConfig) -> TransformersBackend:
+        return TransformersBackend(self.adapter, self.model, settings, self.s3)
+
     def predict(self, requests: list[Request]) -> list[Response]:
         import torch
 
@@ -150,8 +220,8 @@ class TransformersBackend:
         for batch in batches(requests, self.settings.batch_size):
             started = time.perf_counter()
             samples = [Sample(r.example, load_image(r.example.image, self.s3)) for r in batch]
-            budget = max(max_new_tokens(r.doc_type, self.settings.max_new_tokens) for r in batch)
-            schemas = [decoding_schema(r.doc_type) for r in batch] if self.settings.structured_output else None
+            budget = max(max_new_tokens(r.asked, self.settings.max_new_tokens) for r in batch)
+            schemas = [decoding_schema(r.asked) for r in batch] if self.settings.structured_output else None
             with torch.no_grad():
                 completions = self.adapter.complete(self.model, samples, budget, schemas)
             elapsed = time.perf_counter() - started
@@ -174,18 +244,14 @@ class OpenAIBackend:
         self.model = model
         self.config = config
 
+    def with_settings(self, settings: EvaluationConfig) -> OpenAIBackend:
+        other = copy.copy(self)  # the same client and its connections
+        other.config = self.config.model_copy(update={"evaluation": settings})
+        return other
+
     def request_arguments(self, request: Request) -> dict:
-        settings = self.config.evaluation
-        arguments = {
-            "model": self.model,
-            "messages": chat_messages(request, self.config),
-            "temperature": 0,
-            "max_tokens": max_new_tokens(request.doc_type, settings.max_new_tokens),
-            "logprobs": True,
-        }
-        if settings.structured_output:
-            arguments["response_format"] = response_format(request.doc_type)
-        return arguments
+        constrained = self.config.evaluation.structured_output
+        return chat_request(request, self.model, self.config, constrained) | {"logprobs": True}
 
     def _answer(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -218,16 +284,21 @@ class VllmBackend:
             limit_mm_per_prompt={"image": 1},
         )
 
+    def with_settings(self, settings: EvaluationConfig) -> VllmBackend:
+        other = copy.copy(self)  # the same engine
+        other.config = self.config.model_copy(update={"evaluation": settings})
+        return other
+
     def sampling_arguments(self, request: Request) -> dict:
         """Keyword arguments of ``vllm.SamplingParams`` for one request (no vllm needed to build them)."""
         settings = self.config.evaluation
         arguments = {
             "temperature": 0.0,
-            "max_tokens": max_new_tokens(request.doc_type, settings.max_new_tokens),
+            "max_tokens": max_new_tokens(request.asked, settings.max_new_tokens),
             "logprobs": 0,
         }  # the chosen token's only
         if settings.structured_output:
-            arguments["structured_outputs"] = {"json": decoding_schema(request.doc_type)}
+            arguments["structured_outputs"] = {"json": decoding_schema(request.asked)}
         return arguments
 
     def predict(self, requests: list[Request]) -> list[Response]:

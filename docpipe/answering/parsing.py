@@ -1,8 +1,9 @@
 """The JSON object inside a model's answer: bare, in a code fence, or among other text.
 
-An answer may hold several objects (an example, a draft, then the answer); with the type's
-answer schema the one that validates wins, else the one that shares the most keys with it; among
-equals the last, as answers end with the answer. Without a schema the first (fenced ones first).
+An answer may hold several objects (an example, a draft, then the answer); with the answer's
+schema (a document type's, or the routed question's) the one that validates wins, else the one
+that shares the most keys with it; among equals the last, as answers end with the answer. Without
+a schema the first (fenced ones first).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import re
 
 from docpipe.doctypes import DocType
+from docpipe.routing import Routing
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S | re.I)
 _DECODER = json.JSONDecoder()
@@ -33,15 +35,16 @@ def json_objects(answer: str) -> list[dict]:
     return found
 
 
-def extract_json(answer: str, doc_type: DocType | None = None) -> dict | None:
+def extract_json(answer: str, asked: DocType | Routing | None = None) -> dict | None:
     """The answer's JSON object (see the module's rule), or None where there is none."""
     objects = json_objects(answer)
-    if doc_type is None or len(objects) < 2:
+    if asked is None or len(objects) < 2:
         return objects[0] if objects else None
-    keys = {spec.name for spec in doc_type.fields}
-    return max(objects, key=lambda o: (fits(o, doc_type), len(keys & set(o)), objects.index(o)))
+    keys = asked.keys if isinstance(asked, Routing) else {spec.name for spec in asked.fields}
+    return max(objects, key=lambda o: (fits(o, asked), len(keys & set(o)), objects.index(o)))
 
 
-def fits(value: dict | None, doc_type: DocType) -> bool:
-    """Whether a parsed answer is a valid answer: an object that validates against the type's schema."""
-    return value is not None and doc_type.answer_validator.is_valid(value)
+def fits(value: dict | None, asked: DocType | Routing) -> bool:
+    """Whether a parsed answer is a valid answer: an object that validates against the schema of what
+    was asked (a document type, or the routed question)."""
+    return value is not None and asked.answer_validator.is_valid(value)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from docpipe.config import S3Config
 from docpipe.data.dataset import DatasetRecord
 from docpipe.doctypes import DocType
+from docpipe.routing import Routing
 from docpipe.storage import StorageError, StorageUnavailable, open_storage
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -39,7 +40,8 @@ class Example(BaseModel):
     """One conversation in the MiniCPM-V finetune format: a user turn with ``<image>`` and the answer."""
 
     id: str
-    doc_type: str | None = Field(None, description="the document type, which evaluation scores by")
+    doc_type: str | None = Field(None, description="the labelled document type (other: none of the types)")
+    routed: bool = Field(False, description="asked without its type (export.routing): the answer names it")
     image: str = Field(description="local path or s3:// URI")
     conversations: list[Turn] = Field(min_length=2, max_length=2)
 
@@ -60,16 +62,26 @@ def prompt_for(record: DatasetRecord, doc_type: DocType, use_variants: bool) -> 
     return prompts[int(hashlib.sha256(f"prompt:{record.id}".encode()).hexdigest()[:8], 16) % len(prompts)]
 
 
-def example_for(record: DatasetRecord, doc_type: DocType, image_root: str, use_variants: bool) -> dict:
-    """A dataset record as one example in the MiniCPM-V finetune format (what ``read_examples`` reads)."""
+def example_for(
+    record: DatasetRecord,
+    doc_type: DocType | None,
+    image_root: str,
+    use_variants: bool,
+    routing: Routing | None = None,
+) -> dict:
+    """A dataset record as one example in the MiniCPM-V finetune format (what ``read_examples`` reads):
+    asked with its type's prompt, or routed (the routing prompt, the answer naming the type; a page of
+    none of the types, ``doc_type`` None, answers other)."""
+    if routing is not None:
+        prompt, answer = routing.prompt, routing.canonical_answer(doc_type, record.fields)
+    else:
+        prompt, answer = prompt_for(record, doc_type, use_variants), doc_type.canonical_answer(record.fields)
     return {
         "id": record.id,
-        "doc_type": doc_type.id,  # beside the recipe's keys: evaluation scores each document by its type
+        "doc_type": record.doc_type,  # beside the recipe's keys: evaluation scores each document by its type
+        "routed": routing is not None,
         "image": f"{image_root.rstrip('/')}/{record.image}",
-        "conversations": [
-            {"role": "user", "content": prompt_for(record, doc_type, use_variants)},
-            {"role": "assistant", "content": doc_type.canonical_answer(record.fields)},
-        ],
+        "conversations": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
     }
 
 

@@ -9,6 +9,11 @@ the champion measured on the same eval set. The fit check (``evaluation.fit_chec
 fixed sample of ``train.json`` the same way, then again with each image swapped for another
 document's: train against eval tells under-fitting from over-fitting, and the control tells
 answers read from the pixels from answers guessed from the prompt; the gate can require both.
+Routed documents (exported with ``export.routing``) are asked without their type: type accuracy and
+the confusion between types are scored and gated (``evaluation.type_accuracy``), the image control
+swaps images across types, and the eval set is answered a second time with each document's type
+given through the answer's schema (the same prompt, constrained to the labelled type), so the
+report shows what routing costs per type.
 Writes ``predictions.jsonl``, ``metrics.json``, ``decision.json`` and ``report.html``; the
 stage succeeds whatever the decision (a failed gate is an outcome, not an error) and reports
 it as ``metrics.gate_passed`` for the DAG.
@@ -25,13 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from docpipe import tracking
-from docpipe.answering.backends import NoModelFolder, Request, open_backend
+from docpipe.answering.backends import Backend, NoModelFolder, Request, open_backend, requests_for
 from docpipe.answering.scoring import HEADLINE, Scored, evaluate_all, measure, score
 from docpipe.config import EvaluationConfig, FitCheckConfig, PipelineConfig
 from docpipe.contract import BadInputError, input_errors_are_bad_input, main, stage_parser
 from docpipe.data.examples import DataError, Example, fixed_sample, read_examples
-from docpipe.doctypes import DocType, load_registry
+from docpipe.doctypes import OTHER, DocType, load_registry
 from docpipe.manifest import StageOutput, jsonl
+from docpipe.model.adapters import AdapterError
+from docpipe.routing import Routing
 from docpipe.storage import Storage, StorageError, StorageUnavailable, absolute_location, open_storage
 from stages.evaluate.gate import Decision, decide
 
@@ -52,22 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_requests(data: Storage, name: str, registry: dict[str, DocType]) -> tuple[list[Request], str]:
+def run_routing(config: PipelineConfig, registry: dict[str, DocType]) -> Routing:
+    """The routed question of this run's types, as export asks it."""
+    return Routing.of(registry, config.doc_types, config.export.routing_prompt)
+
+
+def read_requests(
+    data: Storage, name: str, registry: dict[str, DocType], routing: Routing
+) -> tuple[list[Request], str]:
     """The documents of an examples file, and the file's version (its hash)."""
     with input_errors_are_bad_input(DataError):
         raw = data.read_bytes(name)
         examples = read_examples(raw, data.uri_of(name))
-    if not examples:
-        raise BadInputError(f"{data.uri_of(name)}: no documents")
-    if any(e.doc_type is None for e in examples):
-        raise BadInputError(f"{data.uri_of(name)}: documents without a doc_type; export them again")
-    unknown = sorted({e.doc_type for e in examples if e.doc_type not in registry})
-    if unknown:
-        raise BadInputError(f"{data.uri_of(name)}: document types {unknown} are not in the registry")
-    return [Request(e, registry[e.doc_type]) for e in examples], hashlib.sha256(raw).hexdigest()[:16]
+        if not examples:
+            raise BadInputError(f"{data.uri_of(name)}: no documents")
+        requests = requests_for(examples, registry, routing, data.uri_of(name))
+    return requests, hashlib.sha256(raw).hexdigest()[:16]
 
 
-def golden_requests(config: PipelineConfig, name: str, registry: dict[str, DocType]) -> tuple[list[Request], str]:
+def golden_requests(
+    config: PipelineConfig, name: str, registry: dict[str, DocType], routing: Routing
+) -> tuple[list[Request], str]:
     """The eval documents of a golden set's pinned version, of the run's types; its id is ``name@version``."""
     from docpipe.data.dataset import read_manifest
     from docpipe.data.examples import example_for
@@ -78,17 +90,21 @@ def golden_requests(config: PipelineConfig, name: str, registry: dict[str, DocTy
     with input_errors_are_bad_input(prefix=not_found):
         records = read_manifest(dataset, pinned.version)
     root = absolute_location(dataset.uri)
+    asked = routing if config.export.routing else None
+    wanted = [*config.doc_types, *([OTHER] if asked else [])]
     examples = [
-        Example.model_validate(example_for(r, registry[r.doc_type], root, use_variants=False))
+        Example.model_validate(example_for(r, registry.get(r.doc_type), root, False, asked))
         for r in records
-        if r.split == "eval" and r.doc_type in config.doc_types
+        if r.split == "eval" and r.doc_type in wanted
     ]
     if not examples:
         raise BadInputError(
             f"eval set {name!r} ({dataset.uri} version {pinned.version}): no eval document of types {config.doc_types}"
         )
     tracking.log_dataset(dataset.uri, pinned.version, context="evaluation")
-    return [Request(e, registry[e.doc_type]) for e in examples], f"{name}@{pinned.version}"
+    with input_errors_are_bad_input(DataError):
+        requests = requests_for(examples, registry, routing, f"eval set {name!r} ({dataset.uri})")
+    return requests, f"{name}@{pinned.version}"
 
 
 def _log_exported_dataset(data: Storage) -> None:
@@ -103,29 +119,52 @@ def _log_exported_dataset(data: Storage) -> None:
         tracking.log_dataset(exported["dataset"], exported["version"], context="evaluation")
 
 
-def fit_sample(data: Storage, registry: dict[str, DocType], size: int, seed: int) -> list[Request]:
+def fit_sample(data: Storage, registry: dict[str, DocType], routing: Routing, size: int, seed: int) -> list[Request]:
     """The fit check's fixed sample of training documents (the same for the same train.json and seed)."""
-    requests, _ = read_requests(data, "train.json", registry)
+    requests, _ = read_requests(data, "train.json", registry, routing)
     chosen = {e.id for e in fixed_sample([r.example for r in requests], size, seed)}
     return [r for r in requests if r.example.id in chosen]
 
 
+def _label(request: Request) -> str:
+    return request.example.doc_type
+
+
 def swapped_images(requests: list[Request]) -> list[Request]:
-    """The image control: each document asked about with the image of the next document of its type
-    (of the next document at all, where its type has one document only), so no answer can be read
-    from its own pixels. A model that reads scores near what guessing the values would."""
-    by_type: dict[str, list[int]] = {}
-    for index, request in enumerate(requests):
-        by_type.setdefault(request.doc_type.id, []).append(index)
+    """The image control: each document asked about with another document's image, so no answer can be
+    read from its own pixels. Asked with its type, the donor is the next document of the same type (the
+    next at all, where its type has one document only): the answer's keys are still right, its values
+    not. Routed, the donor is the next document of another type: a model that reads names the
+    donor's type, so type accuracy falls too. A model that reads scores near what guessing would."""
     donor = {}
-    for indices in by_type.values():
-        pool = indices if len(indices) > 1 else list(range(len(requests)))
-        for index in indices:
-            donor[index] = pool[(pool.index(index) + 1) % len(pool)]
+    for index, request in enumerate(requests):
+        after = [requests[(index + step) % len(requests)] for step in range(1, len(requests))]
+        same = [d for d in after if _label(d) == _label(request)]
+        other = [d for d in after if _label(d) != _label(request)]
+        pool = (other or same) if request.routing else (same or after)
+        donor[index] = pool[0] if pool else request
     return [
-        Request(r.example.model_copy(update={"image": requests[donor[i]].example.image}), r.doc_type)
+        Request(r.example.model_copy(update={"image": donor[i].example.image}), r.doc_type, r.routing)
         for i, r in enumerate(requests)
     ]
+
+
+def type_given(
+    backend: Backend, requests: list[Request], registry: dict[str, DocType], config
+) -> tuple[dict | None, str | None]:
+    """The routed eval documents of a registered type answered again, the same prompt with the answer's
+    schema fixed to the labelled type (so constrained decoding, whatever ``structured_output`` says):
+    what the fields would score had the type been known. None, with a note, where nothing was routed or
+    the backend cannot constrain."""
+    given = [Request(r.example, r.doc_type, r.routing.given(r.doc_type)) for r in requests if r.routing and r.doc_type]
+    if not given:
+        return None, None
+    constrained = backend.with_settings(config.evaluation.model_copy(update={"structured_output": True}))
+    try:
+        _, metrics = measure(constrained, given, registry, config.evaluation.review_threshold)
+    except AdapterError as exc:
+        return None, f"the type-given pass did not run: {exc}"
+    return metrics, None
 
 
 def ocr_baseline(requests: list[Request], config: PipelineConfig) -> tuple[list[Scored], float]:
@@ -231,6 +270,7 @@ class Outcome:
     control: dict | None
     baseline: dict | None
     decision: Decision
+    type_given: dict | None = None  # routed eval documents answered again with the type given
 
 
 def read_inputs(args: argparse.Namespace, config: PipelineConfig, registry: dict[str, DocType]) -> Inputs:
@@ -244,15 +284,18 @@ def read_inputs(args: argparse.Namespace, config: PipelineConfig, registry: dict
     data = open_storage(args.data, config.storage.s3) if args.data else None
     if data is not None and not golden:
         _log_exported_dataset(data)
+    routing = run_routing(config, registry)
     requests, eval_set = (
-        golden_requests(config, golden, registry) if golden else read_requests(data, "eval.json", registry)
+        golden_requests(config, golden, registry, routing)
+        if golden
+        else read_requests(data, "eval.json", registry, routing)
     )
     inputs = Inputs(data, requests, eval_set, settings)
     if data is None and (fit_check.thresholds or fit_check.max_control_ratio is not None):
         inputs.settings = settings.model_copy(update={"fit_check": FitCheckConfig(documents=0)})
         inputs.notes.append("no --data: a regression check on the eval set alone, without the fit check's rules")
     if data and fit_check.documents:
-        inputs.train_sample = fit_sample(data, registry, fit_check.documents, fit_check.seed)
+        inputs.train_sample = fit_sample(data, registry, routing, fit_check.documents, fit_check.seed)
     inputs.champion_uri = args.champion_metrics
     if not inputs.champion_uri and golden:
         inputs.champion_uri, note = registered_champion(config, eval_set)
@@ -273,6 +316,7 @@ def answer_and_score(
     settings, sample = inputs.settings, inputs.train_sample
     threshold = settings.review_threshold
     documents, metrics = measure(backend, inputs.requests, registry, threshold)
+    given, note = type_given(backend, inputs.requests, registry, config)
     fit = control = baseline = None
     if sample:
         _, fit = measure(backend, sample, registry, threshold)
@@ -284,8 +328,8 @@ def answer_and_score(
     decision = decide(
         metrics, settings, inputs.eval_set, inputs.champion, inputs.champion_eval_set, fit, control, config.doc_types
     )
-    decision.notes = inputs.notes
-    return Outcome(documents, metrics, fit, control, baseline, decision)
+    decision.notes = inputs.notes + ([note] if note else [])
+    return Outcome(documents, metrics, fit, control, baseline, decision, given)
 
 
 def prediction_rows(documents: list[Scored], threshold: float) -> list[dict]:
@@ -294,6 +338,7 @@ def prediction_rows(documents: list[Scored], threshold: float) -> list[dict]:
         {
             "id": d.id,
             "doc_type": d.doc_type,
+            "answered_type": d.answered_type,
             "expected": d.expected,
             "predicted": d.predicted,
             "answer": d.answer,
@@ -320,6 +365,7 @@ def write_outputs(
         "baseline": outcome.baseline,
         "fit": outcome.fit,
         "image_control": outcome.control,
+        "type_given": outcome.type_given,
     }
     output.write_bytes("metrics.json", json.dumps(saved, indent=2, ensure_ascii=False).encode("utf-8"))
     output.write_bytes("decision.json", outcome.decision.model_dump_json(indent=2).encode("utf-8"))
@@ -331,6 +377,7 @@ def write_outputs(
         baseline=outcome.baseline,
         fit=outcome.fit,
         control=outcome.control,
+        type_given=outcome.type_given,
         selection=_selection(model),
         decision=outcome.decision.model_dump(),
         documents=outcome.documents,
@@ -352,12 +399,15 @@ def log_to_mlflow(eval_set: str, outcome: Outcome, predictions: list[dict], page
         (outcome.baseline, "ocr_baseline."),
         (outcome.fit, "fit."),
         (outcome.control, "image_control."),
+        (outcome.type_given, "type_given."),
     ):
         logged |= _flat(part, prefix) if part else {}
     mlflow.log_metrics(logged)
     mlflow.set_tags({"eval_set": eval_set, "gate.passed": str(outcome.decision.passed).lower()})
     mlflow.log_text(page, f"{STAGE}/report.html")
     mlflow.log_dict(outcome.decision.model_dump(mode="json"), f"{STAGE}/decision.json")
+    if outcome.metrics["routing"]:
+        mlflow.log_dict(outcome.metrics["routing"], f"{STAGE}/type_confusion.json")
     table = {
         key: [json.dumps(p[key], ensure_ascii=False) if isinstance(p[key], dict) else p[key] for p in predictions]
         for key in predictions[0]
@@ -380,9 +430,15 @@ def stage_output(args: argparse.Namespace, inputs: Inputs, outcome: Outcome, out
         metrics={
             "gate_passed": float(outcome.decision.passed),
             **{k: overall[k] for k in ("field_accuracy", "document_accuracy", "json_validity", "docs_per_s")},
+            **({"type_accuracy": overall["type_accuracy"]} if "type_accuracy" in overall else {}),
             **({"ocr_baseline.field_accuracy": baseline["overall"]["field_accuracy"]} if baseline else {}),
             **({f"fit.{k}": fit["overall"][k] for k in HEADLINE} if fit else {}),
             **({"image_control.field_accuracy": control["overall"]["field_accuracy"]} if control else {}),
+            **(
+                {"image_control.type_accuracy": control["overall"]["type_accuracy"]}
+                if control and "type_accuracy" in control["overall"]
+                else {}
+            ),
         },
     )
 

@@ -1,4 +1,5 @@
 """The accuracy gate: enough eval documents of every requested type, thresholds per document type,
+the type accuracy of routed documents,
 no regression against the champion evaluated on the same eval set and, where configured, the fit
 check: the training sample reaches its thresholds and its image control falls far enough below
 it (the answers come from the pixels). The DAG branches on ``passed``; reasons say why."""
@@ -15,7 +16,7 @@ NO_REGRESSION = ("field_accuracy", "document_accuracy")
 
 
 class Check(BaseModel):
-    rule: str  # "eval_documents", "threshold", "no_regression", "fit_threshold" or "image_dependence"
+    rule: str  # "eval_documents", "threshold", "type_accuracy", "no_regression", "fit_threshold", "image_dependence"
     scope: str  # a document type, "overall", or "train sample"
     metric: str
     value: float
@@ -41,7 +42,11 @@ class Check(BaseModel):
                 f"{self.scope}: {self.metric} with swapped images {self.value:.4f} > {self.limit:.4f} (the "
                 "fit's share allowed): the answers do not depend enough on the image"
             )
-        against = {"no_regression": "the champion's less the tolerance", "fit_threshold": "the fit threshold"}
+        against = {
+            "no_regression": "the champion's less the tolerance",
+            "fit_threshold": "the fit threshold",
+            "type_accuracy": "evaluation.type_accuracy: documents whose type the model names right",
+        }
         limit = against.get(self.rule, "the threshold")
         return f"{self.scope}: {self.metric} {self.value:.4f} < {self.limit:.4f} ({limit})"
 
@@ -75,6 +80,9 @@ def decide(
         for t in dict.fromkeys([*(requested or []), *metrics["per_doc_type"]])
     }
     checks = _document_count_checks(counts, config) + _threshold_checks(metrics, config)
+    if metrics.get("routing"):
+        value = metrics["routing"]["type_accuracy"]
+        checks.append(Check.at_least("type_accuracy", "overall", "type_accuracy", value, config.type_accuracy))
     if champion is not None and champion_eval_set != eval_set:
         reasons.append(
             f"the champion was evaluated on eval set {champion_eval_set}, not {eval_set}: "

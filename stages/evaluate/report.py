@@ -1,4 +1,5 @@
-"""The HTML report: per-type table beside the OCR baseline, confidence against accuracy (a
+"""The HTML report: per-type table beside the OCR baseline, for routed documents the type confusion
+table and each type's accuracy routed and with the type given, confidence against accuracy (a
 calibration table, and what the review threshold sends to review), the fit check (a sample of training
 documents, and the same with swapped images), the finetune run's per-checkpoint accuracy with the
 chosen checkpoint, an accuracy plot, the fields most often wrong, and a gallery of failed
@@ -135,6 +136,8 @@ def _failed(documents: list[Scored], images: dict[str, str], limit: int, s3: S3C
             {
                 "id": document.id,
                 "doc_type": document.doc_type,
+                "routed": document.routed,
+                "answered_type": document.answered_type,
                 "rows": rows,
                 "answer": document.answer,
                 "unparsed": document.predicted is None,
@@ -153,6 +156,7 @@ def render(
     baseline: dict | None,
     fit: dict | None,
     control: dict | None,
+    type_given: dict | None,
     selection: dict | None,
     decision: dict,
     documents: list[Scored],
@@ -176,6 +180,8 @@ def render(
         eval_set=eval_set,
         overall=metrics["overall"],
         per_type=metrics["per_doc_type"],
+        routing=metrics.get("routing"),
+        given=(type_given or {}).get("per_doc_type", {}),
         confidence=metrics.get("confidence"),
         baseline=baseline,
         decision=decision,

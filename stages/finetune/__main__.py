@@ -29,6 +29,7 @@ from docpipe.config import PipelineConfig, TorchrunLayout
 from docpipe.contract import BadInputError, input_errors_are_bad_input, main, stage_parser
 from docpipe.data.dataset import DatasetCard
 from docpipe.data.examples import DataError, Example, Unfit, read_examples, split_fitting, write_examples
+from docpipe.doctypes import OTHER
 from docpipe.manifest import StageOutput
 from docpipe.model.adapters import Adapter, AdapterError, load_adapter, resolve_model_dir
 from docpipe.redaction import redact
@@ -131,7 +132,9 @@ def _fitting_examples(data: Storage, adapter: Adapter, config: PipelineConfig, o
             f"trained on ({share:.1%} > max_unfit_fraction {training.max_unfit_fraction:.1%}); "
             f"reasons in {output.uri_of('unfit.jsonl')}"
         )
-    untyped = [e.id for e in evaluation if e.doc_type not in config.doc_types]
+    untyped = [
+        e.id for e in evaluation if e.doc_type not in config.doc_types and not (e.routed and e.doc_type == OTHER)
+    ]
     if untyped and training.selection_documents:
         raise BadInputError(
             f"{data.uri_of('eval.json')}: documents {untyped[:5]} have no doc_type of "
@@ -156,6 +159,8 @@ def train_spec(model_dir: Path, out: Path, checkpoints: Path, has_eval: bool, co
         training=training,
         evaluation=config.evaluation,
         doctypes_dir=str(config.doctypes_dir.resolve()),
+        doc_types=config.doc_types,
+        export=config.export,
         train_file=str(out / "data" / "train.json"),
         eval_file=str(out / "data" / "eval.json") if has_eval else None,
         output_dir=str(checkpoints),

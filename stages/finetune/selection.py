@@ -11,16 +11,25 @@ After training, ``choose`` picks among the checkpoints still on disk by ``traini
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
 from docpipe.answering.scoring import HEADLINE, measure
-from docpipe.config import EvaluationConfig, S3Config
+from docpipe.config import EvaluationConfig, ExportConfig, S3Config
 from docpipe.data.examples import Example, fixed_sample
 from docpipe.doctypes import load_registry
+from docpipe.routing import Routing
 
 CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class RunTypes(Protocol):
+    """What the scorer needs to ask as export asked: the registry's folder, the run's types, the export settings."""
+
+    doctypes_dir: str
+    doc_types: list[str]
+    export: ExportConfig
 
 
 class SelectionScorer:
@@ -32,14 +41,16 @@ class SelectionScorer:
         examples: list[Example],
         documents: int,
         seed: int,
-        doctypes_dir: Path,
+        run: RunTypes,
         settings: EvaluationConfig,
         s3: S3Config,
     ):
-        from docpipe.answering.backends import Request
+        from docpipe.answering.backends import requests_for
 
-        self.registry = load_registry(Path(doctypes_dir))
-        self.requests = [Request(e, self.registry[e.doc_type]) for e in fixed_sample(examples, documents, seed)]
+        self.registry = load_registry(Path(run.doctypes_dir))
+        routing = Routing.of(self.registry, run.doc_types, run.export.routing_prompt)
+        chosen = fixed_sample(examples, documents, seed)
+        self.requests = requests_for(chosen, self.registry, routing, "the eval documents checkpoints are scored on")
         self.adapter, self.settings, self.s3 = adapter, settings, s3
 
     def __call__(self, model: Any) -> dict[str, float]:

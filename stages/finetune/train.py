@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from docpipe.config import EvaluationConfig, ModelConfig, S3Config, TrainingConfig
+from docpipe.config import EvaluationConfig, ExportConfig, ModelConfig, S3Config, TrainingConfig
 from docpipe.data.examples import ExampleDataset, read_examples
 from docpipe.locking import exclusive
 from docpipe.model.adapters import load_adapter
@@ -44,6 +44,8 @@ class TrainSpec(BaseModel):
     training: TrainingConfig
     evaluation: EvaluationConfig  # how checkpoints answer: batch size, token budget
     doctypes_dir: str
+    doc_types: list[str]  # the run's types: routed documents are asked about these
+    export: ExportConfig  # how the examples were asked (the routing prompt)
     train_file: str
     eval_file: str | None
     output_dir: str  # checkpoints, TensorBoard events, train_result.json
@@ -253,7 +255,7 @@ def train(spec: TrainSpec) -> dict:
     scorer = None
     if eval_set and t.selection_documents:
         scorer = SelectionScorer(
-            adapter, eval_set.examples, t.selection_documents, t.seed, Path(spec.doctypes_dir), spec.evaluation, spec.s3
+            adapter, eval_set.examples, t.selection_documents, t.seed, spec, spec.evaluation, spec.s3
         )
     trainer = adapter_trainer(
         adapter,

@@ -2,7 +2,8 @@
 
 A landing batch is read only when its ``_COMPLETE`` marker's record count and labels hash
 match its ``labels.jsonl``. Every record is checked (label readable, image path inside the
-batch, document type known, fields valid for the type, image decodes fully within the size
+batch, document type known (or ``other``: a page of none of the types, with no fields), fields valid
+for the type, image decodes fully within the size
 limits, EXIF orientation applied). Bad records go to ``quarantine/<source>.jsonl`` with the
 reason and good ones go on; a batch whose bad share exceeds ``dataset.max_bad_fraction``
 fails the stage and leaves no new image in the store. Images are stored once by content
@@ -50,7 +51,7 @@ from docpipe.data.dataset import (
     write_version,
 )
 from docpipe.data.images import ImageRejected, check_image
-from docpipe.doctypes import DocType, LabelError, load_registry
+from docpipe.doctypes import OTHER, DocType, LabelError, load_registry
 from docpipe.loader import load_model
 from docpipe.manifest import StageOutput
 from docpipe.storage import LocalStorage, Storage, StorageError, StorageUnavailable, open_storage
@@ -151,11 +152,11 @@ def _check_record(batch: str, candidate: Candidate) -> Verdict:
         raise
     except StorageError as exc:
         return Verdict(rejected=("image_path", str(exc)))
-    if candidate.doc_type not in registry:
-        reason = f"unknown document type {candidate.doc_type!r}; known: {sorted(registry)}"
+    if candidate.doc_type not in registry and candidate.doc_type != OTHER:
+        reason = f"unknown document type {candidate.doc_type!r}; known: {sorted(registry)}, and {OTHER!r} for none"
         return Verdict(rejected=("doc_type", reason), sha256=hashlib.sha256(data).hexdigest())
     try:
-        fields = registry[candidate.doc_type].canonical_fields(candidate.fields or {})
+        fields = _canonical_fields(candidate, registry)
     except LabelError as exc:
         return Verdict(rejected=("fields", str(exc)), sha256=hashlib.sha256(data).hexdigest())
     try:
@@ -180,6 +181,17 @@ def _check_record(batch: str, candidate: Candidate) -> Verdict:
         sha256=checked.sha256,
         created=created,
     )
+
+
+def _canonical_fields(candidate: Candidate, registry: dict[str, DocType]) -> dict[str, str | None]:
+    """The label's fields, canonical for its type; a page labelled ``other`` (none of the registered
+    types) has none. LabelError says what is wrong."""
+    if candidate.doc_type != OTHER:
+        return registry[candidate.doc_type].canonical_fields(candidate.fields or {})
+    if candidate.fields:
+        got = sorted(candidate.fields)
+        raise LabelError(OTHER, [f"a page of none of the registered types has no fields, got {got}"])
+    return {}
 
 
 def _label(record: DatasetRecord) -> tuple:

@@ -8,7 +8,10 @@
    weights baked in or streamed from the artifact store), tags it ``v<version>``, pushes it to
    ``publish.image_repository`` and records reference and digest in MLflow.
 4. Smoke-tests the pushed image: starts it, waits for ``/health``, sends one eval document
-   through ``/v1/chat/completions`` and checks the answer against the type's JSON schema.
+   through ``/v1/chat/completions`` as a client would (routed where the run is: the routing
+   prompt, without the type, and the answer's schema as ``response_format``; the request, its
+   image a placeholder, is ``request.json`` in the output and in the image) and checks the
+   answer against that schema.
    Only then ``champion`` moves to this version (the one it replaces becomes
    ``previous-champion``); a failed smoke test fails the stage with the server's log tail and
    moves nothing. ``python -m stages.publish.rollback`` moves the champion back.
@@ -21,15 +24,16 @@ import json
 import sys
 from pathlib import Path
 
-from docpipe.answering.backends import Request, chat_messages, max_new_tokens
+from docpipe.answering.backends import Request, chat_request, requests_for
 from docpipe.answering.parsing import extract_json
 from docpipe.config import PipelineConfig
-from docpipe.contract import BadInputError, main, stage_parser
+from docpipe.contract import BadInputError, input_errors_are_bad_input, main, stage_parser
 from docpipe.data.dataset import DatasetCard
-from docpipe.data.examples import read_examples
+from docpipe.data.examples import DataError, read_examples
 from docpipe.doctypes import load_registry
 from docpipe.manifest import StageOutput, git_commit
 from docpipe.registry import EVALUATION_METRICS, Registry
+from docpipe.routing import Routing
 from docpipe.storage import Storage, StorageError, open_storage
 from stages.publish.image import build_and_push, build_context, smoke_test
 
@@ -68,29 +72,46 @@ def lineage(evaluation: Storage, data: Storage, parent_run: str | None) -> dict[
 
 
 def smoke_check(example_request: Request, config: PipelineConfig):
-    """What the smoke test asks the server, and how it judges the answer (ValueError: not acceptable)."""
+    """What the smoke test asks the server (as a client would: the question, and the answer's schema
+    as ``response_format``; routed, without telling the type), and how it judges the answer
+    (ValueError: not acceptable)."""
     import jsonschema
 
+    asked = example_request.asked
+    name = asked.name if isinstance(asked, Routing) else asked.id
+
     def check(client) -> str:
-        completion = client.chat.completions.create(
-            model=config.publish.serving.served_model_name,
-            messages=chat_messages(example_request, config),
-            temperature=0,
-            max_tokens=max_new_tokens(example_request.doc_type, config.evaluation.max_new_tokens),
-        )
+        body = chat_request(example_request, config.publish.serving.served_model_name, config, constrained=True)
+        completion = client.chat.completions.create(**body)
         answer = completion.choices[0].message.content or ""
-        parsed = extract_json(answer, example_request.doc_type)
+        parsed = extract_json(answer, asked)
         if parsed is None:
             raise ValueError(f"the answer holds no JSON object: {answer[:200]!r}")
         try:
-            jsonschema.validate(parsed, example_request.doc_type.answer_schema())
+            jsonschema.validate(parsed, asked.answer_schema())
         except jsonschema.ValidationError as exc:
-            raise ValueError(
-                f"the answer does not fit the {example_request.doc_type.id} schema: {exc.message}"
-            ) from exc
+            raise ValueError(f"the answer does not fit the {name} schema: {exc.message}") from exc
         return answer
 
     return check
+
+
+def client_request(example_request: Request, config: PipelineConfig) -> dict:
+    """The request a client copies: the smoke test's, its image a placeholder to replace."""
+    placeholder = "data:image/jpeg;base64,<the page, base64>"
+    return chat_request(
+        example_request, config.publish.serving.served_model_name, config, constrained=True, image_url=placeholder
+    )
+
+
+def example_request(data: Storage, config: PipelineConfig) -> Request:
+    """The smoke test's document: the evaluated export's first eval document, asked as it was exported
+    (routed where the run is routed)."""
+    registry = load_registry(config.doctypes_dir)
+    routing = Routing.of(registry, config.doc_types, config.export.routing_prompt)
+    with input_errors_are_bad_input(DataError):
+        examples = read_examples(data.read_bytes("eval.json"), data.uri_of("eval.json"))
+        return requests_for(examples[:1], registry, routing, data.uri_of("eval.json"))[0]
 
 
 def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> StageOutput:
@@ -113,11 +134,19 @@ def run(args: argparse.Namespace, config: PipelineConfig, output: Storage) -> St
     if not passed:
         return StageOutput(outputs=outputs, counts={"served": 0}, metrics={"gate_passed": 0.0})
 
-    example = read_examples(data.read_bytes("eval.json"), data.uri_of("eval.json"))[0]
-    request = Request(example, load_registry(config.doctypes_dir)[example.doc_type])
+    request = example_request(data, config)
+    output.write_bytes(
+        "request.json", json.dumps(client_request(request, config), ensure_ascii=False, indent=1).encode()
+    )
     client = docker.from_env(timeout=config.publish.engine_timeout_s)
     reference = f"{config.publish.image_repository}:v{version}"
-    context = build_context(Path(output.uri_of("image-context")), args.model, mlflow.get_artifact_uri("model"), config)
+    context = build_context(
+        Path(output.uri_of("image-context")),
+        args.model,
+        mlflow.get_artifact_uri("model"),
+        config,
+        Path(output.uri_of("request.json")),
+    )
     image = build_and_push(client, context, reference, config.publish.vllm_image, version)
     registry.tag(version, {"serving.image": image.pinned})
     mlflow.set_tags({"serving.image": image.reference, "serving.digest": image.digest})

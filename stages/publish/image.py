@@ -49,11 +49,13 @@ def serve_flags(config: PipelineConfig, model: str) -> dict[str, Any]:
     return flags
 
 
-def build_context(context: Path, model_dir: Path, model_uri: str, config: PipelineConfig) -> Path:
-    """The build context: the Dockerfile, serve.yaml, and model/ (the weights where baked)."""
+def build_context(context: Path, model_dir: Path, model_uri: str, config: PipelineConfig, request: Path) -> Path:
+    """The build context: the Dockerfile, serve.yaml, request.json (a request a client can copy), and
+    model/ (the weights where baked)."""
     baked = config.publish.model_source == "baked"
     (context / "model").mkdir(parents=True, exist_ok=True)
     shutil.copy(DOCKERFILE, context / "Dockerfile")
+    shutil.copy(request, context / "request.json")
     if baked:
         shutil.copytree(
             model_dir,

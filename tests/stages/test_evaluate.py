@@ -19,18 +19,30 @@ import mlflow
 import pytest
 from PIL import Image
 
-from docpipe.answering.backends import OpenAIBackend, Request, VllmBackend, decoding_schema, max_new_tokens
+from docpipe.answering.backends import (
+    OpenAIBackend,
+    Request,
+    VllmBackend,
+    decoding_schema,
+    max_new_tokens,
+    requests_for,
+)
 from docpipe.answering.ocr_baseline import Box, Extractor, OcrBaseline, reading_order, spaced
 from docpipe.answering.scoring import evaluate_all, score
 from docpipe.config import EvaluationConfig, load_pipeline_config
 from docpipe.contract import config_flags
 from docpipe.data.examples import read_examples
 from docpipe.doctypes import load_registry
+from docpipe.routing import Routing
 from stages.evaluate.__main__ import swapped_images
 from stages.evaluate.gate import decide
 from tests.helpers import ROOT, SROIE, free_port, land_synthetic, run_stage, wait_for_http, write_overlay
 
 REGISTRY = load_registry(ROOT / "configs" / "doctypes")
+EMBEDDED_CONFIG = load_pipeline_config(
+    [ROOT / "configs" / "pipeline.yaml", ROOT / "configs" / "overlays" / "embedded.yaml"]
+)
+ROUTING = Routing.of(REGISTRY, EMBEDDED_CONFIG.doc_types, EMBEDDED_CONFIG.export.routing_prompt)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +68,9 @@ def exported(tmp_path_factory) -> Path:
 
 
 def _requests(exported: Path) -> list[Request]:
+    """The export's eval documents as evaluate asks them (routed: the embedded default exports so)."""
     examples = read_examples((exported / "eval.json").read_bytes(), "eval.json")
-    return [Request(e, REGISTRY[e.doc_type]) for e in examples]
+    return requests_for(examples, REGISTRY, ROUTING, "eval.json")
 
 
 def _config(overlay: list[Path], tmp_path: Path, **evaluation) -> list[Path]:
@@ -240,6 +253,9 @@ def test_openai_backend_against_a_server_on_loopback(overlay, exported, served, 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["model"] == served and saved["metrics"]["overall"]["json_validity"] == 1.0
     assert all(0 < min(p["confidence"].values()) <= 1 for p in predictions)
+    # Routed through the server as a client asks it: each answer names one of the run's types (or other).
+    assert all(p["answered_type"] in ROUTING.labels and "doc_type" in p["confidence"] for p in predictions)
+    assert saved["metrics"]["routing"]["documents"] == len(predictions)
 
 
 @pytest.mark.integration
@@ -281,10 +297,11 @@ def test_openai_requests_carry_the_image_and_the_schema(overlay, exported, tmp_p
     arguments = OpenAIBackend(endpoint, "m", config).request_arguments(request)
     image, question = arguments["messages"][0]["content"]
     assert image["image_url"]["url"].startswith("data:image/png;base64,") and "<image>" not in question["text"]
+    assert request.routing is not None and question["text"] == ROUTING.prompt.removeprefix("<image>\n")
     assert arguments["temperature"] == 0 and arguments["max_tokens"] == max_new_tokens(
-        request.doc_type, config.evaluation.max_new_tokens
+        ROUTING, config.evaluation.max_new_tokens
     )
-    assert arguments["response_format"]["json_schema"]["schema"] == decoding_schema(request.doc_type)
+    assert arguments["response_format"]["json_schema"]["schema"] == decoding_schema(ROUTING)
     assert arguments["logprobs"] is True
 
 
@@ -295,9 +312,7 @@ def test_vllm_requests_are_built_without_vllm(overlay, exported, tmp_path):
     backend.config = config
     request = _requests(exported)[0]
     arguments = backend.sampling_arguments(request)
-    assert arguments["temperature"] == 0.0 and arguments["structured_outputs"] == {
-        "json": decoding_schema(request.doc_type)
-    }
+    assert arguments["temperature"] == 0.0 and arguments["structured_outputs"] == {"json": decoding_schema(ROUTING)}
     assert arguments["logprobs"] == 0  # the chosen token's
     assert "guided_json" not in arguments  # removed from vLLM: structured_outputs replaces it
 
@@ -439,15 +454,23 @@ def test_ocr_baseline_reads_a_synthetic_document(exported):
 
 
 def test_swapped_images_give_each_document_another_documents_image(exported):
-    requests = _requests(exported)
-    single = requests[:1] + [r for r in requests if r.doc_type.id != requests[0].doc_type.id]  # a type with one
-    for chosen in (requests, single):
-        images = {r.example.image: r for r in chosen}
-        for before, after in zip(chosen, swapped_images(chosen), strict=True):
-            assert (after.example.id, after.example.answer) == (before.example.id, before.example.answer)
-            assert after.example.image != before.example.image and after.example.image in images
-            same_type = [r for r in chosen if r.doc_type.id == before.doc_type.id]
-            assert len(same_type) == 1 or images[after.example.image].doc_type.id == before.doc_type.id
+    """Asked with its type, a document gets another image of its type; routed, one of another type."""
+    routed = _requests(exported)
+    given = [Request(r.example, r.doc_type) for r in routed]
+    for requests, same_type in ((given, True), (routed, False)):
+        single = requests[:1] + [r for r in requests if r.doc_type.id != requests[0].doc_type.id]  # a type with one
+        for chosen in (requests, single):
+            images = {r.example.image: r for r in chosen}
+            for before, after in zip(chosen, swapped_images(chosen), strict=True):
+                assert (after.example.id, after.example.answer) == (before.example.id, before.example.answer)
+                assert after.routing is before.routing
+                assert after.example.image != before.example.image and after.example.image in images
+                donor = images[after.example.image].doc_type.id
+                if same_type:
+                    alone = len([r for r in chosen if r.doc_type.id == before.doc_type.id]) == 1
+                    assert alone or donor == before.doc_type.id
+                else:
+                    assert donor != before.doc_type.id
 
 
 def _overall(field_accuracy: float, json_validity: float = 1.0) -> dict:

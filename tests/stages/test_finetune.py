@@ -22,7 +22,14 @@ import pytest
 import torch
 from PIL import Image
 
-from docpipe.config import EvaluationConfig, S3Config, TorchrunLayout, TrainingConfig, load_pipeline_config
+from docpipe.config import (
+    EvaluationConfig,
+    ExportConfig,
+    S3Config,
+    TorchrunLayout,
+    TrainingConfig,
+    load_pipeline_config,
+)
 from docpipe.contract import config_flags
 from docpipe.data.examples import Example, Sample, read_examples, split_fitting
 from docpipe.model.adapters import IGNORE_INDEX, load_adapter
@@ -143,6 +150,8 @@ def test_training_arguments_follow_the_config(tmp_path):
         training=TrainingConfig(),
         evaluation=EvaluationConfig(),
         doctypes_dir="d",
+        doc_types=["thsr_ticket"],
+        export=ExportConfig(),
         train_file="t",
         eval_file="e",
         output_dir=str(tmp_path),

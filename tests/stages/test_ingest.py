@@ -126,6 +126,11 @@ def bomb_png() -> bytes:
         ({"image": "../outside.jpg", "fields": ticket()}, jpeg(), "image_path: invalid key '../outside.jpg'"),
         ({"image": "/etc/hostname", "fields": ticket()}, jpeg(), "image_path: invalid key '/etc/hostname'"),
         ({"image": "images/missing.jpg", "fields": ticket()}, None, "image_path: "),
+        (
+            {"doc_type": "other", "fields": {"起站": "台北"}},
+            jpeg(),
+            "fields: other: a page of none of the registered types has no fields, got ['起站']",
+        ),
     ],
     ids=[
         "truncated",
@@ -139,6 +144,7 @@ def bomb_png() -> bytes:
         "dotdot",
         "absolute",
         "missing",
+        "other-with-fields",
     ],
 )
 def test_bad_record_is_quarantined_with_its_reason_and_good_ones_go_on(config, tmp_path, label, image, reason):
@@ -155,6 +161,16 @@ def test_bad_record_is_quarantined_with_its_reason_and_good_ones_go_on(config, t
     assert bad["source"] == f"{batch / LABELS_FILE}:2" and bad["batch"] == str(batch)
     assert bad["record"]["fields"] == label["fields"]  # the record itself is kept
     assert tree_digest(batch) == before  # originals untouched
+
+
+def test_a_page_of_none_of_the_types_is_a_document_labelled_other(config, tmp_path):
+    batch = landed(tmp_path, [({"fields": ticket()}, jpeg(1023)), ({"doc_type": "other", "fields": {}}, jpeg(77))])
+    code, result = ingest(config, tmp_path / "ds", batch)
+    assert code == 0 and result["counts"]["accepted"] == 2 and result["counts"]["quarantined"] == 0
+    store = open_storage(str(tmp_path / "ds"))
+    records = read_manifest(store, latest_version(store))
+    assert sorted((r.doc_type, r.fields) for r in records)[0] == ("other", {})
+    assert sum(read_card(store, latest_version(store)).counts["other"].values()) == 1
 
 
 def test_pixel_limit_is_configurable(config, tmp_path):

@@ -1,12 +1,13 @@
-"""Behavioural test of training: through the stages themselves, a model learns its documents and
-answers them from their pixels.
+"""Behavioural test of training: through the stages themselves, a model learns which type each of
+its documents is and what it says, and answers both from the pixels.
 
 The demo-sized tiny MiniCPM-V 4.6 (toolkit/tiny_model.py) is initialised here and trained with the
-embedded default as shipped: export gives every document of a type the same prompt, so nothing but
-the image tells two documents apart. The patched model must reproduce its training documents (the
-evaluate stage's fit check), and the same documents asked about with each other's images must score
-far lower (its image control). The run's checkpoints are scored by the answers they generate, and the
-best one by field accuracy is named with its reason.
+embedded default as shipped: routed, so every document, of three types and pages of none of them
+(``other``), is asked the same routing prompt and nothing but the image tells two documents, or two
+types, apart. The patched model must name each training document's type and reproduce its fields (the
+evaluate stage's fit check), and the same documents asked about with images of other types must
+score far lower, in type and in fields (its image control). The run's checkpoints are scored by the
+answers they generate, and the best one by field accuracy is named with its reason.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tests.helpers import ROOT, land_synthetic, run_stage, write_overlay
 from toolkit.tiny_model import build
 
 pytestmark = pytest.mark.integration
+TYPES = ["thsr_ticket", "tra_ticket", "einvoice"]
 
 
 def test_the_patched_model_reproduces_its_documents_from_their_pixels(embedded, tmp_path):
@@ -33,13 +35,13 @@ def test_the_patched_model_reproduces_its_documents_from_their_pixels(embedded, 
                 {
                     "model": {"base": str(model)},
                     "dataset": {"eval_fraction": 0.25},
-                    "doc_types": ["thsr_ticket", "tra_ticket"],
+                    "doc_types": TYPES,
                     "evaluation": {"ocr_baseline": False},
                 }
             ),
         ),
     ]
-    land_synthetic(tmp_path / "landing", 16, seed=3, doc_types=["thsr_ticket", "tra_ticket"])
+    land_synthetic(tmp_path / "landing", 20, seed=3, doc_types=[*TYPES, "other"])
     runs = tmp_path / "runs"
     assert (
         run_stage("ingest", configs, "--output", str(tmp_path / "datasets"), "--batch", str(tmp_path / "landing")) == 0
@@ -64,13 +66,19 @@ def test_the_patched_model_reproduces_its_documents_from_their_pixels(embedded, 
     saved = json.loads((runs / "evaluate" / "metrics.json").read_text())
     fit, control = saved["fit"]["overall"], saved["image_control"]["overall"]
     train = json.loads((runs / "export" / "train.json").read_text())
-    assert fit["documents"] == control["documents"] == len(train) >= 8
+    assert fit["documents"] == control["documents"] == len(train) >= 12
+    assert {e["doc_type"] for e in train} == {*TYPES, "other"} and all(e["routed"] for e in train)
+    held_out = saved["metrics"]["overall"]
     print(
-        f"fit {fit['field_accuracy']:.3f} (JSON {fit['json_validity']:.3f}), control "
-        f"{control['field_accuracy']:.3f}, eval {saved['metrics']['overall']['field_accuracy']:.3f}"
+        f"fit: type {fit['type_accuracy']:.3f}, fields {fit['field_accuracy']:.3f} (JSON {fit['json_validity']:.3f}); "
+        f"control: type {control['type_accuracy']:.3f}, fields {control['field_accuracy']:.3f}; "
+        f"eval: type {held_out['type_accuracy']:.3f}, fields {held_out['field_accuracy']:.3f}"
     )
-    assert fit["field_accuracy"] >= 0.95 and fit["json_validity"] == 1.0
-    assert control["field_accuracy"] <= 0.5 * fit["field_accuracy"]  # the answers come from the pixels
+    assert fit["type_accuracy"] >= 0.95 and fit["field_accuracy"] >= 0.9 and fit["json_validity"] == 1.0
+    # The answers come from the pixels: with another type's image, both the type and the fields fall.
+    assert control["type_accuracy"] <= 0.5 * fit["type_accuracy"]
+    assert control["field_accuracy"] <= 0.5 * fit["field_accuracy"]
+    assert saved["fit"]["routing"]["confusion"]["other"]["other"] >= 1  # pages of none of the types answered so
     assert json.loads((runs / "evaluate" / "decision.json").read_text())["passed"]  # the embedded gate agrees
 
     # Every saved checkpoint was scored by its answers and the best by field accuracy named, with why; the

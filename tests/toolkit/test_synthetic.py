@@ -99,3 +99,17 @@ def test_missing_font_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("SYNTH_FONT", str(tmp_path / "none.ttc"))
     with pytest.raises(FontMissingError, match="fonts-wqy-microhei"):
         font_path()
+
+
+def test_pages_of_none_of_the_types_are_blank_noise_or_unrelated_forms_without_fields():
+    """``None`` among the types: pages labelled other, of every kind, decodable, never with fields."""
+    generated = list(generate([REGISTRY["thsr_ticket"], None], SyntheticConfig(count=40, seed=4)))
+    others = [(record, image, effects) for record, image, effects in generated if record.doc_type == "other"]
+    assert len(others) == 20 and all(record.fields == {} for record, _, _ in others)
+    assert {effects[0] for _, _, effects in others} == {"blank", "noise", "unrelated"}
+    for _, image, _ in others:
+        with Image.open(io.BytesIO(image)) as page:
+            page.load()
+            assert min(page.size) >= 32
+    titles = {record.image for record, _, _ in others}
+    assert len(titles) == 20 and all(name.startswith("images/other-") for name in titles)

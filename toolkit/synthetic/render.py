@@ -3,6 +3,8 @@
 Layouts differ where OCR pipelines lose reading order: ``rows`` (label and value on one
 line), ``grid`` (a ruled two-column table), ``stacked`` (small caption above the value),
 each optionally ``dense`` (small type, distractor text between and beside the fields).
+``render_other`` draws a page of none of the registered types: blank paper, noise, or an
+unrelated form with its own heading and captions.
 """
 
 from __future__ import annotations
@@ -41,6 +43,31 @@ DISTRACTORS = (
     "載具號碼",
     "GOODS SOLD ARE NOT RETURNABLE",
     "會員卡號 ****1234",
+)
+OTHER_KINDS = ("blank", "noise", "unrelated")
+UNRELATED_TITLES = (
+    "會議紀錄 Meeting Minutes",
+    "停車繳費證明",
+    "DELIVERY ORDER",
+    "掛號信函收據",
+    "MENU 今日菜單",
+    "員工請假單",
+    "WARRANTY CARD",
+    "成績單 Transcript",
+)
+UNRELATED_CAPTIONS = (
+    "姓名",
+    "Name",
+    "部門",
+    "Room",
+    "時段",
+    "Qty",
+    "Item",
+    "備註",
+    "Signature",
+    "Ref.",
+    "科目",
+    "Hours",
 )
 WIDTH = {"rows": 640, "grid": 720, "stacked": 600}
 MARGIN = 24
@@ -150,3 +177,25 @@ def render(doc_type: DocType, values: dict[str, str], rng: random.Random, layout
     for _ in range(rng.randint(4, 9) if dense else rng.randint(0, 2)):
         canvas.text(MARGIN, rng.choice(DISTRACTORS), size - 2)
     return canvas.draw(paper)
+
+
+def render_other(rng: random.Random) -> tuple[Image.Image, str]:
+    """A page of none of the registered types, and which kind: blank paper, noise (a photo of a desk or
+    a sensor's grain), or an unrelated form (its own heading, captions and values)."""
+    kind = rng.choice(OTHER_KINDS)
+    paper = tuple(rng.randint(200, 255) for _ in range(3))
+    width, height = rng.randint(480, 720), rng.randint(360, 900)
+    if kind == "blank":
+        return Image.new("RGB", (width, height), paper), kind
+    if kind == "noise":
+        noise = Image.effect_noise((width, height), rng.uniform(20, 90)).convert("RGB")
+        return Image.blend(Image.new("RGB", (width, height), paper), noise, rng.uniform(0.4, 0.9)), kind
+    size = rng.randint(18, 26)
+    canvas = _Canvas(width, ink=tuple(rng.randint(0, 80) for _ in range(3)))
+    canvas.text(MARGIN, rng.choice(UNRELATED_TITLES), size + 6)
+    for caption in rng.sample(UNRELATED_CAPTIONS, rng.randint(2, 6)):
+        value = "".join(rng.choice("0123456789ABCDEFGHJK") for _ in range(rng.randint(3, 10)))
+        canvas.text(MARGIN, f"{caption}: {value}", size)
+    for _ in range(rng.randint(0, 4)):
+        canvas.text(MARGIN, rng.choice(DISTRACTORS), size - 2)
+    return canvas.draw(paper), kind
