@@ -105,12 +105,13 @@ def prelabel_requests(config: PipelineConfig, given: DocType | None, images: lis
 
 
 def read_answer(request: Request, answer: str, logprobs) -> dict:
-    """A model's answer as a prediction: the type it names (or was given), that type's fields and each
-    one's confidence (the type's own too, routed)."""
-    registry = {t.id: t for t in request.routing.doc_types} if request.routing else {}
+    """A model's answer as a prediction: the type it was given, or else the one it names; that type's
+    fields and each one's confidence (the type's own too, routed)."""
     parsed = extract_json(answer, request.asked)
-    named = answered_type(parsed) if request.routing else request.doc_type.id
-    doc_type = registry.get(named) or (request.doc_type if not request.routing else None)
+    if request.doc_type is not None:
+        doc_type = request.doc_type  # the user said so, whatever was answered
+    else:
+        doc_type = {t.id: t for t in request.routing.doc_types}.get(answered_type(parsed))
     names = [f.name for f in doc_type.fields] if doc_type else []
     keys = [TYPE_KEY] if request.routing else []
     confidence = field_confidence(answer, parsed, keys + names, logprobs)
@@ -141,20 +142,19 @@ def predict_with_ocr(config: PipelineConfig, given: DocType | None, images: list
     """Each image's fields from the OCR baseline: no confidence, so every document is reviewed. Without
     ``--doc-type`` its best guess at the type: the run's type whose fields it finds most of (none found:
     other)."""
-    from docpipe.answering.ocr_baseline import Extractor, OcrBaseline
+    from docpipe.answering.ocr_baseline import OcrBaseline
     from docpipe.data.examples import load_image
 
     registry = load_registry(config.doctypes_dir)
-    candidates = [given] if given else [registry[name] for name in config.doc_types]
     reader, predictions = OcrBaseline(), []
     for uri in images:
-        lines = reader.lines(load_image(uri, config.storage.s3))
-        read = [(doc_type, Extractor(doc_type, lines).fields()) for doc_type in candidates]
-        doc_type, fields = max(read, key=lambda pair: sum(v is not None for v in pair[1].values()))
-        if not given and not any(v is not None for v in fields.values()):
-            predictions.append({"doc_type": OTHER, "fields": {}, "confidence": None, "answer": ""})
-            continue
-        predictions.append({"doc_type": doc_type.id, "fields": fields, "confidence": None, "answer": ""})
+        image = load_image(uri, config.storage.s3)
+        if given:
+            doc_type, (fields, _) = given, reader.read(given, image)
+        else:
+            doc_type, fields, _ = reader.guess([registry[name] for name in config.doc_types], image)
+        kind = doc_type.id if doc_type else OTHER
+        predictions.append({"doc_type": kind, "fields": fields, "confidence": None, "answer": ""})
     return predictions
 
 

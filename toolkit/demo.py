@@ -25,6 +25,7 @@ from pathlib import Path
 from docpipe import tracking
 from docpipe.config import PipelineConfig
 from docpipe.contract import EXIT_BAD_INPUT, EXIT_FAILED, config_flags
+from docpipe.doctypes import OTHER
 from docpipe.storage import open_storage
 from toolkit.local_airflow import EMBEDDED, PASSWORDS_FILE, airflow_environment, embedded_parser, load_or_report
 from toolkit.tiny_model import build as build_tiny_model
@@ -36,8 +37,9 @@ def demo_steps(config: PipelineConfig, paths: list[Path], batch_uri: str, count:
     """What the demo runs, in order: a synthetic batch lands, then Airflow runs both DAGs."""
     airflow = str(Path(sys.executable).with_name("airflow"))
     synthetic = [sys.executable, "-m", "toolkit.synthetic", *config_flags(paths), "--output", batch_uri]
+    kinds = [*config.doc_types, *([OTHER] if config.export.routing else [])]  # routed: pages of none of them too
     return {
-        "a synthetic batch lands": [*synthetic, "--count", str(count)],
+        "a synthetic batch lands": [*synthetic, "--count", str(count), "--doc-types", ",".join(kinds)],
         "Airflow's database": [airflow, "db", "migrate"],
         "the landing watcher": [airflow, "dags", "test", "doc_extraction_landing_watcher"],
         "its event consumed (the demo runs the pipeline itself)": [

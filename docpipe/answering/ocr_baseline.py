@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -318,3 +319,14 @@ class OcrBaseline:
         started = time.perf_counter()
         fields = Extractor(doc_type, self.lines(image)).fields()
         return fields, time.perf_counter() - started
+
+    def guess(self, doc_types: Sequence[DocType], image) -> tuple[DocType | None, dict[str, str | None], float]:
+        """A document of unknown type: the type whose fields it finds most of (the first among equals;
+        None where it finds none of any), those fields, and the seconds it took."""
+        started = time.perf_counter()
+        lines = self.lines(image)
+        read = [(doc_type, Extractor(doc_type, lines).fields()) for doc_type in doc_types]
+        doc_type, fields = max(read, key=lambda pair: sum(value is not None for value in pair[1].values()))
+        if not any(value is not None for value in fields.values()):
+            return None, {}, time.perf_counter() - started
+        return doc_type, fields, time.perf_counter() - started

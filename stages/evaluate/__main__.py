@@ -35,7 +35,7 @@ from docpipe.answering.scoring import HEADLINE, Scored, evaluate_all, measure, s
 from docpipe.config import EvaluationConfig, FitCheckConfig, PipelineConfig
 from docpipe.contract import BadInputError, input_errors_are_bad_input, main, stage_parser
 from docpipe.data.examples import DataError, Example, fixed_sample, read_examples
-from docpipe.doctypes import OTHER, DocType, load_registry
+from docpipe.doctypes import OTHER, TYPE_KEY, DocType, load_registry
 from docpipe.manifest import StageOutput, jsonl
 from docpipe.model.adapters import AdapterError
 from docpipe.routing import Routing
@@ -150,7 +150,7 @@ def swapped_images(requests: list[Request]) -> list[Request]:
 
 
 def type_given(
-    backend: Backend, requests: list[Request], registry: dict[str, DocType], config
+    backend: Backend, requests: list[Request], registry: dict[str, DocType], config: PipelineConfig
 ) -> tuple[dict | None, str | None]:
     """The routed eval documents of a registered type answered again, the same prompt with the answer's
     schema fixed to the labelled type (so constrained decoding, whatever ``structured_output`` says):
@@ -168,12 +168,19 @@ def type_given(
 
 
 def ocr_baseline(requests: list[Request], config: PipelineConfig) -> tuple[list[Scored], float]:
+    """The OCR pipeline on the same documents, asked as the model was: with the type given, or routed
+    (its best guess at the type: the one whose fields it finds most of; none found, other)."""
     from docpipe.answering.ocr_baseline import OcrBaseline
     from docpipe.data.examples import load_image
 
     reader, documents, started = OcrBaseline(), [], time.perf_counter()
     for request in requests:
-        fields, seconds = reader.read(request.doc_type, load_image(request.example.image, config.storage.s3))
+        image = load_image(request.example.image, config.storage.s3)
+        if request.routing:
+            doc_type, fields, seconds = reader.guess(request.routing.doc_types, image)
+            fields = {TYPE_KEY: doc_type.id if doc_type else OTHER, **fields}
+        else:
+            fields, seconds = reader.read(request.doc_type, image)
         documents.append(
             score(
                 request.doc_type,
@@ -182,6 +189,7 @@ def ocr_baseline(requests: list[Request], config: PipelineConfig) -> tuple[list[
                 fields,
                 json.dumps(fields, ensure_ascii=False),
                 seconds,
+                request.routing,
             )
         )
     return documents, time.perf_counter() - started

@@ -9,9 +9,9 @@
    ``publish.image_repository`` and records reference and digest in MLflow.
 4. Smoke-tests the pushed image: starts it, waits for ``/health``, sends one eval document
    through ``/v1/chat/completions`` as a client would (routed where the run is: the routing
-   prompt, without the type, and the answer's schema as ``response_format``; the request, its
-   image a placeholder, is ``request.json`` in the output and in the image) and checks the
-   answer against that schema.
+   prompt, without the type), once free and once with the answer's schema as ``response_format``
+   (that request, its image a placeholder, is ``request.json`` in the output and in the image),
+   and checks both answers against that schema.
    Only then ``champion`` moves to this version (the one it replaces becomes
    ``previous-champion``); a failed smoke test fails the stage with the server's log tail and
    moves nothing. ``python -m stages.publish.rollback`` moves the champion back.
@@ -72,26 +72,33 @@ def lineage(evaluation: Storage, data: Storage, parent_run: str | None) -> dict[
 
 
 def smoke_check(example_request: Request, config: PipelineConfig):
-    """What the smoke test asks the server (as a client would: the question, and the answer's schema
-    as ``response_format``; routed, without telling the type), and how it judges the answer
-    (ValueError: not acceptable)."""
+    """What the smoke test asks the server, and how it judges the answers (ValueError: not acceptable).
+    One document is asked twice, as a client asks it (routed where the run is, without the type):
+    first free, where the served weights must answer valid JSON of what is asked on their own (wrong or
+    broken weights do not), then as ``request.json`` shows, with the answer's schema as
+    ``response_format``, which the server must honour."""
     import jsonschema
 
     asked = example_request.asked
     name = asked.name if isinstance(asked, Routing) else asked.id
+    served = config.publish.serving.served_model_name
 
-    def check(client) -> str:
-        body = chat_request(example_request, config.publish.serving.served_model_name, config, constrained=True)
-        completion = client.chat.completions.create(**body)
-        answer = completion.choices[0].message.content or ""
+    def judged(answer: str, how: str) -> None:
         parsed = extract_json(answer, asked)
         if parsed is None:
-            raise ValueError(f"the answer holds no JSON object: {answer[:200]!r}")
+            raise ValueError(f"{how}: the answer holds no JSON object: {answer[:200]!r}")
         try:
             jsonschema.validate(parsed, asked.answer_schema())
         except jsonschema.ValidationError as exc:
-            raise ValueError(f"the answer does not fit the {name} schema: {exc.message}") from exc
-        return answer
+            raise ValueError(f"{how}: the answer does not fit the {name} schema: {exc.message}") from exc
+
+    def check(client) -> str:
+        answers = []
+        for constrained, how in ((False, "asked free"), (True, "asked with response_format")):
+            body = chat_request(example_request, served, config, constrained=constrained)
+            answers.append(client.chat.completions.create(**body).choices[0].message.content or "")
+            judged(answers[-1], how)
+        return "\n".join(answers)
 
     return check
 

@@ -99,7 +99,14 @@ def test_reviewed_predictions_come_back_as_a_landed_batch_that_ingest_takes(
         == 0
     )
     result = json.loads((prelabel / "result.json").read_text())
-    assert result["counts"] == {"documents": 5, "imported": 5, "rejected": 1, "needs_review": 5}
+    assert result["counts"] == {
+        "documents": 5,
+        "imported": 5,
+        "rejected": 1,
+        "needs_review": 5,
+        "unrouted": 0,
+        f"doc_type.{DOC_TYPE}": 5,
+    }
     assert "broken.png" in (prelabel / "rejected.jsonl").read_text()
 
     studio = LabelStudio(LabellingConfig(url=label_studio))
@@ -196,3 +203,33 @@ def test_without_a_champion_the_ocr_baseline_prefills_and_every_document_is_revi
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert all(p["confidence"] is None and p["needs_review"] for p in predictions)
     assert any(p["fields"] for p in predictions), "the OCR reads clean synthetic tickets"
+
+
+def test_images_of_unknown_type_go_to_the_project_of_the_type_guessed_and_pages_of_none_to_unrouted(
+    label_studio, overlay, tmp_path, monkeypatch
+):
+    """No --doc-type and no champion: the OCR baseline guesses each image's type (the one whose fields it
+    finds most of), each goes to its type's project, and a page of none of the types to unrouted.jsonl."""
+    monkeypatch.setenv(API_KEY_ENV, TOKEN)
+    settings = f"labelling: {{url: '{label_studio}', project_prefix: unsorted}}\n"
+    config = [*overlay, write_overlay(tmp_path, "labelling.yaml", settings)]
+    batch = Path(land_synthetic(tmp_path / "mixed", 6, seed=11, doc_types=["thsr_ticket", "receipt_en", "other"]))
+    truth = {Path(r["image"]).name: r["doc_type"] for r in map(json.loads, (batch / LABELS_FILE).open())}
+    out = tmp_path / "prelabel"
+    assert run_stage("prelabel", config, "--output", str(out), "--images", str(batch / "images")) == 0
+    result = json.loads((out / "result.json").read_text())
+    predictions = {Path(p["source"]).name: p for p in map(json.loads, (out / "predictions.jsonl").open())}
+    print({name: (truth[name], p["doc_type"]) for name, p in predictions.items()})
+    assert {name: p["doc_type"] for name, p in predictions.items() if truth[name] != "other"} == {
+        name: kind for name, kind in truth.items() if kind != "other"
+    }
+    unrouted = [Path(u["source"]).name for u in map(json.loads, (out / "unrouted.jsonl").open())]
+    assert unrouted == [name for name, p in predictions.items() if p["doc_type"] == "other"]
+    assert result["counts"]["unrouted"] == len(unrouted) and result["counts"]["imported"] == 6 - len(unrouted)
+    studio = LabelStudio(LabellingConfig(url=label_studio))
+    for doc_type in ("thsr_ticket", "receipt_en"):
+        project = studio.find_project(f"unsorted: {doc_type}")
+        sources = {Path(t["data"]["source"]).name for t in studio.tasks(project["id"])}
+        assert sources == {n for n, p in predictions.items() if p["doc_type"] == doc_type}
+        assert result["outputs"][f"project.{doc_type}"].endswith(f"/projects/{project['id']}")
+        assert (out / "labeling_config" / f"{doc_type}.xml").is_file()

@@ -97,4 +97,6 @@ def test_the_patched_model_reproduces_its_documents_from_their_pixels(embedded, 
     steps = {m.step for m in client.get_metric_history(result["mlflow_run_id"], "eval_field_accuracy")}
     assert steps == {point["step"] for point in selection["curve"]} and len(steps) == 5
     assert client.get_run(result["mlflow_run_id"]).data.tags["checkpoint.selection"] == selection["reason"]
-    assert "accuracy per checkpoint" in (runs / "evaluate" / "report.html").read_text()
+    report = (runs / "evaluate" / "report.html").read_text()
+    assert "accuracy per checkpoint" in report and "Document types: routed, not told" in report
+    assert {"einvoice", "thsr_ticket", "tra_ticket"} == set(saved["type_given"]["per_doc_type"])
