@@ -59,11 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_routing(config: PipelineConfig, registry: dict[str, DocType]) -> Routing:
-    """The routed question of this run's types, as export asks it."""
-    return Routing.of(registry, config.doc_types, config.export.routing_prompt)
-
-
 def read_requests(
     data: Storage, name: str, registry: dict[str, DocType], routing: Routing
 ) -> tuple[list[Request], str]:
@@ -292,7 +287,7 @@ def read_inputs(args: argparse.Namespace, config: PipelineConfig, registry: dict
     data = open_storage(args.data, config.storage.s3) if args.data else None
     if data is not None and not golden:
         _log_exported_dataset(data)
-    routing = run_routing(config, registry)
+    routing = Routing.of(registry, config.doc_types, config.export.routing_prompt)  # as export asks it
     requests, eval_set = (
         golden_requests(config, golden, registry, routing)
         if golden

@@ -79,6 +79,16 @@ def _config(overlay: list[Path], tmp_path: Path, **evaluation) -> list[Path]:
     return [*overlay, write_overlay(tmp_path, "evaluate.yaml", json.dumps(settings))]
 
 
+def assert_routed_confidence(predictions: list[dict]) -> None:
+    """Routed answers: the type has a confidence; the labelled type's fields have one where the answer
+    named that type, and 0 where it named another (they are missing from the answer)."""
+    for prediction in predictions:
+        confidence = dict(prediction["confidence"])
+        assert 0 < confidence.pop("doc_type") <= 1
+        named_right = prediction["answered_type"] == prediction["doc_type"]
+        assert all((0 < c <= 1) if named_right else c == 0 for c in confidence.values()), prediction
+
+
 @pytest.mark.integration
 def test_transformers_backend_end_to_end(overlay, exported, tiny_model, tmp_path):
     config = _config(overlay, tmp_path, ocr_baseline=True)
@@ -252,9 +262,9 @@ def test_openai_backend_against_a_server_on_loopback(overlay, exported, served, 
     assert len(predictions) == len(_requests(exported)) and all(p["latency_s"] > 0 for p in predictions)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["model"] == served and saved["metrics"]["overall"]["json_validity"] == 1.0
-    assert all(0 < min(p["confidence"].values()) <= 1 for p in predictions)
     # Routed through the server as a client asks it: each answer names one of the run's types (or other).
-    assert all(p["answered_type"] in ROUTING.labels and "doc_type" in p["confidence"] for p in predictions)
+    assert all(p["answered_type"] in ROUTING.labels for p in predictions)
+    assert_routed_confidence(predictions)
     assert saved["metrics"]["routing"]["documents"] == len(predictions)
 
 
@@ -277,10 +287,10 @@ def test_constrained_decoding_makes_every_answer_valid(overlay, exported, tiny_m
     assert validity == {False: 0.0, True: 1.0}
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     for prediction in predictions:
-        assert set(prediction["confidence"]) == set(prediction["expected"])
-        assert all(0 < c <= 1 for c in prediction["confidence"].values()) and prediction["needs_review"] is True
+        assert set(prediction["confidence"]) == set(prediction["expected"]) and prediction["needs_review"] is True
+    assert_routed_confidence(predictions)
     table = saved["confidence"]["calibration"]
-    assert sum(row["fields"] for row in table["bins"]) == sum(len(p["expected"]) for p in predictions)
+    assert sum(row["fields"] for row in table["bins"]) == sum(len(p["correct"]) for p in predictions)  # not the type
     assert saved["confidence"]["review_rate"] == 1.0  # a random model is sure of nothing
     assert "Confidence" in (out / "report.html").read_text()
     run_id = json.loads((out / "result.json").read_text())["mlflow_run_id"]
