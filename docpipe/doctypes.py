@@ -203,6 +203,11 @@ class DocType(BaseModel):
     def field(self, name: str) -> FieldSpec:
         return next(f for f in self.fields if f.name == name)
 
+    @property
+    def keys(self) -> set[str]:
+        """Every key an answer of this type has."""
+        return {spec.name for spec in self.fields}
+
     @functools.cached_property
     def _variant_table(self) -> dict[int, str]:
         return str.maketrans(self.variants)

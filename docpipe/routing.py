@@ -63,7 +63,8 @@ class Routing:
         return cls(doc_types, routing_prompt(template, doc_types))
 
     @property
-    def name(self) -> str:
+    def id(self) -> str:
+        """What names the routed answer's schema, as a document type's id names its own."""
         return "routed" if len(self.doc_types) > 1 or self.allow_other else f"routed_{self.doc_types[0].id}"
 
     @property
@@ -90,7 +91,7 @@ class Routing:
             )
         return {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
-            "title": self.name,
+            "title": self.id,
             "anyOf": branches,
         }
 

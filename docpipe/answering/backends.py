@@ -188,8 +188,7 @@ def chat_request(
 
 def response_format(asked: DocType | Routing) -> dict:
     """The OpenAI API's ``response_format`` for a request's answer (a client can copy it)."""
-    name = asked.name if isinstance(asked, Routing) else asked.id
-    return {"type": "json_schema", "json_schema": {"name": name, "schema": decoding_schema(asked), "strict": True}}
+    return {"type": "json_schema", "json_schema": {"name": asked.id, "schema": decoding_schema(asked), "strict": True}}
 
 
 class TransformersBackend:

@@ -40,8 +40,7 @@ def extract_json(answer: str, asked: DocType | Routing | None = None) -> dict | 
     objects = json_objects(answer)
     if asked is None or len(objects) < 2:
         return objects[0] if objects else None
-    keys = asked.keys if isinstance(asked, Routing) else {spec.name for spec in asked.fields}
-    return max(objects, key=lambda o: (fits(o, asked), len(keys & set(o)), objects.index(o)))
+    return max(objects, key=lambda o: (fits(o, asked), len(asked.keys & set(o)), objects.index(o)))
 
 
 def fits(value: dict | None, asked: DocType | Routing) -> bool:

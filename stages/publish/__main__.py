@@ -80,7 +80,6 @@ def smoke_check(example_request: Request, config: PipelineConfig):
     import jsonschema
 
     asked = example_request.asked
-    name = asked.name if isinstance(asked, Routing) else asked.id
     served = config.publish.serving.served_model_name
 
     def judged(answer: str, how: str) -> None:
@@ -90,7 +89,7 @@ def smoke_check(example_request: Request, config: PipelineConfig):
         try:
             jsonschema.validate(parsed, asked.answer_schema())
         except jsonschema.ValidationError as exc:
-            raise ValueError(f"{how}: the answer does not fit the {name} schema: {exc.message}") from exc
+            raise ValueError(f"{how}: the answer does not fit the {asked.id} schema: {exc.message}") from exc
 
     def check(client) -> str:
         answers = []
